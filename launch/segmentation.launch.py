@@ -1,0 +1,102 @@
+"""Start the qwen3vl_seg node (and optionally a simulated camera and RViz).
+
+    ros2 launch qwen3vl_seg_ros segmentation.launch.py
+    ros2 launch qwen3vl_seg_ros segmentation.launch.py sim_camera:=true rviz:=true
+    ros2 launch qwen3vl_seg_ros segmentation.launch.py \\
+        model:=Qwen/Qwen3-VL-4B-Instruct device:=cuda dtype:=bf16 \\
+        image:=/camera/camera/color/image_raw \\
+        depth:=/camera/camera/aligned_depth_to_color/image_raw \\
+        camera_info:=/camera/camera/color/camera_info target_frame:=base_link
+
+Every launch argument is listed in LAUNCH_ARGUMENTS (name, default, description); those that
+set a node parameter of the same name are in NODE_PARAMETER_ARGUMENTS. A test checks both
+against the node's parameter table without needing launch_ros installed.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import LifecycleNode, Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+from launch import LaunchDescription
+
+LAUNCH_ARGUMENTS = [
+    ("namespace", "", "Namespace of the node (and of the simulated camera)."),
+    ("params_file", "", "Parameters YAML (default: the package's config/params.yaml)."),
+    ("segmenter", "qwen3vl_seg", "Segmenter: 'qwen3vl_seg' or 'package.module:ClassName'."),
+    ("model", "", "Qwen3-VL(-Seg) hub id or local folder ('' = the shipped tiny demo model)."),
+    ("decoder", "", "Mask decoder checkpoint folder ('' = inside the model folder, if any)."),
+    ("device", "auto", "Torch device: auto, cpu, cuda, cuda:N."),
+    ("dtype", "auto", "Weights dtype: auto, fp32, bf16, fp16."),
+    ("mask_head", "auto", "Mask head: auto, decoder, grabcut, depth, box."),
+    ("target_frame", "", "Frame of the 3D outputs ('' = the camera's optical frame)."),
+    ("image_qos", "sensor_data", "QoS of the camera subscriptions: sensor_data, reliable, best_effort."),
+    ("image", "image", "Colour image topic (sensor_msgs/Image)."),
+    ("depth", "depth", "Depth image topic aligned to the colour image (16UC1 mm or 32FC1 m)."),
+    ("camera_info", "camera_info", "CameraInfo topic of the colour image."),
+    ("command", "command", "Command topic (std_msgs/String) for continuous mode."),
+    ("autostart", "true", "Configure and activate the node at startup."),
+    ("log_level", "info", "Log level of the node."),
+    ("sim_camera", "false", "Also start the simulated RGB-D tabletop camera (demo)."),
+    ("sim_rate_hz", "5.0", "Frame rate of the simulated camera."),
+    ("rviz", "false", "Also start RViz with rviz/segmentation.rviz."),
+]
+
+# Launch arguments that set the node parameter of the same name.
+NODE_PARAMETER_ARGUMENTS = ["segmenter", "model", "decoder", "device", "dtype", "mask_head",
+                            "target_frame", "image_qos"]
+
+
+def generate_launch_description():
+    share = get_package_share_directory("qwen3vl_seg_ros")
+    default_params = os.path.join(share, "config", "params.yaml")
+    defaults = {"params_file": default_params}
+    declared = [DeclareLaunchArgument(name, default_value=defaults.get(name, default), description=text)
+                for name, default, text in LAUNCH_ARGUMENTS]
+    arg = LaunchConfiguration
+
+    overrides = {name: ParameterValue(arg(name), value_type=str) for name in NODE_PARAMETER_ARGUMENTS}
+    overrides["autostart"] = ParameterValue(arg("autostart"), value_type=bool)
+
+    segmentation = LifecycleNode(
+        package="qwen3vl_seg_ros",
+        executable="segmentation_node",
+        name="qwen3vl_seg",
+        namespace=arg("namespace"),
+        parameters=[arg("params_file"), overrides],
+        remappings=[
+            ("image", arg("image")),
+            ("depth", arg("depth")),
+            ("camera_info", arg("camera_info")),
+            ("command", arg("command")),
+        ],
+        arguments=["--ros-args", "--log-level", arg("log_level")],
+        output="screen",
+        emulate_tty=True,
+    )
+    sim_camera = Node(
+        package="qwen3vl_seg_ros",
+        executable="sim_camera",
+        name="sim_camera",
+        namespace=arg("namespace"),
+        parameters=[{"rate_hz": ParameterValue(arg("sim_rate_hz"), value_type=float)}],
+        remappings=[
+            ("image", arg("image")),
+            ("depth", arg("depth")),
+            ("camera_info", arg("camera_info")),
+        ],
+        condition=IfCondition(arg("sim_camera")),
+        output="screen",
+    )
+    rviz = Node(
+        package="rviz2",
+        executable="rviz2",
+        arguments=["-d", os.path.join(share, "rviz", "segmentation.rviz")],
+        condition=IfCondition(arg("rviz")),
+        output="screen",
+    )
+    return LaunchDescription([*declared, segmentation, sim_camera, rviz])

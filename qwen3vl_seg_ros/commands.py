@@ -1,0 +1,43 @@
+"""Checking a command before it reaches a model.
+
+Commands come from planners and people over topics and services: they can be empty, huge, or
+full of control characters. They are never file paths or instructions to the node: they are
+only ever placed inside the grounding prompt as the thing to find.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from qwen3vl_seg_ros.types import InputError
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_command(text: str, max_length: int) -> tuple[str, list[str]]:
+    """Returns the command as the model will see it, and warnings about what was changed.
+
+    Control and format characters (NUL, escape sequences, zero-width marks) are replaced by
+    spaces and runs of whitespace collapsed; other Unicode (accents, CJK, emoji) is kept.
+    Raises :class:`InputError` for commands that are empty or longer than ``max_length``.
+    """
+    if len(text) > max_length:
+        raise InputError(
+            f"command is {len(text)} characters long; the limit is max_command_length={max_length}"
+        )
+    warnings: list[str] = []
+    cleaned_chars = []
+    removed = 0
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and not ch.isspace():
+            cleaned_chars.append(" ")
+            removed += 1
+        else:
+            cleaned_chars.append(ch)
+    cleaned = _WHITESPACE.sub(" ", "".join(cleaned_chars)).strip()
+    if removed:
+        warnings.append(f"removed {removed} control/format character(s) from the command")
+    if not cleaned:
+        raise InputError("command is empty: say what to find, e.g. 'the red mug' or 'all screwdrivers'")
+    return cleaned, warnings

@@ -1,0 +1,160 @@
+"""sensor_msgs <-> numpy, with every check a camera driver's bad day calls for.
+
+Decoding uses ``cv_bridge`` when it is importable (a ROS 2 install) and our own numpy code
+otherwise (the PyPI environment, where only the ROS 1 cv_bridge exists). Both paths run the same
+validation first, so a bad message gives the same clear error either way.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
+from std_msgs.msg import Header
+
+from qwen3vl_seg_ros.types import CameraIntrinsics, InputError
+
+try:  # pragma: no cover - only on a ROS 2 install
+    from cv_bridge import CvBridge as _CvBridge
+
+    _BRIDGE = _CvBridge() if hasattr(_CvBridge, "imgmsg_to_cv2") else None
+except Exception:  # ImportError, or the ROS 1 package from PyPI failing on import
+    _BRIDGE = None
+
+#: Colour encodings the node accepts, with (channels, dtype).
+COLOR_ENCODINGS: dict[str, tuple[int, type]] = {
+    "rgb8": (3, np.uint8),
+    "bgr8": (3, np.uint8),
+    "rgba8": (4, np.uint8),
+    "bgra8": (4, np.uint8),
+    "mono8": (1, np.uint8),
+}
+#: Depth encodings: 16UC1 / mono16 in millimetres, 32FC1 in metres (REP 118).
+DEPTH_ENCODINGS: dict[str, tuple[int, type]] = {
+    "16UC1": (1, np.uint16),
+    "mono16": (1, np.uint16),
+    "32FC1": (1, np.float32),
+}
+
+#: Largest image accepted by default (pixels); bigger ones are refused, not processed slowly.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def using_cv_bridge() -> bool:
+    """Whether images are decoded through cv_bridge (for the log at startup)."""
+    return _BRIDGE is not None
+
+
+def _checked_array(msg: Image, table: dict[str, tuple[int, type]], what: str, max_pixels: int) -> np.ndarray:
+    """Validates an Image message and returns an HxWxC (or HxW) array viewing its data."""
+    if msg.encoding not in table:
+        raise InputError(
+            f"unsupported {what} encoding '{msg.encoding}'; supported: {', '.join(table)}"
+        )
+    channels, dtype = table[msg.encoding]
+    height, width = int(msg.height), int(msg.width)
+    if height <= 0 or width <= 0:
+        raise InputError(f"{what} image has zero size ({width}x{height})")
+    if height * width > max_pixels:
+        raise InputError(
+            f"{what} image is too large ({width}x{height} = {height * width} pixels; "
+            f"the limit is max_image_pixels = {max_pixels})"
+        )
+    itemsize = np.dtype(dtype).itemsize
+    row_bytes = width * channels * itemsize
+    step = int(msg.step)
+    if step < row_bytes:
+        raise InputError(
+            f"{what} image step {step} is smaller than width x bytes per pixel = {row_bytes} "
+            f"({msg.encoding}, width {width})"
+        )
+    expected = step * height
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size < expected:
+        raise InputError(
+            f"{what} image data is truncated: {data.size} bytes, expected step x height = {expected}"
+        )
+    rows = data[:expected].reshape(height, step)[:, :row_bytes]
+    arr = np.ascontiguousarray(rows).view(dtype)
+    big = bool(msg.is_bigendian)
+    if itemsize > 1 and big != (sys.byteorder == "big"):
+        arr = arr.byteswap()
+    return arr.reshape(height, width, channels) if channels > 1 else arr.reshape(height, width)
+
+
+def image_to_rgb(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any supported colour encoding -> HxWx3 uint8 RGB (a copy the caller owns)."""
+    arr = _checked_array(msg, COLOR_ENCODINGS, "colour", max_pixels)
+    if _BRIDGE is not None:  # pragma: no cover - exercised on ROS 2 installs only
+        return np.ascontiguousarray(_BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
+    enc = msg.encoding
+    if enc == "rgb8":
+        return arr.copy()
+    if enc == "bgr8":
+        return np.ascontiguousarray(arr[:, :, ::-1])
+    if enc == "rgba8":
+        return np.ascontiguousarray(arr[:, :, :3])
+    if enc == "bgra8":
+        return np.ascontiguousarray(arr[:, :, 2::-1])
+    return np.repeat(arr[:, :, None], 3, axis=2)  # mono8
+
+
+def depth_to_raw(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A depth Image -> HxW array in its wire unit (uint16 mm or float32 m), validated."""
+    return _checked_array(msg, DEPTH_ENCODINGS, "depth", max_pixels).copy()
+
+
+def camera_info_to_intrinsics(msg: CameraInfo) -> CameraIntrinsics:
+    """Pinhole intrinsics from K; refuses zero or non-finite values with the reason."""
+    k = np.asarray(msg.k, dtype=np.float64)
+    if k.shape != (9,):
+        raise InputError(f"CameraInfo K has {k.size} elements, expected 9")
+    intr = CameraIntrinsics(fx=float(k[0]), fy=float(k[4]), cx=float(k[2]), cy=float(k[5]),
+                            width=int(msg.width), height=int(msg.height))
+    if not intr.is_valid():
+        raise InputError(
+            f"CameraInfo is unusable: fx={intr.fx}, fy={intr.fy}, cx={intr.cx}, cy={intr.cy}, "
+            f"size {intr.width}x{intr.height} (uncalibrated camera? K must be non-zero)"
+        )
+    return intr
+
+
+def array_to_image(arr: np.ndarray, encoding: str, header: Header | None = None) -> Image:
+    """numpy -> Image without per-element copies (``bytes`` assignment is fast in rclpy)."""
+    arr = np.ascontiguousarray(arr)
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    msg.height, msg.width = int(arr.shape[0]), int(arr.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = sys.byteorder == "big"
+    msg.step = int(arr.strides[0]) if arr.size else 0
+    msg.data = arr.tobytes()
+    return msg
+
+
+def label_image_msg(labels: np.ndarray, header: Header) -> Image:
+    """The ~/mask label image: mono8 while ids fit, 16UC1 beyond 255 objects (lossless)."""
+    encoding = "mono8" if labels.dtype == np.uint8 else "16UC1"
+    return array_to_image(labels, encoding, header)
+
+
+def box_to_roi(box: np.ndarray, width: int, height: int) -> RegionOfInterest:
+    """Float [x1, y1, x2, y2] -> the smallest integer RegionOfInterest containing it, clipped."""
+    x1 = int(np.clip(np.floor(box[0]), 0, width))
+    y1 = int(np.clip(np.floor(box[1]), 0, height))
+    x2 = int(np.clip(np.ceil(box[2]), x1, width))
+    y2 = int(np.clip(np.ceil(box[3]), y1, height))
+    return RegionOfInterest(x_offset=x1, y_offset=y1, width=x2 - x1, height=y2 - y1, do_rectify=False)
+
+
+def mask_crop_msg(mask: np.ndarray | None, roi: RegionOfInterest, header: Header) -> Image:
+    """Object mask cropped to its box, mono8 255 inside (the box itself when there is no mask)."""
+    h, w = int(roi.height), int(roi.width)
+    if mask is None:
+        crop = np.full((h, w), 255, dtype=np.uint8)
+    else:
+        y0, x0 = int(roi.y_offset), int(roi.x_offset)
+        crop = mask[y0:y0 + h, x0:x0 + w].astype(np.uint8) * 255
+    return array_to_image(crop, "mono8", header)

@@ -1,0 +1,562 @@
+"""The lifecycle node ``qwen3vl_seg``: topics, service, parameters and the inference thread.
+
+Lifecycle:
+  configure   load the segmenter (model, decoder) and warm it up; create publishers, TF
+  activate    subscribe to image / depth / camera_info / command; start serving
+  deactivate  stop serving (queued requests get an ERROR answer); keep the model loaded
+  cleanup     release the segmenter (and its GPU memory)
+
+Threads: the executor's callbacks only store messages and queue work; the scheduler's thread
+runs inference and publishes. ``~/segment`` is an async service callback that waits on a future
+the inference thread completes, so no executor thread is held while a model runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import (
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from rclpy.task import Future
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header, String
+from visualization_msgs.msg import MarkerArray
+
+from qwen3vl_seg_ros.commands import clean_command
+from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.overlay import draw_overlay, label_image
+from qwen3vl_seg_ros.ros import conversions
+from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
+from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, truncate
+from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
+from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
+from qwen3vl_seg_ros.ros.three_d import ThreeDStage
+from qwen3vl_seg_ros.segmenter import Segmenter, SegmenterOptions, create_segmenter
+from qwen3vl_seg_ros.srv import Segment
+from qwen3vl_seg_ros.types import InputError, Instance, SegmenterError
+
+NODE_NAME = "qwen3vl_seg"
+
+SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segmenter]
+
+
+def _stamp_seconds(header: Header) -> float:
+    return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """User-facing reason for an unexpected model failure (GPU OOM gets advice)."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return (f"the segmenter ran out of memory ({exc}); use a smaller model, dtype bf16/fp16, a "
+                f"smaller image_max_pixels, or free GPU memory. The node keeps serving.")
+    return f"internal error in the segmenter: {name}: {exc}"
+
+
+class SegmentationNode(LifecycleNode):
+    """Language-conditioned instance segmentation with 3D outputs (see the module docstring)."""
+
+    def __init__(self, node_name: str = NODE_NAME, segmenter_factory: SegmenterFactory | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._segmenter_factory = segmenter_factory or create_segmenter
+        self._declare_parameters()
+        self._segmenter: Segmenter | None = None
+        self._configure_error = ""
+        self._frames = RgbdSynchronizer(
+            slop_s=self.p("sync_slop_s"), queue_size=self.p("sync_queue_size"),
+            depth_timeout_s=self.p("depth_timeout_s"), use_depth=self.p("use_depth"))
+        self._scheduler = Scheduler(self._frames, self._run_job, self._error_result)
+        self._apply_scheduler_params()
+        self._three_d: ThreeDStage | None = None
+        self._subs: list[Any] = []
+        self._pubs: dict[str, Any] = {}
+        self._diag_timer = None
+        self._stats_lock = threading.Lock()
+        self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
+                       "last_total_ms": float("nan"), "last_input_age_ms": float("nan")}
+        self._sensor_group = MutuallyExclusiveCallbackGroup()
+        self._service_group = ReentrantCallbackGroup()
+        # The service exists in every state so that a request always gets an answer, also
+        # "not configured" or "not active" ones.
+        self._service = self.create_service(Segment, "~/segment", self._on_segment,
+                                            callback_group=self._service_group)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # ------------------------------------------------------------------------------------------
+    # parameters
+    # ------------------------------------------------------------------------------------------
+    def _declare_parameters(self) -> None:
+        for param in PARAMETERS:
+            self.declare_parameter(param.name, param.default, self._descriptor(param))
+
+    @staticmethod
+    def _descriptor(param: Param) -> ParameterDescriptor:
+        desc = ParameterDescriptor(description=f"{param.description} (applies at {param.applies})")
+        if param.choices:
+            desc.additional_constraints = "one of: " + ", ".join(param.choices)
+        if param.min is not None and isinstance(param.default, float):
+            desc.floating_point_range = [FloatingPointRange(from_value=float(param.min),
+                                                            to_value=float(param.max), step=0.0)]
+        elif param.min is not None and isinstance(param.default, int) and not isinstance(param.default, bool):
+            desc.integer_range = [IntegerRange(from_value=int(param.min), to_value=int(param.max), step=1)]
+        return desc
+
+    def p(self, name: str) -> Any:
+        """Current value of a parameter."""
+        return self.get_parameter(name).value
+
+    def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
+        by_name = {p.name: p for p in PARAMETERS}
+        for param in params:
+            spec = by_name.get(param.name)
+            if spec is not None and spec.choices and param.value not in spec.choices:
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"{param.name} must be one of {', '.join(spec.choices)}, not '{param.value}'")
+        # Applied after the change is accepted (a timer of 0 s runs it on the executor).
+        timer_box: list[Any] = []
+
+        def apply() -> None:
+            self._apply_scheduler_params()
+            timer_box[0].cancel()
+            self.destroy_timer(timer_box[0])
+
+        timer_box.append(self.create_timer(0.0, apply))
+        return SetParametersResult(successful=True)
+
+    def _apply_scheduler_params(self) -> None:
+        self._scheduler.max_input_age_s = float(self.p("max_input_age_s"))
+        self._scheduler.max_rate_hz = float(self.p("max_rate_hz"))
+        self._scheduler.max_pending = int(self.p("max_pending_requests"))
+        self._frames.slop_s = float(self.p("sync_slop_s"))
+        self._frames.depth_timeout_s = float(self.p("depth_timeout_s"))
+
+    def _segmenter_options(self) -> SegmenterOptions:
+        return SegmenterOptions(
+            model=self.p("model"), decoder=self.p("decoder"), device=self.p("device"),
+            dtype=self.p("dtype"), mask_head=self.p("mask_head"),
+            local_files_only=self.p("local_files_only"), max_new_tokens=self.p("max_new_tokens"),
+            max_objects=self.p("max_objects"), fast_decode=self.p("fast_decode"),
+            compile_cache_dir=self.p("compile_cache_dir"), image_max_pixels=self.p("image_max_pixels"))
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+    # ------------------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
+        spec = self.p("segmenter")
+        log.info(f"configuring: loading segmenter '{spec}' (model '{self.p('model') or 'shipped tiny model'}')")
+        t0 = time.monotonic()
+        try:
+            segmenter = self._segmenter_factory(spec, self._segmenter_options(), self._progress)
+            if self.p("warmup"):
+                log.info("warming up (first-call allocation and compilation happen now, not on a command)")
+                segmenter.warmup(self._progress)
+        except Exception as exc:  # a missing model must not kill the node: stay unconfigured
+            self._configure_error = str(exc) if isinstance(exc, SegmenterError) else _describe_exception(exc)
+            log.error(f"configure failed: {self._configure_error}")
+            if not isinstance(exc, SegmenterError):
+                log.debug(traceback.format_exc())
+            return TransitionCallbackReturn.FAILURE
+        self._segmenter = segmenter
+        self._configure_error = ""
+        log.info(f"segmenter '{segmenter.name}' ready in {time.monotonic() - t0:.1f} s; "
+                 f"image decoding via {'cv_bridge' if conversions.using_cv_bridge() else 'numpy'}")
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+        images = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+        self._pubs = {
+            "result": self.create_publisher(SegmentationResult, "~/result", reliable),
+            "mask": self.create_publisher(Image, "~/mask", images),
+            "overlay": self.create_publisher(Image, "~/overlay", images),
+            "cloud": self.create_publisher(PointCloud2, "~/cloud", images),
+            "markers": self.create_publisher(MarkerArray, "~/markers", reliable),
+            "diagnostics": self.create_publisher(DiagnosticArray, "/diagnostics", reliable),
+        }
+        self._three_d = ThreeDStage(self)
+        self._diag_timer = self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics)
+        self._scheduler.start()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        qos = self._image_qos()
+        group = self._sensor_group
+        self._frames.use_depth = bool(self.p("use_depth"))
+        self._frames.clear()
+        self._subs = [
+            self.create_subscription(Image, "image", self._on_image, qos, callback_group=group),
+            self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=group),
+            self.create_subscription(String, "command", self._on_command, 10, callback_group=group),
+        ]
+        if self.p("use_depth"):
+            self._subs.append(self.create_subscription(Image, "depth", self._on_depth, qos, callback_group=group))
+        self._scheduler.set_active(True)
+        self.get_logger().info(
+            f"active: image '{self.resolve_topic_name('image')}', depth "
+            f"'{self.resolve_topic_name('depth') if self.p('use_depth') else 'off'}', camera_info "
+            f"'{self.resolve_topic_name('camera_info')}' ({self.p('image_qos')} QoS); commands on "
+            f"'{self.resolve_topic_name('command')}' and service '{self._service.srv_name}'")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._scheduler.set_active(False, "node was deactivated before the request could run")
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        self.get_logger().info("inactive: inputs unsubscribed, model kept loaded")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release("node was cleaned up")
+        self.get_logger().info("cleaned up: segmenter released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release("node is shutting down")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self, reason: str) -> None:
+        self._scheduler.set_active(False, reason)
+        self._scheduler.stop(reason)
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        for pub in self._pubs.values():
+            self.destroy_publisher(pub)
+        self._pubs = {}
+        if self._three_d is not None:
+            self._three_d.close()
+            self._three_d = None
+        if self._segmenter is not None:
+            try:
+                self._segmenter.close()
+            finally:
+                self._segmenter = None
+        self._frames.clear()
+
+    def _image_qos(self) -> QoSProfile:
+        choice = self.p("image_qos")
+        if choice == "sensor_data":
+            return qos_profile_sensor_data
+        reliability = ReliabilityPolicy.RELIABLE if choice == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        return QoSProfile(depth=5, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
+
+    def _progress(self, line: str) -> None:
+        self.get_logger().info(line)
+
+    # ------------------------------------------------------------------------------------------
+    # subscriptions (never block: store and notify)
+    # ------------------------------------------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        self._frames.add_image(msg, _stamp_seconds(msg.header), time.monotonic())
+        with self._stats_lock:
+            self._stats["images"] += 1
+        self._scheduler.notify_frame()
+
+    def _on_depth(self, msg: Image) -> None:
+        self._frames.add_depth(msg, _stamp_seconds(msg.header), time.monotonic())
+        with self._stats_lock:
+            self._stats["depths"] += 1
+        self._scheduler.notify_frame()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._frames.add_camera_info(msg, time.monotonic())
+
+    def _on_command(self, msg: String) -> None:
+        if not msg.data.strip():
+            if self._scheduler.continuous_command:
+                self.get_logger().info("continuous mode stopped (empty command)")
+            self._scheduler.set_continuous(None)
+            return
+        try:
+            command, warnings = clean_command(msg.data, int(self.p("max_command_length")))
+        except InputError as exc:
+            self._error_result(Job(truncate(msg.data, 200), "continuous-rejected", time.monotonic(),
+                                   continuous=True), f"command refused: {exc}")
+            return
+        for warning in warnings:
+            self.get_logger().warning(warning)
+        self.get_logger().info(f"continuous mode: '{truncate(command, 200)}' at most {self.p('max_rate_hz')} Hz")
+        self._scheduler.set_continuous(command)
+
+    # ------------------------------------------------------------------------------------------
+    # the one-shot service
+    # ------------------------------------------------------------------------------------------
+    async def _on_segment(self, request: Segment.Request, response: Segment.Response) -> Segment.Response:
+        received = time.monotonic()
+        request_id = request.request_id or self._scheduler.next_request_id()
+        job = Job(request.command, request_id, received)
+        refusal = self._refusal(request)
+        if refusal is None:
+            try:
+                job.command, warnings = clean_command(request.command, int(self.p("max_command_length")))
+                for warning in warnings:
+                    self.get_logger().warning(f"{request_id}: {warning}")
+            except InputError as exc:
+                refusal = str(exc)
+        if refusal is None:
+            timeout = float(request.timeout_s)
+            if not math.isfinite(timeout) or timeout <= 0:
+                timeout = float(self.p("default_timeout_s"))
+            job.deadline = received + timeout
+            future: Future = Future(executor=self.executor)
+            # A done callback makes set_result() wake the executor, which then resumes this coroutine.
+            future.add_done_callback(lambda _f: None)
+            job.reply = future.set_result
+            refusal = self._scheduler.submit(job)
+            if refusal is None:
+                result = await future
+                response.result = result if result is not None else self._error_result(
+                    job, "internal error: no result was produced")
+                return response
+        job.command = truncate(job.command, 200)
+        response.result = self._error_result(job, refusal)
+        return response
+
+    def _refusal(self, request: Segment.Request) -> str | None:
+        if self._segmenter is None:
+            why = f" (configure failed: {self._configure_error})" if self._configure_error else ""
+            return f"node is not configured{why}; configure and activate it first"
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    # inference thread
+    # ------------------------------------------------------------------------------------------
+    def _error_result(self, job: Job, reason: str, header: Header | None = None) -> SegmentationResult:
+        result = new_result(job.command, job.request_id, SegmentationResult.ERROR, reason, header,
+                            self._segmenter.name if self._segmenter else "")
+        result.total_ms = float((time.monotonic() - job.received) * 1e3)
+        self._publish_result(result)
+        self.get_logger().warning(f"{job.request_id}: ERROR: {truncate(reason, 500)}")
+        return result
+
+    def _run_job(self, job: Job, frame: Frame) -> SegmentationResult:
+        """Runs one command on one frame; always returns a result (OK, NO_MATCH or ERROR)."""
+        t_start = time.monotonic()
+        header = frame.image.header
+        segmenter = self._segmenter
+        result = new_result(job.command, job.request_id, SegmentationResult.OK, "", header,
+                            segmenter.name if segmenter else "")
+        result.input_age_ms = float((t_start - frame.arrival) * 1e3)
+        result.queue_ms = float((t_start - job.received) * 1e3)
+        result.image_width, result.image_height = int(frame.image.width), int(frame.image.height)
+        try:
+            if segmenter is None:
+                raise SegmenterError("segmenter was released (node cleaned up)")
+            self._process(job, frame, segmenter, result, t_start)
+        except (InputError, SegmenterError) as exc:
+            result.status, result.message = SegmentationResult.ERROR, str(exc)
+        except Exception as exc:  # a model bug must not kill the node
+            result.status, result.message = SegmentationResult.ERROR, _describe_exception(exc)
+            self.get_logger().error(f"{job.request_id}: {result.message}\n{traceback.format_exc()}")
+        if result.status == SegmentationResult.ERROR:
+            result.objects = []
+        result.total_ms = float((time.monotonic() - job.received) * 1e3)
+        self._publish_result(result)
+        self._log_result(result)
+        return result
+
+    def _process(self, job: Job, frame: Frame, segmenter: Segmenter, result: SegmentationResult,
+                 t_start: float) -> None:
+        header = frame.image.header
+        max_pixels = int(self.p("max_image_pixels"))
+        rgb = conversions.image_to_rgb(frame.image, max_pixels)
+        warnings: list[str] = []
+        three_d = self._three_d
+        inputs = three_d.prepare(frame, rgb.shape[:2], max_pixels, warnings) if three_d else None
+        t_pre = time.monotonic()
+        result.preprocess_ms = float((t_pre - t_start) * 1e3)
+
+        output = segmenter.segment(rgb, job.command, inputs.depth_m if inputs else None)
+        t_seg = time.monotonic()
+        result.grounding_ms = float(output.timings_ms.get("grounding", (t_seg - t_pre) * 1e3))
+        result.mask_ms = float(output.timings_ms.get("mask", 0.0))
+        result.model_answer = truncate(output.raw_answer, MAX_ANSWER_CHARS)
+        result.query_source = output.query_source
+        warnings.extend(output.warnings)
+
+        instances = self._select(output.instances, warnings)
+        ids = list(range(1, len(instances) + 1))
+        h, w = rgb.shape[:2]
+        result.objects = objects_from_instances(instances, ids, w, h, header)
+        if not instances:
+            result.status = SegmentationResult.NO_MATCH
+            reason = output.no_match_reason or f"nothing in the image matches '{truncate(job.command, 200)}'"
+            if output.instances:
+                best = max(i.score for i in output.instances)
+                reason = (f"{len(output.instances)} candidate(s) scored below score_threshold="
+                          f"{self.p('score_threshold'):.2f} (best {best:.2f})")
+            warnings.insert(0, reason)
+        elif three_d is not None and inputs is not None:
+            t_geo = time.monotonic()
+            result.geometry_frame_id = three_d.fill(result, instances, rgb, inputs, header, warnings)
+            result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
+        result.message = "; ".join(dict.fromkeys(warnings))
+        self._publish_images(rgb, instances, ids, header)
+
+    def _select(self, instances: list[Instance], warnings: list[str]) -> list[Instance]:
+        """Score threshold, then the best max_objects; masks are checked against the image size."""
+        threshold = float(self.p("score_threshold"))
+        kept = [i for i in instances if math.isfinite(i.score) and i.score >= threshold]
+        kept.sort(key=lambda i: i.score, reverse=True)
+        limit = int(self.p("max_objects"))
+        if len(kept) > limit:
+            warnings.append(f"{len(kept)} objects found; kept the {limit} best (max_objects)")
+            kept = kept[:limit]
+        return kept
+
+    # ------------------------------------------------------------------------------------------
+    # publishing
+    # ------------------------------------------------------------------------------------------
+    def _publish_result(self, result: SegmentationResult) -> None:
+        pub = self._pubs.get("result")
+        if pub is not None:
+            pub.publish(result)
+        key = {SegmentationResult.OK: "ok", SegmentationResult.NO_MATCH: "no_match"}.get(result.status, "error")
+        with self._stats_lock:
+            self._stats[key] += 1
+            if result.status != SegmentationResult.ERROR:
+                self._stats["last_total_ms"] = result.total_ms
+                self._stats["last_input_age_ms"] = result.input_age_ms
+
+    def _publish_images(self, rgb: np.ndarray, instances: list[Instance], ids: list[int], header: Header) -> None:
+        h, w = rgb.shape[:2]
+        if self.p("publish_mask") and "mask" in self._pubs:
+            labels = label_image([i.mask if i.mask is not None else self._box_mask(i, h, w) for i in instances],
+                                 h, w)
+            self._pubs["mask"].publish(conversions.label_image_msg(labels, header))
+        if self.p("publish_overlay") and "overlay" in self._pubs:
+            bgr = draw_overlay(rgb, instances, float(self.p("overlay_alpha")), ids)
+            self._pubs["overlay"].publish(conversions.array_to_image(bgr, "bgr8", header))
+
+    @staticmethod
+    def _box_mask(inst: Instance, h: int, w: int) -> np.ndarray:
+        mask = np.zeros((h, w), dtype=bool)
+        x1, y1, x2, y2 = (round(float(v)) for v in inst.box)
+        mask[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = True
+        return mask
+
+    def publish_cloud(self, msg: PointCloud2) -> None:
+        if self.p("publish_cloud") and "cloud" in self._pubs:
+            self._pubs["cloud"].publish(msg)
+
+    def publish_markers(self, msg: MarkerArray) -> None:
+        if self.p("publish_markers") and "markers" in self._pubs:
+            self._pubs["markers"].publish(msg)
+
+    def _log_result(self, result: SegmentationResult) -> None:
+        status = {0: "OK", 1: "NO_MATCH", 2: "ERROR"}.get(result.status, str(result.status))
+        text = f"{result.request_id}: {status} {len(result.objects)} object(s) in {result.total_ms:.0f} ms"
+        if result.message:
+            text += f" ({truncate(result.message, 300)})"
+        if result.status == SegmentationResult.ERROR:
+            self.get_logger().warning(text)
+        elif result.request_id.startswith("continuous-"):
+            self.get_logger().debug(text)
+        else:
+            self.get_logger().info(text)
+
+    # ------------------------------------------------------------------------------------------
+    # diagnostics
+    # ------------------------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        pub = self._pubs.get("diagnostics")
+        if pub is None:
+            return
+        now = time.monotonic()
+        arrivals = self._frames.last_arrivals()
+        with self._stats_lock:
+            stats = dict(self._stats)
+        status = DiagnosticStatus(name=f"{self.get_name()}: segmentation", hardware_id=self.p("model") or "tiny")
+        active = bool(self._subs)
+        image_age = None if arrivals["image"] is None else now - arrivals["image"]
+        if not active:
+            status.level, status.message = DiagnosticStatus.WARN, "inactive"
+        elif image_age is None or image_age > 2.0:
+            status.level = DiagnosticStatus.WARN
+            status.message = "no colour images (check topic remapping and image_qos)"
+        else:
+            status.level, status.message = DiagnosticStatus.OK, "serving"
+
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+        status.values = [
+            KeyValue(key="segmenter", value=self._segmenter.name if self._segmenter else "none"),
+            KeyValue(key="continuous_command", value=self._scheduler.continuous_command or ""),
+            KeyValue(key="pending_requests", value=str(self._scheduler.pending_count())),
+            KeyValue(key="last_latency_ms", value=fmt(stats["last_total_ms"])),
+            KeyValue(key="last_input_age_ms", value=fmt(stats["last_input_age_ms"])),
+            KeyValue(key="image_age_s", value=fmt(image_age)),
+            KeyValue(key="images_received", value=str(stats["images"])),
+            KeyValue(key="depths_received", value=str(stats["depths"])),
+            KeyValue(key="results_ok", value=str(stats["ok"])),
+            KeyValue(key="results_no_match", value=str(stats["no_match"])),
+            KeyValue(key="results_error", value=str(stats["error"])),
+        ]
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        pub.publish(msg)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point: ``segmentation_node --ros-args --params-file config/params.yaml``.
+
+    The node configures and activates itself unless ``-p autostart:=false`` is given (then a
+    lifecycle manager or ``ros2 lifecycle set`` drives it).
+    """
+    rclpy.init(args=args if args is not None else sys.argv)
+    node = SegmentationNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    autostart = node.declare_parameter(
+        "autostart", True, ParameterDescriptor(description="Configure and activate at startup.")).value
+    code = 0
+    try:
+        if autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().error("not configured; fix the error above, then call configure again")
+            elif node.trigger_activate() == TransitionCallbackReturn.SUCCESS:
+                node.get_logger().info("ready: waiting for images and commands")
+        executor.spin()
+    except KeyboardInterrupt:
+        pass
+    except Exception:  # pragma: no cover - logged for the user, then a clean shutdown
+        node.get_logger().fatal(traceback.format_exc())
+        code = 1
+    finally:
+        node._release("node is shutting down")
+        executor.shutdown()
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""RGB-D pairing by approximate time, and the newest-frame store the worker reads from.
+
+Colour and depth arrive on separate topics with slightly different stamps. A frame is the
+newest colour image together with the depth image closest in stamp (within ``slop_s``). Depth
+is optional: while no depth has arrived for ``depth_timeout_s`` the node serves colour-only
+frames (2D results), and says so.
+
+With ``message_filters`` importable (a ROS 2 install) the node may let its
+ApproximateTimeSynchronizer do the pairing and hand pairs to :meth:`RgbdSynchronizer.add_pair`;
+the selection of the newest usable frame, the staleness rules and the explanations stay here.
+This module does not import rclpy: messages are opaque payloads with stamps in seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One synchronized input: colour image, depth (or None) and the latest CameraInfo."""
+
+    seq: int  # increases with every colour image; continuous mode never runs a frame twice
+    image: Any
+    stamp: float  # colour image stamp, seconds
+    arrival: float  # monotonic time the colour image arrived
+    depth: Any | None = None
+    depth_stamp: float | None = None
+    camera_info: Any | None = None
+
+    def age(self, now: float) -> float:
+        return now - self.arrival
+
+
+@dataclass
+class _Stamped:
+    msg: Any
+    stamp: float
+    arrival: float
+    seq: int = 0
+
+
+class RgbdSynchronizer:
+    """Thread-safe store of recent colour and depth messages; pairs them on demand."""
+
+    def __init__(self, slop_s: float = 0.05, queue_size: int = 10, depth_timeout_s: float = 1.0,
+                 use_depth: bool = True) -> None:
+        self.slop_s = slop_s
+        self.depth_timeout_s = depth_timeout_s
+        self.use_depth = use_depth
+        self._images: deque[_Stamped] = deque(maxlen=max(1, queue_size))
+        self._depths: deque[_Stamped] = deque(maxlen=max(1, queue_size))
+        self._camera_info: Any | None = None
+        self._camera_info_arrival: float | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    # -- input ---------------------------------------------------------------------------------
+    def add_image(self, msg: Any, stamp: float, arrival: float) -> int:
+        with self._lock:
+            self._seq += 1
+            self._images.append(_Stamped(msg, stamp, arrival, self._seq))
+            return self._seq
+
+    def add_depth(self, msg: Any, stamp: float, arrival: float) -> None:
+        with self._lock:
+            self._depths.append(_Stamped(msg, stamp, arrival))
+
+    def add_pair(self, image: Any, image_stamp: float, depth: Any, depth_stamp: float, arrival: float) -> None:
+        """A pair matched elsewhere (message_filters); also records both halves."""
+        with self._lock:
+            self._seq += 1
+            self._images.append(_Stamped(image, image_stamp, arrival, self._seq))
+            self._depths.append(_Stamped(depth, depth_stamp, arrival))
+
+    def add_camera_info(self, msg: Any, arrival: float) -> None:
+        with self._lock:
+            self._camera_info = msg
+            self._camera_info_arrival = arrival
+
+    def clear(self) -> None:
+        with self._lock:
+            self._images.clear()
+            self._depths.clear()
+            self._camera_info = None
+            self._camera_info_arrival = None
+
+    # -- output --------------------------------------------------------------------------------
+    def depth_active(self, now: float) -> bool:
+        """Depth is expected when it is enabled and some arrived within depth_timeout_s."""
+        with self._lock:
+            return self._depth_active_locked(now)
+
+    def _depth_active_locked(self, now: float) -> bool:
+        if not self.use_depth or not self._depths:
+            return False
+        return now - self._depths[-1].arrival <= self.depth_timeout_s
+
+    def latest(self, now: float) -> Frame | None:
+        """The newest usable frame, or None (then :meth:`explain` says why)."""
+        with self._lock:
+            info = self._camera_info
+            if not self._images:
+                return None
+            if not self._depth_active_locked(now):
+                img = self._images[-1]
+                return Frame(img.seq, img.msg, img.stamp, img.arrival, camera_info=info)
+            for img in reversed(self._images):
+                depth = self._closest_depth(img.stamp)
+                if depth is not None:
+                    return Frame(img.seq, img.msg, img.stamp, img.arrival, depth.msg, depth.stamp, info)
+            return None
+
+    def _closest_depth(self, stamp: float) -> _Stamped | None:
+        best, best_dt = None, self.slop_s
+        for d in self._depths:
+            dt = abs(d.stamp - stamp)
+            if dt <= best_dt:
+                best, best_dt = d, dt
+        return best
+
+    def explain(self, now: float) -> str:
+        """Why no frame is usable right now, in words a user can act on."""
+        with self._lock:
+            if not self._images:
+                return "no colour image received yet (check the 'image' remapping and image_qos)"
+            newest = self._images[-1]
+            parts = [f"newest colour image arrived {now - newest.arrival:.2f} s ago"]
+            if self._depth_active_locked(now):
+                gaps = [min(abs(d.stamp - i.stamp) for d in self._depths) for i in self._images]
+                parts.append(
+                    f"no depth image within sync_slop_s={self.slop_s:.3f} s of any recent colour image "
+                    f"(closest stamp gap {min(gaps):.3f} s); check that depth is aligned to colour "
+                    f"and stamped from the same clock"
+                )
+            if self._camera_info is None:
+                parts.append("no CameraInfo received (3D outputs disabled)")
+            return "; ".join(parts)
+
+    def camera_info_age(self, now: float) -> float | None:
+        with self._lock:
+            return None if self._camera_info_arrival is None else now - self._camera_info_arrival
+
+    def last_arrivals(self) -> dict[str, float | None]:
+        """Arrival times of the newest image, depth and CameraInfo (for diagnostics)."""
+        with self._lock:
+            return {
+                "image": self._images[-1].arrival if self._images else None,
+                "depth": self._depths[-1].arrival if self._depths else None,
+                "camera_info": self._camera_info_arrival,
+            }

@@ -1,0 +1,142 @@
+"""The node's 3D stage: depth and CameraInfo checks, per-object geometry, TF, clouds, markers.
+
+The maths lives in the core (geometry.py, transforms.py, cloud.py); this file decides, for one
+frame, what is usable and says why when something is not:
+
+* no depth, or depth in another frame than the colour image, or no / unusable CameraInfo:
+  2D results are still served; every object gets ``has_3d = false`` with the reason;
+* depth (or CameraInfo) of another aspect ratio than the image: the result is an ERROR (the
+  topics do not belong together, and guessing would put objects in the wrong place);
+* target_frame unavailable in TF: geometry stays in the camera frame and the result says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from std_msgs.msg import Header
+
+from qwen3vl_seg_ros.cloud import concat_clouds
+from qwen3vl_seg_ros.geometry import (
+    GeometryConfig,
+    depth_frame_mismatch,
+    depth_from_raw,
+    extract_objects,
+    mask_to_depth_resolution,
+    resolve_depth_intrinsics,
+)
+from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.ros import conversions
+from qwen3vl_seg_ros.ros.markers import build_markers
+from qwen3vl_seg_ros.ros.pointcloud import cloud_to_msg, fill_object_3d
+from qwen3vl_seg_ros.ros.sync import Frame
+from qwen3vl_seg_ros.ros.tf import TransformLookup, TransformUnavailable
+from qwen3vl_seg_ros.types import CameraIntrinsics, InputError, Instance
+
+if TYPE_CHECKING:
+    from qwen3vl_seg_ros.ros.node import SegmentationNode
+
+
+@dataclass
+class ThreeDInputs:
+    """Depth for one frame: at image resolution for the segmenter, native for the geometry."""
+
+    depth_m: np.ndarray  # image resolution, metres, NaN = no reading (what the segmenter sees)
+    depth_native: np.ndarray  # the depth image's own resolution
+    intrinsics: CameraIntrinsics | None  # of depth_native; None -> no 3D
+    frame_id: str  # the camera optical frame of the geometry
+    reason: str = ""  # why there is no 3D, when intrinsics is None
+
+
+class ThreeDStage:
+    def __init__(self, node: SegmentationNode) -> None:
+        self._node = node
+        self._tf = TransformLookup(node)
+
+    def close(self) -> None:
+        self._tf.close()
+
+    def prepare(self, frame: Frame, image_hw: tuple[int, int], max_pixels: int,
+                warnings: list[str]) -> ThreeDInputs | None:
+        """Decodes and checks depth and CameraInfo; None when the frame has no depth."""
+        if frame.depth is None:
+            if self._node.p("use_depth"):
+                warnings.append("no depth image paired with this frame: 2D results only")
+            return None
+        h, w = image_hw
+        raw = conversions.depth_to_raw(frame.depth, max_pixels)
+        depth = depth_from_raw(raw, frame.depth.encoding)
+        dh, dw = depth.shape
+        frame_id = frame.image.header.frame_id
+        mismatch = depth_frame_mismatch(frame_id, frame.depth.header.frame_id)
+        intrinsics, reason = None, ""
+        if frame.camera_info is None:
+            reason = "no CameraInfo received on 'camera_info': 3D outputs disabled"
+        elif mismatch:
+            reason = mismatch
+        else:
+            try:
+                cam = conversions.camera_info_to_intrinsics(frame.camera_info)
+            except InputError as exc:
+                reason = str(exc)
+            else:
+                # A different aspect ratio of depth or CameraInfo is an ERROR (raised here).
+                intrinsics = resolve_depth_intrinsics((w, h), (dw, dh), cam)
+        if intrinsics is None and (dh, dw) != (h, w):
+            resolve_depth_intrinsics((w, h), (dw, dh), CameraIntrinsics(1, 1, 0, 0, w, h))
+        if reason:
+            warnings.append(reason)
+        at_image = depth if (dh, dw) == (h, w) else mask_to_depth_resolution(depth, (h, w))
+        return ThreeDInputs(at_image, depth, intrinsics, frame_id, reason)
+
+    def geometry_config(self) -> GeometryConfig:
+        p = self._node.p
+        return GeometryConfig(
+            erode_px=int(p("erode_px")), outlier_method=p("outlier_method"),
+            outlier_threshold=float(p("outlier_threshold")), cluster_gap_m=float(p("cluster_gap_m")),
+            min_points=int(p("min_points")), min_depth_m=float(p("min_depth_m")),
+            max_depth_m=float(p("max_depth_m")), voxel_size_m=float(p("voxel_size_m")))
+
+    def fill(self, result: SegmentationResult, instances: list[Instance], rgb: np.ndarray,
+             inputs: ThreeDInputs, header: Header, warnings: list[str]) -> str:
+        """Fills the objects' 3D fields, publishes ~/cloud and ~/markers; returns their frame."""
+        if inputs.intrinsics is None:
+            for obj in result.objects:
+                obj.has_3d, obj.status_3d = False, inputs.reason
+            return ""
+        transform, out_frame = self._target_transform(header, inputs.frame_id, warnings)
+        masks = [inst.mask if inst.mask is not None else _box_mask(inst, rgb.shape[:2]) for inst in instances]
+        geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics,
+                                self.geometry_config(), transform)
+        cloud_header = Header(stamp=header.stamp, frame_id=out_frame)
+        clouds = []
+        for obj, geom in zip(result.objects, geoms):
+            clouds.append(fill_object_3d(obj, geom, obj.id, cloud_header))
+        missing = [f"{obj.id} ({obj.status_3d})" for obj in result.objects if not obj.has_3d]
+        if missing:
+            warnings.append("no 3D for object " + ", ".join(missing))
+        self._node.publish_cloud(cloud_to_msg(concat_clouds(clouds), cloud_header))
+        self._node.publish_markers(build_markers(result.objects, cloud_header,
+                                                 lifetime_s=float(self._node.p("marker_lifetime_s"))))
+        return out_frame
+
+    def _target_transform(self, header: Header, camera_frame: str, warnings: list[str]):
+        target = str(self._node.p("target_frame")).strip().lstrip("/")
+        if not target or target == camera_frame.lstrip("/"):
+            return None, camera_frame
+        try:
+            transform = self._tf.lookup(target, camera_frame, header.stamp, float(self._node.p("tf_timeout_s")))
+        except TransformUnavailable as exc:
+            warnings.append(f"3D outputs stay in the camera frame '{camera_frame}': no transform to "
+                            f"target_frame '{target}' ({exc})")
+            return None, camera_frame
+        return transform, target
+
+
+def _box_mask(inst: Instance, hw: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(hw, dtype=bool)
+    x1, y1, x2, y2 = (round(float(v)) for v in inst.box)
+    mask[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = True
+    return mask

@@ -1,0 +1,135 @@
+"""Configuration files agree with the node: params.yaml, the launch file, package.xml, setup.py."""
+
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwen3vl_seg_ros.ros.parameters import PARAMETERS, markdown_table, params_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def yaml_params() -> dict:
+    data = yaml.safe_load((ROOT / "config" / "params.yaml").read_text())
+    return data["/**"]["ros__parameters"]
+
+
+def test_params_yaml_lists_every_parameter_with_its_default():
+    values = yaml_params()
+    assert set(values) == {p.name for p in PARAMETERS}
+    for p in PARAMETERS:
+        assert values[p.name] == p.default, p.name
+        assert type(values[p.name]) is type(p.default), p.name
+
+
+def test_params_yaml_is_the_generated_one():
+    assert (ROOT / "config" / "params.yaml").read_text() == params_yaml()
+
+
+def test_every_parameter_has_a_description_and_valid_default():
+    for p in PARAMETERS:
+        assert len(p.description) > 20, p.name
+        if p.min is not None:
+            assert p.min <= p.default <= p.max, p.name
+        if p.choices:
+            assert p.default in p.choices, p.name
+
+
+@pytest.mark.ros
+def test_node_declares_exactly_the_table():
+    from rclpy.parameter import Parameter
+
+    from ros_harness import NodeHarness, new_context
+
+    context = new_context()
+    harness = NodeHarness(context, autostart=False)
+    try:
+        node = harness.node
+        builtin = {"use_sim_time", "start_type_description_service"}
+        declared = {name for name in node._parameters if name not in builtin}
+        assert declared == {p.name for p in PARAMETERS}
+        desc = node.describe_parameter("score_threshold")
+        assert "lower score" in desc.description and desc.floating_point_range[0].to_value == 1.0
+        # ranges and choices are enforced
+        assert not node.set_parameters([Parameter("score_threshold", value=1.5)])[0].successful
+        refused = node.set_parameters([Parameter("outlier_method", value="median")])[0]
+        assert not refused.successful and "one of mad, mode, none" in refused.reason
+        assert node.set_parameters([Parameter("score_threshold", value=0.7)])[0].successful
+        assert node.p("score_threshold") == 0.7
+    finally:
+        harness.close()
+        context.try_shutdown()
+
+
+def launch_literals() -> tuple[list[tuple[str, str, str]], list[str]]:
+    """LAUNCH_ARGUMENTS and NODE_PARAMETER_ARGUMENTS read from the launch file without launch_ros."""
+    tree = ast.parse((ROOT / "launch" / "segmentation.launch.py").read_text())
+    found = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else None
+        if isinstance(target, ast.Name) and target.id in ("LAUNCH_ARGUMENTS", "NODE_PARAMETER_ARGUMENTS"):
+            found[target.id] = ast.literal_eval(node.value)
+    return found["LAUNCH_ARGUMENTS"], found["NODE_PARAMETER_ARGUMENTS"]
+
+
+def test_launch_arguments_match_node_parameters():
+    arguments, node_params = launch_literals()
+    names = [a[0] for a in arguments]
+    assert len(names) == len(set(names))
+    table = {p.name: p for p in PARAMETERS}
+    for name in node_params:
+        assert name in names, f"{name} is passed to the node but not declared"
+        assert name in table, f"launch argument {name} sets no node parameter"
+        default = dict((a[0], a[1]) for a in arguments)[name]
+        assert default == table[name].default, f"{name}: launch default {default!r} != {table[name].default!r}"
+    for required in ("model", "decoder", "device", "dtype", "image", "depth", "camera_info", "target_frame",
+                     "namespace", "params_file"):
+        assert required in names
+    assert all(len(a[2]) > 10 for a in arguments)
+
+
+def test_launch_file_is_valid_python_and_uses_the_installed_executable():
+    text = (ROOT / "launch" / "segmentation.launch.py").read_text()
+    compile(text, "segmentation.launch.py", "exec")
+    assert 'executable="segmentation_node"' in text and "LifecycleNode" in text
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "scripts/segmentation_node" in cmake and "install(DIRECTORY launch config rviz" in cmake
+
+
+def test_package_xml_is_format_3_and_names_what_we_import():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.attrib["format"] == "3" and root.findtext("name") == "qwen3vl_seg_ros"
+    deps = {e.text for e in root if e.tag.endswith("depend")}
+    for needed in ("rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs",
+                   "lifecycle_msgs", "rosidl_default_generators", "rosidl_default_runtime", "tf2_ros", "cv_bridge",
+                   "message_filters"):
+        assert needed in deps, needed
+    assert root.find("export/build_type").text == "ament_cmake"
+    assert root.find("member_of_group").text == "rosidl_interface_packages"
+
+
+def test_setup_py_entry_points_exist():
+    import importlib
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    scripts = [ast.literal_eval(n) for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str) and " = qwen3vl_seg_ros." in n.value]
+    assert scripts
+    for spec in scripts:
+        name, target = (s.strip() for s in spec.split("="))
+        module, func = target.split(":")
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists(), spec
+        if module.endswith(".node"):
+            assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_readme_documents_every_parameter():
+    readme = (ROOT / "README.md").read_text()
+    for p in PARAMETERS:
+        assert f"`{p.name}`" in readme, p.name
+    assert markdown_table() in readme, "README parameter table is stale: regenerate it"

@@ -1,0 +1,105 @@
+"""Lifecycle transitions of the node, and what a client gets in each state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from lifecycle_msgs.msg import State
+from rclpy.lifecycle import TransitionCallbackReturn
+
+from qwen3vl_seg_ros.msg import SegmentationResult
+
+from helpers import wait_for
+from ros_harness import Client, NodeHarness, Scene, new_context
+
+pytestmark = pytest.mark.ros
+
+
+def state_id(node) -> int:
+    return node._state_machine.current_state[0]
+
+
+def test_transitions_and_answers_in_every_state():
+    context = new_context()
+    harness = NodeHarness(context, autostart=False)
+    node = harness.node
+    client = Client(context)
+    try:
+        assert state_id(node) == State.PRIMARY_STATE_UNCONFIGURED
+        result = client.call("red").result
+        assert result.status == SegmentationResult.ERROR and "node is not configured" in result.message
+
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert state_id(node) == State.PRIMARY_STATE_INACTIVE
+        segmenter = node._segmenter
+        assert segmenter.warmed_up, "configure must warm the segmenter up"
+        assert "not active" in client.call("red").result.message
+
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert state_id(node) == State.PRIMARY_STATE_ACTIVE
+        client.wait_connected()
+        client.publish_frame(Scene())
+        assert client.call("red").result.status == SegmentationResult.OK
+
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert state_id(node) == State.PRIMARY_STATE_INACTIVE
+        assert wait_for(lambda: client.image_pub.get_subscription_count() == 0, 5), "inputs still subscribed"
+        assert "not active" in client.call("red").result.message
+        assert node._segmenter is segmenter  # the model stays loaded while inactive
+
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        client.publish_frame(Scene())
+        assert client.call("red").result.status == SegmentationResult.OK
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert state_id(node) == State.PRIMARY_STATE_UNCONFIGURED
+        assert segmenter.closed and node._segmenter is None
+        assert "node is not configured" in client.call("red").result.message
+
+        # and it can be configured again
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        client.wait_connected()
+        client.publish_frame(Scene())
+        assert client.call("red").result.status == SegmentationResult.OK
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
+
+
+def test_configure_failure_keeps_node_alive_and_explains():
+    context = new_context()
+    harness = NodeHarness(context, {"segmenter": "no.such.module:Missing"}, autostart=False)
+    client = Client(context)
+    try:
+        assert harness.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert state_id(harness.node) == State.PRIMARY_STATE_UNCONFIGURED
+        result = client.call("red").result
+        assert result.status == SegmentationResult.ERROR
+        assert "configure failed: segmenter module 'no.such.module' cannot be imported" in result.message
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
+
+
+def test_deactivate_answers_a_waiting_request():
+    context = new_context()
+    harness = NodeHarness(context)
+    client = Client(context)
+    try:
+        client.wait_connected()
+        future = client.call_async("red", timeout_s=30.0)  # no frame yet: it waits
+        time.sleep(0.5)
+        assert not future.done()
+        harness.node.trigger_deactivate()
+        assert wait_for(future.done, 5)
+        result = future.result().result
+        assert result.status == SegmentationResult.ERROR and "deactivated" in result.message
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()

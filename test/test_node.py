@@ -1,0 +1,215 @@
+"""The node end to end over real DDS, with the colour-blob test double at the model boundary."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from qwen3vl_seg_ros.msg import SegmentationResult
+
+from ros_harness import Client, NodeHarness, Scene, new_context, wait_for
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture(scope="module")
+def system():
+    context = new_context()
+    node = NodeHarness(context, {"max_rate_hz": 4.0, "min_points": 20, "erode_px": 1})
+    client = Client(context)
+    client.wait_connected()
+    yield node, client
+    client.close()
+    node.close()
+    context.try_shutdown()
+
+
+def fresh(client: Client, scene: Scene | None = None, **kwargs) -> Scene:
+    scene = scene or Scene()
+    client.publish_frame(scene, **kwargs)
+    return scene
+
+
+def image_of(msg) -> np.ndarray:
+    channels = {"mono8": 1, "bgr8": 3, "rgb8": 3}[msg.encoding]
+    flat = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.step)[:, : msg.width * channels]
+    return flat.reshape(msg.height, msg.width, channels) if channels > 1 else flat
+
+
+def test_end_to_end_result_fields(system):
+    node, client = system
+    scene = fresh(client)
+    n_masks, n_overlays = len(client.snapshot(client.masks)), len(client.snapshot(client.overlays))
+    response = client.call("the red and the blue blobs", request_id="req-e2e")
+    result = response.result
+    assert result.status == SegmentationResult.OK, result.message
+    assert result.request_id == "req-e2e" and result.command == "the red and the blue blobs"
+    assert result.segmenter == "color_blob_double" and result.query_source == "mask_token"
+    assert (result.image_width, result.image_height) == (scene.width, scene.height)
+    assert result.header.frame_id == "camera_optical" and result.header.stamp.sec > 0
+    assert result.total_ms > 0 and result.input_age_ms >= 0 and result.preprocess_ms >= 0
+    assert result.total_ms >= result.grounding_ms
+    by_label = {o.label: o for o in result.objects}
+    assert set(by_label) == {"red blob", "blue blob"}
+    assert sorted(o.id for o in result.objects) == [1, 2]
+    for colour, (x1, y1, x2, y2, z) in scene.rects.items():
+        obj = by_label[f"{colour} blob"]
+        assert (obj.box.x_offset, obj.box.y_offset, obj.box.width, obj.box.height) == (x1, y1, x2 - x1, y2 - y1)
+        assert obj.score == pytest.approx(1.0) and obj.mask_source == "decoder"
+        assert obj.mask.encoding == "mono8" and (obj.mask.width, obj.mask.height) == (x2 - x1, y2 - y1)
+        assert (image_of(obj.mask) == 255).all()
+        # 3D: a fronto-parallel rectangle at depth z
+        assert obj.has_3d, obj.status_3d
+        assert obj.centroid.z == pytest.approx(z, abs=0.005)
+        u = (x1 + x2 - 1) / 2.0
+        assert obj.centroid.x == pytest.approx((u - scene.cx) * z / scene.fx, abs=0.01)
+        assert obj.num_points > 0 and obj.cloud.width == obj.num_points
+        assert obj.cloud.header.frame_id == "camera_optical"
+    assert result.geometry_frame_id == "camera_optical"
+    # the same result was published on ~/result, and the label image and overlay went out
+    assert wait_for(lambda: any(r.request_id == "req-e2e" for r in client.snapshot(client.results)), 5)
+    assert wait_for(lambda: len(client.snapshot(client.masks)) > n_masks
+                    and len(client.snapshot(client.overlays)) > n_overlays, 5)
+    labels = image_of(client.snapshot(client.masks)[-1])
+    ids = {o.label: o.id for o in result.objects}
+    x1, y1, x2, y2, _ = scene.rects["red"]
+    assert (labels[y1:y2, x1:x2] == ids["red blob"]).all()
+    assert labels[0, 0] == 0 and set(np.unique(labels)) == {0, 1, 2}
+    overlay = client.snapshot(client.overlays)[-1]
+    assert overlay.encoding == "bgr8" and overlay.header.frame_id == "camera_optical"
+    over = image_of(overlay)
+    assert over.shape == (scene.height, scene.width, 3)
+    assert not np.array_equal(over[y1 + 5, x1 + 5], [0, 0, 255])  # tinted, not the raw red pixel
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+def test_each_colour_encoding_gives_the_same_boxes(system, encoding):
+    node, client = system
+    fresh(client, encoding=encoding)
+    result = client.call("red").result
+    assert result.status == SegmentationResult.OK, result.message
+    box = result.objects[0].box
+    assert (box.x_offset, box.y_offset, box.width, box.height) == (20, 30, 40, 50)
+
+
+def test_mono8_image_is_served(system):
+    node, client = system
+    fresh(client, encoding="mono8")
+    result = client.call("white").result  # the red channel as grey: the red rectangle turns white
+    assert result.status == SegmentationResult.OK, result.message
+    box = result.objects[0].box
+    assert (box.x_offset, box.y_offset, box.width, box.height) == (20, 30, 40, 50)
+
+
+def test_16uc1_depth_in_millimetres(system):
+    node, client = system
+    fresh(client, depth_encoding="16UC1")
+    result = client.call("blue").result
+    assert result.status == SegmentationResult.OK
+    assert result.objects[0].centroid.z == pytest.approx(0.8, abs=0.005)
+
+
+def test_no_match_says_why(system):
+    node, client = system
+    fresh(client)
+    result = client.call("green").result
+    assert result.status == SegmentationResult.NO_MATCH
+    assert "no blob of the colours named in 'green'" in result.message
+    assert result.objects == []
+
+
+def test_model_failure_is_reported_and_node_keeps_serving(system):
+    node, client = system
+    fresh(client)
+    oom = client.call("red raise:oom").result
+    assert oom.status == SegmentationResult.ERROR and "ran out of memory" in oom.message
+    crash = client.call("red raise:error").result
+    assert crash.status == SegmentationResult.ERROR
+    assert "internal error in the segmenter: RuntimeError: simulated model failure" in crash.message
+    fresh(client)
+    assert client.call("red").result.status == SegmentationResult.OK
+
+
+def test_empty_and_oversized_commands_are_refused(system):
+    node, client = system
+    assert "command is empty" in client.call("   ").result.message
+    long = client.call("x" * 5000).result
+    assert long.status == SegmentationResult.ERROR and "limit is max_command_length=1000" in long.message
+
+
+def test_stale_input_times_out_with_reason(system):
+    node, client = system
+    node.node.set_parameters_atomically  # noqa: B018 - the harness node exposes rclpy's API
+    from rclpy.parameter import Parameter
+    node.node.set_parameters([Parameter("max_input_age_s", value=0.3)])
+    try:
+        fresh(client)
+        time.sleep(0.8)  # the only frame is now older than max_input_age_s
+        t0 = time.monotonic()
+        result = client.call("red", timeout_s=0.5).result
+        assert time.monotonic() - t0 < 5.0
+        assert result.status == SegmentationResult.ERROR
+        assert "timed out after" in result.message and "max_input_age_s=0.30" in result.message
+        assert "newest colour image arrived" in result.message
+    finally:
+        node.node.set_parameters([Parameter("max_input_age_s", value=2.0)])
+
+
+def test_concurrent_requests_each_get_exactly_one_answer(system):
+    node, client = system
+    fresh(client)
+    futures = [client.call_async(f"red sleep:0.05 #{k}", request_id=f"c{k}") for k in range(6)]
+    assert wait_for(lambda: all(f.done() for f in futures), 20)
+    ids = [f.result().result.request_id for f in futures]
+    assert ids == [f"c{k}" for k in range(6)]
+    assert all(f.result().result.status == SegmentationResult.OK for f in futures)
+
+
+def test_continuous_mode_rate_limit_and_stop(system):
+    node, client = system
+    stop = threading.Event()
+
+    def camera():
+        while not stop.is_set():
+            fresh(client)
+            time.sleep(0.05)  # 20 Hz
+
+    cam = threading.Thread(target=camera, daemon=True)
+    cam.start()
+    try:
+        before = len(client.snapshot(client.results))
+        client.send_command("blue")
+        time.sleep(2.0)
+        client.send_command("")
+        time.sleep(0.5)
+        results = [r for r in client.snapshot(client.results)[before:] if r.request_id.startswith("continuous-")]
+        after_stop = len(client.snapshot(client.results))
+        time.sleep(0.7)
+        assert len(client.snapshot(client.results)) == after_stop, "continuous mode did not stop"
+        # 2 s at max_rate_hz=4 -> at most 9 runs (one at once, then every 0.25 s), and it did run
+        assert 3 <= len(results) <= 9, len(results)
+        assert all(r.command == "blue" and r.status == SegmentationResult.OK for r in results)
+        stamps = [(r.header.stamp.sec, r.header.stamp.nanosec) for r in results]
+        assert stamps == sorted(set(stamps)), "a frame was processed twice"
+    finally:
+        stop.set()
+        cam.join()
+
+
+def test_without_depth_results_are_2d_with_reason():
+    context = new_context()
+    node = NodeHarness(context, {"use_depth": False})
+    client = Client(context)
+    try:
+        client.wait_connected()
+        fresh(client, with_depth=False)
+        result = client.call("red").result
+        assert result.status == SegmentationResult.OK
+        assert not result.objects[0].has_3d and result.geometry_frame_id == ""
+    finally:
+        client.close()
+        node.close()
+        context.try_shutdown()

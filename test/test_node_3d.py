@@ -1,0 +1,167 @@
+"""The node's 3D outputs over DDS: clouds, markers, TF to a target frame, and every failure path."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from geometry_msgs.msg import TransformStamped
+from rclpy.parameter import Parameter
+from tf2_msgs.msg import TFMessage
+from visualization_msgs.msg import Marker
+
+from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.ros.pointcloud import read_points
+
+from helpers import wait_for
+from ros_harness import Client, NodeHarness, Scene, camera_info_msg, image_msg, new_context, transient_local_qos
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture(scope="module")
+def system():
+    context = new_context()
+    node = NodeHarness(context, {"min_points": 20, "erode_px": 1})
+    client = Client(context)
+    client.wait_connected()
+    yield node, client
+    client.close()
+    node.close()
+    context.try_shutdown()
+
+
+def set_params(node: NodeHarness, **values) -> None:
+    node.node.set_parameters([Parameter(k, value=v) for k, v in values.items()])
+
+
+def publish(client: Client, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", depth_frame="camera_optical",
+            info=True, info_scene: Scene | None = None) -> None:
+    stamp = client.node.get_clock().now().to_msg()
+    client.image_pub.publish(image_msg(scene.rgb(), "rgb8", stamp=stamp))
+    client.depth_pub.publish(image_msg(depth, depth_encoding, frame_id=depth_frame, stamp=stamp))
+    if info:
+        client.info_pub.publish(camera_info_msg(info_scene or scene, stamp=stamp))
+
+
+def test_cloud_and_markers_are_published_for_all_objects(system):
+    node, client = system
+    scene = Scene()
+    n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
+    publish(client, scene, scene.depth_m())
+    result = client.call("red blue").result
+    assert result.status == SegmentationResult.OK and all(o.has_3d for o in result.objects)
+    assert wait_for(lambda: len(client.snapshot(client.clouds)) > n_clouds, 5)
+    assert wait_for(lambda: len(client.snapshot(client.markers)) > n_markers, 5)
+    cloud = read_points(client.snapshot(client.clouds)[-1])
+    assert set(np.unique(cloud["id"])) == {o.id for o in result.objects}
+    for obj in result.objects:
+        pts = cloud[cloud["id"] == obj.id]
+        assert len(pts) == obj.num_points
+        assert float(np.mean(pts["z"])) == pytest.approx(obj.centroid.z, abs=1e-4)
+    markers = client.snapshot(client.markers)[-1].markers
+    assert markers[0].action == Marker.DELETEALL
+    kinds = sorted(m.type for m in markers[1:])
+    assert kinds.count(Marker.CUBE) == 2 and kinds.count(Marker.TEXT_VIEW_FACING) == 2
+    assert all(m.header.frame_id == "camera_optical" for m in markers[1:])
+
+
+def test_depth_at_half_resolution_scales_intrinsics(system):
+    node, client = system
+    scene = Scene()
+    half = scene.depth_m()[::2, ::2].copy()
+    publish(client, scene, half)
+    result = client.call("blue").result
+    assert result.status == SegmentationResult.OK, result.message
+    obj = result.objects[0]
+    assert obj.has_3d and obj.centroid.z == pytest.approx(0.8, abs=0.005)
+    x1, _, x2, _, z = scene.rects["blue"]
+    assert obj.centroid.x == pytest.approx(((x1 + x2 - 1) / 2 - scene.cx) * z / scene.fx, abs=0.015)
+
+
+def test_depth_with_another_aspect_ratio_is_an_error(system):
+    node, client = system
+    scene = Scene()
+    publish(client, scene, np.ones((100, 100), np.float32))
+    result = client.call("red").result
+    assert result.status == SegmentationResult.ERROR
+    assert "aspect ratios" in result.message and "100x100" in result.message
+
+
+def test_depth_in_another_frame_is_reported_not_mixed(system):
+    node, client = system
+    scene = Scene()
+    publish(client, scene, scene.depth_m(), depth_frame="other_camera")
+    result = client.call("red").result
+    assert result.status == SegmentationResult.OK
+    obj = result.objects[0]
+    assert not obj.has_3d and "differs from the colour image frame" in obj.status_3d
+    assert "other_camera" in result.message
+
+
+def test_missing_camera_info_gives_2d_with_reason():
+    context = new_context()
+    node = NodeHarness(context)
+    client = Client(context)
+    try:
+        client.wait_connected()
+        scene = Scene()
+        publish(client, scene, scene.depth_m(), info=False)
+        result = client.call("red").result
+        assert result.status == SegmentationResult.OK
+        assert not result.objects[0].has_3d and "no CameraInfo" in result.objects[0].status_3d
+    finally:
+        client.close()
+        node.close()
+        context.try_shutdown()
+
+
+def test_invalid_depth_everywhere_gives_reason_per_object(system):
+    node, client = system
+    scene = Scene()
+    depth = np.full((scene.height, scene.width), np.nan, np.float32)
+    publish(client, scene, depth)
+    result = client.call("red").result
+    assert result.status == SegmentationResult.OK
+    obj = result.objects[0]
+    assert not obj.has_3d and obj.status_3d and "no 3D for object" in result.message
+    zeros = np.zeros((scene.height, scene.width), np.uint16)
+    publish(client, scene, zeros, depth_encoding="16UC1")
+    obj = client.call("red").result.objects[0]
+    assert not obj.has_3d and obj.status_3d
+
+
+def test_target_frame_through_tf_and_its_failure(system):
+    node, client = system
+    scene = Scene()
+    # camera_optical sits 0.5 m above base_link, optical axis pointing down (z_cam = -z_base)
+    tf_pub = client.node.create_publisher(TFMessage, "/tf_static", transient_local_qos())
+    t = TransformStamped()
+    t.header.frame_id, t.child_frame_id = "base_link", "camera_optical"
+    t.transform.translation.z = 0.5
+    t.transform.rotation.x = 1.0  # 180 deg about x: y -> -y, z -> -z
+    t.transform.rotation.w = 0.0
+    tf_pub.publish(TFMessage(transforms=[t]))
+    set_params(node, target_frame="base_link", tf_timeout_s=1.0)
+    try:
+        time.sleep(0.5)
+        publish(client, scene, scene.depth_m())
+        result = client.call("blue").result
+        assert result.status == SegmentationResult.OK, result.message
+        obj = result.objects[0]
+        assert result.geometry_frame_id == "base_link" and obj.cloud.header.frame_id == "base_link"
+        assert obj.centroid.z == pytest.approx(0.5 - 0.8, abs=0.005)
+        x1, y1, x2, y2, z = scene.rects["blue"]
+        assert obj.centroid.y == pytest.approx(-((y1 + y2 - 1) / 2 - scene.cy) * z / scene.fy, abs=0.01)
+
+        set_params(node, target_frame="no_such_frame", tf_timeout_s=0.2)
+        publish(client, scene, scene.depth_m())
+        result = client.call("blue").result
+        assert result.status == SegmentationResult.OK
+        assert result.geometry_frame_id == "camera_optical"
+        assert "no transform to target_frame 'no_such_frame'" in result.message
+        assert result.objects[0].centroid.z == pytest.approx(0.8, abs=0.005)
+    finally:
+        set_params(node, target_frame="")
+        client.node.destroy_publisher(tf_pub)

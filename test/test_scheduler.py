@@ -1,0 +1,206 @@
+"""Scheduling rules of the inference thread, with plain threads and a fake model call."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
+from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
+
+from helpers import wait_for
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0):
+        self.runs: list[tuple[str, int]] = []
+        self.failures: list[tuple[str, str]] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def run(self, job, frame):
+        time.sleep(self.delay)
+        with self.lock:
+            self.runs.append((job.request_id, frame.seq))
+        return ("ok", job.request_id, frame.seq)
+
+    def fail(self, job, reason):
+        with self.lock:
+            self.failures.append((job.request_id, reason))
+        return ("error", job.request_id, reason)
+
+
+def make(delay=0.0, active=True):
+    frames = RgbdSynchronizer(use_depth=False)
+    rec = Recorder(delay)
+    sched = Scheduler(frames, rec.run, rec.fail)
+    sched.max_input_age_s = 0.5
+    sched.start()
+    sched.set_active(active)
+    return frames, rec, sched
+
+
+def one_shot(sched, rid, timeout=1.0):
+    answers = []
+    now = time.monotonic()
+    job = Job("cmd", rid, now, deadline=now + timeout, reply=answers.append)
+    return job, answers, sched.submit(job)
+
+
+def test_one_shot_runs_on_fresh_frame_and_gets_exactly_one_answer():
+    frames, rec, sched = make()
+    try:
+        seq = frames.add_image("img", 0.0, time.monotonic())
+        job, answers, refusal = one_shot(sched, "r1")
+        assert refusal is None
+        assert wait_for(lambda: answers, 5)
+        time.sleep(0.1)
+        assert answers == [("ok", "r1", seq)]
+    finally:
+        sched.stop()
+
+
+def test_stale_frame_is_not_used_and_request_times_out_with_reason():
+    frames, rec, sched = make()
+    try:
+        frames.add_image("old", 0.0, time.monotonic() - 5.0)  # arrived 5 s ago, max age 0.5 s
+        job, answers, _ = one_shot(sched, "r1", timeout=0.3)
+        assert wait_for(lambda: answers, 5)
+        assert rec.runs == []
+        assert answers[0][0] == "error" and "timed out after" in answers[0][2]
+        assert "max_input_age_s=0.50" in answers[0][2]
+    finally:
+        sched.stop()
+
+
+def test_waits_for_next_frame_within_timeout():
+    frames, rec, sched = make()
+    try:
+        job, answers, _ = one_shot(sched, "r1", timeout=3.0)
+        time.sleep(0.2)
+        assert answers == []
+        seq = frames.add_image("new", 0.0, time.monotonic())
+        sched.notify_frame()
+        assert wait_for(lambda: answers, 5)
+        assert answers == [("ok", "r1", seq)]
+    finally:
+        sched.stop()
+
+
+def test_inactive_refuses_and_deactivation_answers_queued_requests():
+    frames, rec, sched = make(active=False)
+    try:
+        _, _, refusal = one_shot(sched, "r0")
+        assert refusal and "not active" in refusal
+        sched.set_active(True)
+        job, answers, _ = one_shot(sched, "r1", timeout=10.0)
+        sched.set_active(False, "node was deactivated")
+        assert answers and answers[0][0] == "error" and answers[0][2] == "node was deactivated"
+    finally:
+        sched.stop()
+
+
+def test_queue_limit_refuses_with_reason():
+    frames, rec, sched = make()
+    sched.max_pending = 2
+    try:
+        refusals = [one_shot(sched, f"r{k}", timeout=10.0)[2] for k in range(3)]
+        assert refusals[:2] == [None, None]
+        assert "too many pending requests (2)" in refusals[2]
+    finally:
+        sched.stop()
+
+
+def test_continuous_mode_rate_limit_new_frames_only_and_stop():
+    frames, rec, sched = make()
+    sched.max_rate_hz = 5.0
+    stop = threading.Event()
+
+    def camera():
+        while not stop.is_set():
+            frames.add_image("img", 0.0, time.monotonic())
+            sched.notify_frame()
+            time.sleep(0.01)  # 100 Hz camera
+
+    cam = threading.Thread(target=camera)
+    cam.start()
+    try:
+        sched.set_continuous("find things")
+        time.sleep(1.5)
+        sched.set_continuous(None)
+        n_stopped = len(rec.runs)
+        time.sleep(0.5)
+        assert len(rec.runs) == n_stopped  # stopped
+        # 1.5 s at most 5 Hz: 7 or 8 runs at most (the first runs at once), and not a trickle
+        assert 3 <= n_stopped <= 8, rec.runs
+        seqs = [s for _, s in rec.runs]
+        assert seqs == sorted(set(seqs))  # never the same frame twice
+        assert all(rid.startswith("continuous-") for rid, _ in rec.runs)
+    finally:
+        stop.set()
+        cam.join()
+        sched.stop()
+
+
+def test_continuous_mode_does_not_rerun_an_unchanged_frame():
+    frames, rec, sched = make()
+    sched.max_rate_hz = 0.0  # as fast as possible
+    try:
+        frames.add_image("img", 0.0, time.monotonic())
+        sched.set_continuous("x")
+        time.sleep(0.3)
+        assert len(rec.runs) == 1
+    finally:
+        sched.stop()
+
+
+def test_one_shot_has_priority_over_continuous():
+    frames, rec, sched = make(delay=0.05)
+    sched.max_rate_hz = 0.0
+    try:
+        sched.set_continuous("c")
+        for _ in range(3):
+            frames.add_image("img", 0.0, time.monotonic())
+            sched.notify_frame()
+            time.sleep(0.01)
+        job, answers, _ = one_shot(sched, "r1", timeout=5.0)
+        frames.add_image("img", 0.0, time.monotonic())
+        sched.notify_frame()
+        assert wait_for(lambda: answers, 5)
+        first_oneshot = next(k for k, (rid, _) in enumerate(rec.runs) if rid == "r1")
+        # at most the continuous run in progress when it arrived ran before it
+        assert sum(1 for rid, _ in rec.runs[first_oneshot - 2:first_oneshot] if rid.startswith("cont")) <= 2
+    finally:
+        sched.stop()
+
+
+def test_exception_in_run_still_answers():
+    frames = RgbdSynchronizer(use_depth=False)
+    failures = []
+
+    def run(job, frame):
+        raise ValueError("boom")
+
+    def fail(job, reason):
+        failures.append(reason)
+        return ("error", reason)
+
+    sched = Scheduler(frames, run, fail)
+    sched.start()
+    sched.set_active(True)
+    try:
+        frames.add_image("img", 0.0, time.monotonic())
+        answers = []
+        now = time.monotonic()
+        sched.submit(Job("c", "r", now, now + 2, reply=answers.append))
+        assert wait_for(lambda: answers, 5)
+        assert answers == [("error", "internal error: ValueError: boom")]
+    finally:
+        sched.stop()
+
+
+def test_stop_answers_pending_requests():
+    frames, rec, sched = make()
+    job, answers, _ = one_shot(sched, "r1", timeout=30.0)
+    sched.stop("shutting down")
+    assert answers and answers[0][2] == "shutting down"

@@ -1,0 +1,71 @@
+"""The RGB-D synchronizer's pairing rules (ROS-free: stamps and arrivals are plain floats)."""
+
+from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
+
+
+def test_pairs_image_with_closest_depth_within_slop():
+    sync = RgbdSynchronizer(slop_s=0.02)
+    sync.add_image("img1", stamp=10.00, arrival=100.0)
+    sync.add_depth("d_far", stamp=10.05, arrival=100.0)
+    sync.add_depth("d_near", stamp=10.01, arrival=100.0)
+    frame = sync.latest(now=100.1)
+    assert frame.image == "img1" and frame.depth == "d_near" and frame.depth_stamp == 10.01
+
+
+def test_waits_for_depth_while_depth_stream_is_active():
+    sync = RgbdSynchronizer(slop_s=0.02, depth_timeout_s=1.0)
+    sync.add_depth("d0", stamp=9.0, arrival=99.5)
+    sync.add_image("img1", stamp=10.0, arrival=100.0)
+    assert sync.latest(now=100.1) is None  # depth is flowing but none matches yet
+    assert "no depth image within sync_slop_s" in sync.explain(now=100.1)
+    sync.add_depth("d1", stamp=10.01, arrival=100.2)
+    assert sync.latest(now=100.2).depth == "d1"
+
+
+def test_falls_back_to_newest_older_pair_when_newest_image_has_no_depth_yet():
+    sync = RgbdSynchronizer(slop_s=0.02)
+    sync.add_image("img1", 10.0, 100.0)
+    sync.add_depth("d1", 10.0, 100.0)
+    sync.add_image("img2", 10.1, 100.1)  # its depth has not arrived
+    frame = sync.latest(now=100.11)
+    assert (frame.image, frame.depth) == ("img1", "d1")
+
+
+def test_colour_only_when_depth_stops_or_is_disabled():
+    sync = RgbdSynchronizer(slop_s=0.02, depth_timeout_s=0.5)
+    sync.add_depth("d0", 9.0, 99.0)
+    sync.add_image("img1", 10.0, 100.0)
+    frame = sync.latest(now=100.0)  # last depth 1 s ago > timeout: depth considered absent
+    assert frame.image == "img1" and frame.depth is None
+    disabled = RgbdSynchronizer(use_depth=False)
+    disabled.add_depth("d", 10.0, 100.0)
+    disabled.add_image("img", 10.0, 100.0)
+    assert disabled.latest(100.0).depth is None
+
+
+def test_sequence_numbers_increase_and_camera_info_is_attached():
+    sync = RgbdSynchronizer(use_depth=False)
+    assert sync.latest(0.0) is None
+    assert "no colour image received yet" in sync.explain(0.0)
+    s1 = sync.add_image("a", 1.0, 1.0)
+    sync.add_camera_info("info", 1.0)
+    s2 = sync.add_image("b", 2.0, 2.0)
+    frame = sync.latest(2.0)
+    assert s2 > s1 and frame.seq == s2 and frame.camera_info == "info"
+    assert frame.age(2.5) == 0.5
+
+
+def test_queue_is_bounded_and_clear_forgets_everything():
+    sync = RgbdSynchronizer(queue_size=3, use_depth=False)
+    for k in range(10):
+        sync.add_image(k, float(k), float(k))
+    assert len(sync._images) == 3
+    sync.clear()
+    assert sync.latest(10.0) is None and sync.last_arrivals() == {"image": None, "depth": None, "camera_info": None}
+
+
+def test_add_pair_from_an_external_synchronizer():
+    sync = RgbdSynchronizer(slop_s=0.0)
+    sync.add_pair("img", 5.0, "depth", 5.0, arrival=50.0)
+    frame = sync.latest(50.1)
+    assert (frame.image, frame.depth) == ("img", "depth")
