@@ -18,6 +18,9 @@ setup(
     entry_points={
         "console_scripts": [
             "segmentation_node = qwen3vl_seg_ros.ros.node:main",
+            "sim_camera = qwen3vl_seg_ros.ros.sim_camera:main",
+            "qwen3vl_seg_demo = qwen3vl_seg_ros.ros.demo:main",
+            "qwen3vl_seg_client = qwen3vl_seg_ros.ros.example_client:main",
         ],
     },
 )

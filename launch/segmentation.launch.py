@@ -1,7 +1,7 @@
 """Start the qwen3vl_seg node (and optionally a simulated camera and RViz).
 
     ros2 launch qwen3vl_seg_ros segmentation.launch.py
-    ros2 launch qwen3vl_seg_ros segmentation.launch.py sim_camera:=true rviz:=true
+    ros2 launch qwen3vl_seg_ros segmentation.launch.py sim_camera:=true rviz:=true target_frame:=world
     ros2 launch qwen3vl_seg_ros segmentation.launch.py \\
         model:=Qwen/Qwen3-VL-4B-Instruct device:=cuda dtype:=bf16 \\
         image:=/camera/camera/color/image_raw \\
@@ -43,7 +43,11 @@ LAUNCH_ARGUMENTS = [
     ("log_level", "info", "Log level of the node."),
     ("sim_camera", "false", "Also start the simulated RGB-D tabletop camera (demo)."),
     ("sim_rate_hz", "5.0", "Frame rate of the simulated camera."),
+    ("sim_scene_period_s", "10.0", "Seconds between the simulated camera's scenes (0 = only on ~/next_scene)."),
+    ("sim_depth_encoding", "32FC1", "Depth encoding of the simulated camera: 32FC1 (m) or 16UC1 (mm)."),
     ("rviz", "false", "Also start RViz with rviz/segmentation.rviz."),
+    ("rviz_config", "", "RViz configuration file (default: the package's rviz/segmentation.rviz)."),
+    ("rviz_fixed_frame", "world", "RViz fixed frame (e.g. base_link or the camera's optical frame on a robot)."),
 ]
 
 # Launch arguments that set the node parameter of the same name.
@@ -54,7 +58,7 @@ NODE_PARAMETER_ARGUMENTS = ["segmenter", "model", "decoder", "device", "dtype", 
 def generate_launch_description():
     share = get_package_share_directory("qwen3vl_seg_ros")
     default_params = os.path.join(share, "config", "params.yaml")
-    defaults = {"params_file": default_params}
+    defaults = {"params_file": default_params, "rviz_config": os.path.join(share, "rviz", "segmentation.rviz")}
     declared = [DeclareLaunchArgument(name, default_value=defaults.get(name, default), description=text)
                 for name, default, text in LAUNCH_ARGUMENTS]
     arg = LaunchConfiguration
@@ -83,7 +87,11 @@ def generate_launch_description():
         executable="sim_camera",
         name="sim_camera",
         namespace=arg("namespace"),
-        parameters=[{"rate_hz": ParameterValue(arg("sim_rate_hz"), value_type=float)}],
+        parameters=[{
+            "rate_hz": ParameterValue(arg("sim_rate_hz"), value_type=float),
+            "scene_period_s": ParameterValue(arg("sim_scene_period_s"), value_type=float),
+            "depth_encoding": ParameterValue(arg("sim_depth_encoding"), value_type=str),
+        }],
         remappings=[
             ("image", arg("image")),
             ("depth", arg("depth")),
@@ -95,7 +103,7 @@ def generate_launch_description():
     rviz = Node(
         package="rviz2",
         executable="rviz2",
-        arguments=["-d", os.path.join(share, "rviz", "segmentation.rviz")],
+        arguments=["-d", arg("rviz_config"), "-f", arg("rviz_fixed_frame")],
         condition=IfCondition(arg("rviz")),
         output="screen",
     )

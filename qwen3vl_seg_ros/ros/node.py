@@ -13,7 +13,9 @@ the inference thread completes, so no executor thread is held while a model runs
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import signal
 import sys
 import threading
 import time
@@ -31,7 +33,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import (
     HistoryPolicy,
@@ -39,6 +41,7 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
@@ -49,15 +52,18 @@ from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions
 from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
-from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, truncate
+from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, safe_text, truncate
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
 from qwen3vl_seg_ros.ros.three_d import ThreeDStage
 from qwen3vl_seg_ros.segmenter import Segmenter, SegmenterOptions, create_segmenter
 from qwen3vl_seg_ros.srv import Segment
-from qwen3vl_seg_ros.types import InputError, Instance, SegmenterError
+from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
 
 NODE_NAME = "qwen3vl_seg"
+
+#: Longest object label put into a result; longer ones are cut (a label is a name, not a text).
+MAX_LABEL_CHARS = 200
 
 SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segmenter]
 
@@ -95,6 +101,7 @@ class SegmentationNode(LifecycleNode):
         self._pubs: dict[str, Any] = {}
         self._diag_timer = None
         self._stats_lock = threading.Lock()
+        self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
                        "last_total_ms": float("nan"), "last_input_age_ms": float("nan")}
         self._sensor_group = MutuallyExclusiveCallbackGroup()
@@ -114,7 +121,8 @@ class SegmentationNode(LifecycleNode):
 
     @staticmethod
     def _descriptor(param: Param) -> ParameterDescriptor:
-        desc = ParameterDescriptor(description=f"{param.description} (applies at {param.applies})")
+        desc = ParameterDescriptor(description=f"{param.description} (applies at {param.applies})",
+                                   read_only=param.read_only)
         if param.choices:
             desc.additional_constraints = "one of: " + ", ".join(param.choices)
         if param.min is not None and isinstance(param.default, float):
@@ -308,6 +316,15 @@ class SegmentationNode(LifecycleNode):
     # the one-shot service
     # ------------------------------------------------------------------------------------------
     async def _on_segment(self, request: Segment.Request, response: Segment.Response) -> Segment.Response:
+        with self._stats_lock:
+            self._inflight += 1
+        try:
+            return await self._serve(request, response)
+        finally:
+            with self._stats_lock:
+                self._inflight -= 1
+
+    async def _serve(self, request: Segment.Request, response: Segment.Response) -> Segment.Response:
         received = time.monotonic()
         request_id = request.request_id or self._scheduler.next_request_id()
         job = Job(request.command, request_id, received)
@@ -376,6 +393,9 @@ class SegmentationNode(LifecycleNode):
             self.get_logger().error(f"{job.request_id}: {result.message}\n{traceback.format_exc()}")
         if result.status == SegmentationResult.ERROR:
             result.objects = []
+        if job.answered:  # the watchdog already answered the request with a timeout ERROR
+            result.message = safe_text("; ".join(m for m in (
+                "late: this request had already been answered with a timeout ERROR", result.message) if m))
         result.total_ms = float((time.monotonic() - job.received) * 1e3)
         self._publish_result(result)
         self._log_result(result)
@@ -394,41 +414,123 @@ class SegmentationNode(LifecycleNode):
 
         output = segmenter.segment(rgb, job.command, inputs.depth_m if inputs else None)
         t_seg = time.monotonic()
+        if not isinstance(output, SegmentationOutput):
+            raise SegmenterError(f"the segmenter returned {type(output).__name__}, not a SegmentationOutput "
+                                 f"(a bug in segmenter '{segmenter.name}')")
         result.grounding_ms = float(output.timings_ms.get("grounding", (t_seg - t_pre) * 1e3))
         result.mask_ms = float(output.timings_ms.get("mask", 0.0))
-        result.model_answer = truncate(output.raw_answer, MAX_ANSWER_CHARS)
-        result.query_source = output.query_source
-        warnings.extend(output.warnings)
+        result.model_answer = safe_text(truncate(safe_text(output.raw_answer), MAX_ANSWER_CHARS))
+        result.query_source = safe_text(output.query_source)
+        warnings.extend(safe_text(w) for w in output.warnings)
 
-        instances = self._select(output.instances, warnings)
-        ids = list(range(1, len(instances) + 1))
         h, w = rgb.shape[:2]
+        instances, below = self._select(output.instances, h, w, warnings)
+        ids = list(range(1, len(instances) + 1))
         result.objects = objects_from_instances(instances, ids, w, h, header)
         if not instances:
             result.status = SegmentationResult.NO_MATCH
             reason = output.no_match_reason or f"nothing in the image matches '{truncate(job.command, 200)}'"
-            if output.instances:
-                best = max(i.score for i in output.instances)
-                reason = (f"{len(output.instances)} candidate(s) scored below score_threshold="
-                          f"{self.p('score_threshold'):.2f} (best {best:.2f})")
-            warnings.insert(0, reason)
+            if below:
+                reason = (f"{len(below)} candidate(s) scored below score_threshold="
+                          f"{self.p('score_threshold'):.2f} (best {max(below):.2f})")
+            elif output.instances:
+                reason = (f"the segmenter's {len(output.instances)} candidate(s) were all unusable "
+                          f"(see the warnings)")
+            warnings.insert(0, safe_text(reason))
         elif three_d is not None and inputs is not None:
             t_geo = time.monotonic()
             result.geometry_frame_id = three_d.fill(result, instances, rgb, inputs, header, warnings)
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
-        result.message = "; ".join(dict.fromkeys(warnings))
+        result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         self._publish_images(rgb, instances, ids, header)
 
-    def _select(self, instances: list[Instance], warnings: list[str]) -> list[Instance]:
-        """Score threshold, then the best max_objects; masks are checked against the image size."""
+    def _select(self, instances: Any, h: int, w: int, warnings: list[str]) -> tuple[list[Instance], list[float]]:
+        """Checks the segmenter's objects, then the score threshold and the best max_objects.
+
+        Returns the objects kept and the scores of valid candidates below the threshold. A
+        segmenter is an integration point (any ``package.module:Class``), so its output is
+        checked like any other input: a mask of another size or type is a bug there and an
+        ERROR naming it (never an exception in the publishing code or a mask in the wrong
+        place); a non-finite box or score, or a box with no area inside the image, drops that
+        object with a warning; swapped corners are put in order, boxes clipped to the image,
+        scores clipped to [0, 1].
+        """
+        if not isinstance(instances, (list, tuple)):
+            raise SegmenterError(f"the segmenter's instances are a {type(instances).__name__}, not a list")
+        checked: list[Instance] = []
+        problems: dict[str, list[int]] = {}
+        for k, inst in enumerate(instances):
+            fixed = self._check_instance(k, inst, h, w, problems)
+            if fixed is not None:
+                checked.append(fixed)
+        for what, which in problems.items():
+            shown = ", ".join(str(i) for i in which[:10]) + (", ..." if len(which) > 10 else "")
+            warnings.append(f"segmenter output: {len(which)} object(s) {what} (index {shown})")
         threshold = float(self.p("score_threshold"))
-        kept = [i for i in instances if math.isfinite(i.score) and i.score >= threshold]
+        kept = [i for i in checked if i.score >= threshold]
+        below = [i.score for i in checked if i.score < threshold]
         kept.sort(key=lambda i: i.score, reverse=True)
         limit = int(self.p("max_objects"))
         if len(kept) > limit:
             warnings.append(f"{len(kept)} objects found; kept the {limit} best (max_objects)")
             kept = kept[:limit]
-        return kept
+        return kept, below
+
+    @staticmethod
+    def _check_instance(k: int, inst: Any, h: int, w: int, problems: dict[str, list[int]]) -> Instance | None:
+        """One object of a segmenter's output, fixed where that is safe; None drops it."""
+        if not isinstance(inst, Instance):
+            raise SegmenterError(f"the segmenter's object {k} is a {type(inst).__name__}, not an Instance")
+        mask = inst.mask
+        if mask is not None:
+            if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.shape != (h, w):
+                shape = "x".join(str(v) for v in reversed(np.shape(mask))) or "a scalar"
+                raise SegmenterError(f"the segmenter returned a mask of {shape} for object {k} of a {w}x{h} "
+                                     f"image; masks must be HxW bool at the image's size")
+            if mask.dtype != np.bool_:
+                raise SegmenterError(f"the segmenter returned a {mask.dtype} mask for object {k}; masks must be "
+                                     f"HxW bool")
+        try:
+            box = np.asarray(inst.box, dtype=np.float64).reshape(4)
+            score = float(inst.score)
+        except (TypeError, ValueError):
+            problems.setdefault("had a box or score that is not numbers, dropped", []).append(k)
+            return None
+        if not np.all(np.isfinite(box)):
+            problems.setdefault("had a non-finite box, dropped", []).append(k)
+            return None
+        if not math.isfinite(score):
+            problems.setdefault("had a non-finite score, dropped", []).append(k)
+            return None
+        if box[0] > box[2] or box[1] > box[3]:
+            problems.setdefault("had swapped box corners, put in order", []).append(k)
+            box = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])
+        clipped = np.clip(box, 0.0, [w, h, w, h])
+        if clipped[2] - clipped[0] < 1.0 or clipped[3] - clipped[1] < 1.0:
+            problems.setdefault("had no box area inside the image, dropped", []).append(k)
+            return None
+        if not np.array_equal(clipped, box):
+            problems.setdefault("had a box reaching outside the image, clipped", []).append(k)
+
+        def unit(v: Any) -> float:
+            v = float(v)
+            return min(max(v, 0.0), 1.0) if math.isfinite(v) else 0.0
+
+        scores = (score, inst.box_score, inst.mask_score)
+        try:
+            score, box_score, mask_score = (unit(v) for v in scores)
+        except (TypeError, ValueError):
+            problems.setdefault("had a score that is not a number, dropped", []).append(k)
+            return None
+        if any(not (0.0 <= float(v) <= 1.0) for v in scores):
+            problems.setdefault("had scores outside [0, 1], clipped", []).append(k)
+        label = safe_text(inst.label)
+        if len(label) > MAX_LABEL_CHARS:
+            problems.setdefault(f"had a label longer than {MAX_LABEL_CHARS} characters, cut", []).append(k)
+            label = truncate(label, MAX_LABEL_CHARS)
+        return dataclasses.replace(inst, box=clipped.astype(np.float32), label=label, score=score,
+                                   box_score=box_score, mask_score=mask_score,
+                                   mask_source=safe_text(inst.mask_source))
 
     # ------------------------------------------------------------------------------------------
     # publishing
@@ -523,27 +625,85 @@ class SegmentationNode(LifecycleNode):
         msg.header.stamp = self.get_clock().now().to_msg()
         pub.publish(msg)
 
+    # ------------------------------------------------------------------------------------------
+    # shutdown
+    # ------------------------------------------------------------------------------------------
+    def drain(self, reason: str, grace_s: float = 2.0) -> None:
+        """Answers every open ~/segment call before the process goes away.
+
+        Queued requests get an ERROR with ``reason`` at once; the running one gets its result
+        if the model finishes within ``grace_s``, else the same ERROR; then this waits (up to
+        ``grace_s``) until the executor has sent the answers. Without it, SIGINT/SIGTERM from
+        launch or systemd would leave clients waiting for answers that never come.
+        """
+        self._scheduler.set_active(False, reason)
+        self._scheduler.stop(reason, timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._stats_lock:
+                if self._inflight == 0:
+                    break
+            time.sleep(0.02)
+        time.sleep(0.1)  # the executor sends a response just after the service coroutine returns
+
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``segmentation_node --ros-args --params-file config/params.yaml``.
 
     The node configures and activates itself unless ``-p autostart:=false`` is given (then a
-    lifecycle manager or ``ros2 lifecycle set`` drives it).
+    lifecycle manager or ``ros2 lifecycle set`` drives it). SIGINT / SIGTERM shut it down
+    gracefully: open ~/segment calls are answered (see :meth:`SegmentationNode.drain`) before
+    the middleware goes; a second signal ends the process at once.
     """
-    rclpy.init(args=args if args is not None else sys.argv)
+    # rclpy's own handlers would shut the context down at once, before open calls are answered.
+    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     node = SegmentationNode()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     autostart = node.declare_parameter(
         "autostart", True, ParameterDescriptor(description="Configure and activate at startup.")).value
+    stop = threading.Event()
+    caught: list[str] = []
+    serving = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not serving:
+            raise KeyboardInterrupt  # during start-up (a model may load for minutes): stop now
+        caught.append(signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second signal: no more grace
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop.set()
+
+    def spin() -> None:
+        try:
+            executor.spin()
+        except ExternalShutdownException:
+            pass
+        except Exception:  # pragma: no cover - logged for the user, then a clean shutdown
+            node.get_logger().fatal(traceback.format_exc())
+            caught.append("error")
+        finally:
+            stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    spinner = threading.Thread(target=spin, name="qwen3vl_seg_executor", daemon=True)
     code = 0
     try:
+        spinner.start()
         if autostart:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().error("not configured; fix the error above, then call configure again")
             elif node.trigger_activate() == TransitionCallbackReturn.SUCCESS:
                 node.get_logger().info("ready: waiting for images and commands")
-        executor.spin()
+        serving = True
+        while not stop.wait(0.5):
+            pass
+        if "error" in caught:
+            code = 1
+        reason = f"node is shutting down ({caught[0] if caught else 'executor stopped'})"
+        node.get_logger().info(f"{reason}: answering open requests")
+        node.drain(reason)
     except KeyboardInterrupt:
         pass
     except Exception:  # pragma: no cover - logged for the user, then a clean shutdown

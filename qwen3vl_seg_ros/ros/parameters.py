@@ -26,19 +26,24 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] = ()
+    #: Set at startup only (launch, params file, command line), never through the parameter
+    #: services: parameters that name files, folders or code to import (see docs/reliability.md).
+    read_only: bool = False
 
 
 PARAMETERS: tuple[Param, ...] = (
     # --- segmenter (configure) ---
     Param("segmenter", "qwen3vl_seg",
           "Segmenter to load: 'qwen3vl_seg' (the built-in Qwen3-VL-Seg) or 'package.module:ClassName' "
-          "of a Segmenter subclass.", CONFIGURE),
+          "of a Segmenter subclass.", CONFIGURE, read_only=True),
     Param("model", "",
           "Qwen3-VL(-Seg) checkpoint: a Hugging Face hub id or a local folder. Empty: the shipped tiny "
-          "demo model (models/tiny_qwen3vl_seg), trained on synthetic tabletop scenes only.", CONFIGURE),
+          "demo model (models/tiny_qwen3vl_seg), trained on synthetic tabletop scenes only.", CONFIGURE,
+          read_only=True),
     Param("decoder", "",
           "Folder with mask_decoder.safetensors + mask_decoder_config.json. Empty: the decoder inside "
-          "the model folder, if any; otherwise the weight-free mask head (lower quality).", CONFIGURE),
+          "the model folder, if any; otherwise the weight-free mask head (lower quality).", CONFIGURE,
+          read_only=True),
     Param("device", "auto", "Torch device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.",
           CONFIGURE),
     Param("dtype", "auto", "Weights dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'.",
@@ -48,11 +53,13 @@ PARAMETERS: tuple[Param, ...] = (
           "GrabCut), 'decoder', 'grabcut', 'depth' or 'box'.", CONFIGURE,
           choices=("auto", "decoder", "grabcut", "depth", "box")),
     Param("local_files_only", True,
-          "Never download: load the model from the local disk / Hugging Face cache only.", CONFIGURE),
+          "Never download: load the model from the local disk / Hugging Face cache only.", CONFIGURE,
+          read_only=True),
     Param("max_new_tokens", 256, "Longest grounding answer generated (tokens).", CONFIGURE, 8, 8192),
     Param("fast_decode", True, "Static KV cache and CUDA graphs for decoding on GPU.", CONFIGURE),
     Param("compile_cache_dir", "",
-          "Folder for the compilation cache that makes the second start faster ('' = default).", CONFIGURE),
+          "Folder for the compilation cache that makes the second start faster ('' = default).", CONFIGURE,
+          read_only=True),
     Param("image_max_pixels", 0,
           "Resize limit of the model's image processor in pixels (0 = the checkpoint's default).",
           CONFIGURE, 0, 1 << 26),

@@ -8,7 +8,10 @@ for a model. Rules:
   ``max_input_age_s``; a request whose ``timeout_s`` passes before such a frame exists is
   answered with an error saying what was missing (exactly one answer per request, always);
 * continuous mode re-runs its command on frames it has not seen yet, at most ``max_rate_hz``;
-* only the newest frame is ever used: older frames are skipped, never queued.
+* only the newest frame is ever used: older frames are skipped, never queued;
+* ``timeout_s`` covers the wait *and* the inference: a watchdog thread answers a request at
+  its deadline even while the model is still busy (with an earlier request, or with this one;
+  a model call cannot be interrupted, so its late result is still published on ~/result).
 
 No rclpy here: the node passes callables, which keeps this logic testable with plain threads.
 """
@@ -63,8 +66,15 @@ class Scheduler:
         self._active = False
         self._stopping = False
         self._busy_job: Job | None = None
+        self._busy_since = 0.0
         self._cv = threading.Condition()
+        self._answer_lock = threading.Lock()  # makes "answer once" atomic across threads
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._straggler: threading.Thread | None = None  # an old inference thread still in a model call
+        # Each start() begins a generation; threads of an older one exit. A model call that
+        # outlives stop()'s join must not leave a second inference thread behind.
+        self._generation = 0
         self._counter = itertools.count(1)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -73,17 +83,37 @@ class Scheduler:
             if self._thread is not None:
                 return
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="qwen3vl_seg_inference", daemon=True)
+            self._generation += 1
+            gen = self._generation
+            self._thread = threading.Thread(target=self._loop, args=(gen, self._straggler),
+                                            name="qwen3vl_seg_inference", daemon=True)
+            self._straggler = None
+            self._watchdog = threading.Thread(target=self._watch, args=(gen,), name="qwen3vl_seg_deadlines",
+                                              daemon=True)
             self._thread.start()
+            self._watchdog.start()
 
     def stop(self, reason: str = "node is shutting down", timeout: float = 10.0) -> None:
-        """Stops the thread after the running job; pending requests get an ERROR answer."""
+        """Stops the threads after the running job; pending requests get an ERROR answer.
+
+        A running job that does not finish within ``timeout`` is answered with ``reason`` too
+        (its thread ends when the model returns).
+        """
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
             thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            watchdog, self._watchdog = self._watchdog, None
+        for t in (thread, watchdog):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout)
+        with self._cv:
+            stuck = thread is not None and thread.is_alive()
+            busy = self._busy_job if stuck else None
+            if stuck:
+                self._straggler = thread
+        if busy is not None:
+            self._answer_failure(busy, f"{reason} (the model was still running on this request)")
         self._fail_all(reason)
 
     def set_active(self, active: bool, reason: str = "") -> None:
@@ -98,6 +128,8 @@ class Scheduler:
     def submit(self, job: Job) -> str | None:
         """Queues a one-shot job; returns a refusal reason instead when it cannot be queued."""
         with self._cv:
+            if self._stopping:
+                return "node is shutting down (or cleaned up); the request was not run"
             if not self._active:
                 return "node is not active (lifecycle state); activate it first"
             if len(self._pending) >= self.max_pending:
@@ -127,16 +159,20 @@ class Scheduler:
             return len(self._pending) + (1 if self._busy_job and not self._busy_job.continuous else 0)
 
     # -- the loop --------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, gen: int, straggler: threading.Thread | None = None) -> None:
+        if straggler is not None:  # never two model calls at once: wait for the old one to return
+            straggler.join()
         while True:
             with self._cv:
-                if self._stopping:
+                if self._stopping or gen != self._generation:
                     return
                 expired, picked, wait_s = self._plan(self._clock())
                 if picked is None and not expired:
                     self._cv.wait(timeout=wait_s)
                     continue
-                self._busy_job = picked[0] if picked else None
+                if picked is not None:
+                    self._busy_job, self._busy_since = picked[0], self._clock()
+                    self._cv.notify_all()  # the watchdog now watches this job's deadline
             for job, reason in expired:
                 self._answer_failure(job, reason)
             if picked is not None:
@@ -148,15 +184,48 @@ class Scheduler:
                     self._answer_failure(job, f"internal error: {type(exc).__name__}: {exc}")
                 finally:
                     with self._cv:
-                        self._busy_job = None
+                        if self._busy_job is job:
+                            self._busy_job = None
 
-    def _plan(self, now: float) -> tuple[list[tuple[Job, str]], tuple[Job, Frame] | None, float]:
-        """Under the lock: expired requests, the job to run next (if any), and how long to wait."""
+    def _watch(self, gen: int) -> None:
+        """Answers requests whose deadline passes while the inference thread is busy."""
+        while True:
+            with self._cv:
+                if self._stopping or gen != self._generation:
+                    return
+                now = self._clock()
+                expired = self._take_expired(now)
+                busy = self._busy_job
+                overdue = None
+                if (busy is not None and busy.reply is not None and not busy.answered
+                        and busy.deadline is not None and now >= busy.deadline):
+                    overdue = (busy, f"timed out after {now - busy.received:.2f} s: the model was still "
+                                     f"running on this request (for {now - self._busy_since:.2f} s; timeout_s "
+                                     f"covers the inference); its result will be published on ~/result when "
+                                     f"it is done")
+                if not expired and overdue is None:
+                    deadlines = [j.deadline for j in self._pending if j.deadline is not None]
+                    if busy is not None and busy.deadline is not None and not busy.answered:
+                        deadlines.append(busy.deadline)
+                    self._cv.wait(timeout=max(0.001, min(deadlines) - now) if deadlines else None)
+                    continue
+            for job, reason in expired:
+                self._answer_failure(job, reason)
+            if overdue is not None:
+                self._answer_failure(*overdue)
+
+    def _take_expired(self, now: float) -> list[tuple[Job, str]]:
+        """Under the lock: removes the pending requests past their deadline, with the reason."""
         expired: list[tuple[Job, str]] = []
         for job in list(self._pending):
             if job.deadline is not None and now >= job.deadline:
                 self._pending.remove(job)
                 expired.append((job, self._timeout_reason(job, now)))
+        return expired
+
+    def _plan(self, now: float) -> tuple[list[tuple[Job, str]], tuple[Job, Frame] | None, float]:
+        """Under the lock: expired requests, the job to run next (if any), and how long to wait."""
+        expired = self._take_expired(now)
         if not self._active:
             return expired, None, 0.5
         frame = self.frames.latest(now)
@@ -179,20 +248,34 @@ class Scheduler:
 
     def _timeout_reason(self, job: Job, now: float) -> str:
         waited = now - job.received
+        busy = self._busy_job
+        frame = self.frames.latest(now)
+        if busy is not None and frame is not None and frame.age(now) <= self.max_input_age_s:
+            return (f"timed out after {waited:.2f} s in the queue: the model was busy with "
+                    f"'{busy.request_id}' (running for {now - self._busy_since:.2f} s)")
         return (f"timed out after {waited:.2f} s waiting for a synchronized frame no older than "
                 f"max_input_age_s={self.max_input_age_s:.2f} s: {self.frames.explain(now)}")
 
+    def _claim(self, job: Job) -> bool:
+        """True for the one caller that may answer ``job`` (the inference thread or the watchdog)."""
+        with self._answer_lock:
+            if job.answered:
+                return False
+            job.answered = True
+            return True
+
     def _answer_failure(self, job: Job, reason: str) -> None:
+        if job.reply is not None and not self._claim(job):
+            return  # already answered: no second ERROR on ~/result either
         try:
             result = self._fail(job, reason)
-        except Exception as exc:  # never lose the answer because building it failed
+        except Exception:  # never lose the answer because building it failed
             result = None
-            reason = f"{reason} (and building the error result failed: {exc})"
-        self._deliver(job, result)
+        if job.reply is not None:
+            job.reply(result)
 
     def _deliver(self, job: Job, result: Any) -> None:
-        if job.reply is not None and not job.answered:
-            job.answered = True
+        if job.reply is not None and self._claim(job):
             job.reply(result)
 
     def _fail_all(self, reason: str) -> None:

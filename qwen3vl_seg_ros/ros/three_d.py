@@ -3,11 +3,15 @@
 The maths lives in the core (geometry.py, transforms.py, cloud.py); this file decides, for one
 frame, what is usable and says why when something is not:
 
-* no depth, or depth in another frame than the colour image, or no / unusable CameraInfo:
-  2D results are still served; every object gets ``has_3d = false`` with the reason;
+* no depth, or depth in another frame than the colour image, or no / unusable CameraInfo, or
+  CameraInfo of another frame: 2D results are still served; every object gets
+  ``has_3d = false`` with the reason;
 * depth (or CameraInfo) of another aspect ratio than the image: the result is an ERROR (the
   topics do not belong together, and guessing would put objects in the wrong place);
-* target_frame unavailable in TF: geometry stays in the camera frame and the result says so.
+* target_frame unavailable in TF: geometry stays in the camera frame and the result says so;
+* depth whose typical reading lies outside [min_depth_m, max_depth_m] (metres written as 16UC1,
+  millimetres as 32FC1): the range check leaves no points (has_3d false), and the result and
+  each object's status_3d name the likely unit mistake.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ if TYPE_CHECKING:
     from qwen3vl_seg_ros.ros.node import SegmentationNode
 
 
+#: A median depth beyond this (and beyond max_depth_m) is taken for millimetres in a 32FC1 image.
+_IMPLAUSIBLY_FAR_M = 100.0
+
+
 @dataclass
 class ThreeDInputs:
     """Depth for one frame: at image resolution for the segmenter, native for the geometry."""
@@ -48,6 +56,7 @@ class ThreeDInputs:
     intrinsics: CameraIntrinsics | None  # of depth_native; None -> no 3D
     frame_id: str  # the camera optical frame of the geometry
     reason: str = ""  # why there is no 3D, when intrinsics is None
+    unit_hint: str = ""  # set when the depth values look like the wrong unit for the encoding
 
 
 class ThreeDStage:
@@ -76,6 +85,8 @@ class ThreeDStage:
             reason = "no CameraInfo received on 'camera_info': 3D outputs disabled"
         elif mismatch:
             reason = mismatch
+        elif info_frame_mismatch(frame_id, frame.camera_info.header.frame_id):
+            reason = info_frame_mismatch(frame_id, frame.camera_info.header.frame_id)
         else:
             try:
                 cam = conversions.camera_info_to_intrinsics(frame.camera_info)
@@ -88,8 +99,12 @@ class ThreeDStage:
             resolve_depth_intrinsics((w, h), (dw, dh), CameraIntrinsics(1, 1, 0, 0, w, h))
         if reason:
             warnings.append(reason)
+        hint = depth_unit_hint(depth, frame.depth.encoding, float(self._node.p("min_depth_m")),
+                               float(self._node.p("max_depth_m")))
+        if hint:
+            warnings.append(hint)
         at_image = depth if (dh, dw) == (h, w) else mask_to_depth_resolution(depth, (h, w))
-        return ThreeDInputs(at_image, depth, intrinsics, frame_id, reason)
+        return ThreeDInputs(at_image, depth, intrinsics, frame_id, reason, hint)
 
     def geometry_config(self) -> GeometryConfig:
         p = self._node.p
@@ -114,6 +129,10 @@ class ThreeDStage:
         clouds = []
         for obj, geom in zip(result.objects, geoms):
             clouds.append(fill_object_3d(obj, geom, obj.id, cloud_header))
+        if inputs.unit_hint:
+            for obj in result.objects:
+                if not obj.has_3d:
+                    obj.status_3d = f"{obj.status_3d}; {inputs.unit_hint}" if obj.status_3d else inputs.unit_hint
         missing = [f"{obj.id} ({obj.status_3d})" for obj in result.objects if not obj.has_3d]
         if missing:
             warnings.append("no 3D for object " + ", ".join(missing))
@@ -133,6 +152,45 @@ class ThreeDStage:
                             f"target_frame '{target}' ({exc})")
             return None, camera_frame
         return transform, target
+
+
+def info_frame_mismatch(image_frame_id: str, info_frame_id: str) -> str:
+    """Why a CameraInfo must not be used for an image, or "" when their frames agree.
+
+    The node keeps the newest CameraInfo; one of another camera (a wrong remapping) would
+    project every object with the wrong intrinsics, silently. Empty frame ids pass.
+    """
+    img, info = image_frame_id.lstrip("/"), info_frame_id.lstrip("/")
+    if not img or not info or img == info:
+        return ""
+    return (f"CameraInfo frame '{info}' differs from the colour image frame '{img}': it belongs to another "
+            f"camera (check the 'camera_info' remapping); 3D outputs disabled")
+
+
+def depth_unit_hint(depth_m: np.ndarray, encoding: str, min_depth_m: float, max_depth_m: float) -> str:
+    """A hint when the typical depth reading lies outside the accepted range, else "".
+
+    The unit of a depth image comes from its encoding (REP 118: 16UC1 millimetres, 32FC1
+    metres). A driver that writes metres into 16UC1 gives readings of 1-5 mm, one that writes
+    millimetres into 32FC1 gives 500-5000 m: the range check then leaves no point, and
+    "not enough valid depth" alone would not say why. Looks at every 8th pixel (cheap at 720p).
+    """
+    sample = depth_m[::8, ::8]
+    valid = sample[np.isfinite(sample)]
+    if valid.size == 0:
+        return ""
+    median = float(np.median(valid))
+    mm = encoding in ("16UC1", "mono16")
+    if median < min_depth_m:
+        guess = ("metres written as millimetres? 16UC1/mono16 hold millimetres" if mm else
+                 "32FC1 holds metres: were the values divided by 1000 twice?")
+        return (f"depth looks like the wrong unit: the median reading is {median:.4g} m, nearer than "
+                f"min_depth_m={min_depth_m:g} m ({guess})")
+    if median > max(max_depth_m, _IMPLAUSIBLY_FAR_M):
+        return (f"depth looks like the wrong unit: the median reading is {median:.4g} m, farther than "
+                f"max_depth_m={max_depth_m:g} m (millimetres written as metres? 32FC1 holds metres; "
+                f"use 16UC1 for millimetres)")
+    return ""
 
 
 def _box_mask(inst: Instance, hw: tuple[int, int]) -> np.ndarray:

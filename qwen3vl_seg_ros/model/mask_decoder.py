@@ -1,0 +1,163 @@
+"""The box-guided mask decoder of Qwen3-VL-Seg: boxes + LLM states + vision features -> masks.
+
+Four components (one file each): multi-scale feature injection (memory map), spatial-semantic
+query construction, box-gated pixel fusion, and here iterative mask-aware refinement: each
+query becomes a dynamic 1x1 kernel over the stride-4 pixel features (mask M1); features pooled
+under sigmoid(M1) and one more memory attention with an M1-derived prior refine the query, whose
+kernel gives the final mask M2; an IoU head predicts M2's quality (the mask score).
+
+All objects of all frames are one batch: tensors are indexed by ``batch_index`` (the frame of
+each object) instead of being padded per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
+from qwen3vl_seg_ros.model.feature_injection import FeatureInjection
+from qwen3vl_seg_ros.model.pixel_fusion import PixelFusion, log_prior
+from qwen3vl_seg_ros.model.query_encoder import QueryEncoder, QueryLayer
+from qwen3vl_seg_ros.model.vision_capture import VisionFeatures
+
+
+@dataclass
+class DecoderOutput:
+    """Mask logits at stride 4 of the decoder's input image, and predicted IoU."""
+
+    mask_logits: tuple[torch.Tensor, torch.Tensor]  # (M1, M2), each (N, H/4, W/4)
+    iou: torch.Tensor  # (N,) predicted IoU of M2 with the true mask, in 0..1
+
+    @property
+    def final_logits(self) -> torch.Tensor:
+        return self.mask_logits[-1]
+
+
+def gather_frames(per_frame: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """``(N, B, ...)`` -> ``(N, ...)``: each object's row for its own frame."""
+    return per_frame[torch.arange(per_frame.shape[0], device=per_frame.device), batch_index]
+
+
+def masked_mean(weights: torch.Tensor, features: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of each object's frame features: weights ``(N, h, w)``, features
+    ``(B, C, h, w)`` -> ``(N, C)``."""
+    sums = torch.einsum("nhw,bchw->nbc", weights, features)
+    pooled = gather_frames(sums, batch_index)
+    return pooled / weights.flatten(1).sum(-1, keepdim=True).clamp(min=1e-6)
+
+
+class DynamicMaskHead(nn.Module):
+    """Query -> 1x1 kernel and bias over the pixel features, plus the scaled box log-prior."""
+
+    def __init__(self, dim: int, pixel_dim: int, bias_init: float) -> None:
+        super().__init__()
+        self.kernel = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, pixel_dim + 1))
+        with torch.no_grad():
+            self.kernel[-1].bias[-1] = bias_init
+        self.prior_scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, queries: torch.Tensor, pixel: torch.Tensor, batch_index: torch.Tensor,
+                prior: torch.Tensor) -> torch.Tensor:
+        params = self.kernel(queries)
+        weight, bias = params[:, :-1], params[:, -1]
+        per_frame = torch.einsum("nc,bchw->nbhw", weight, pixel)
+        logits = gather_frames(per_frame, batch_index) + bias[:, None, None]
+        return logits + self.prior_scale * prior
+
+
+class MaskRefinement(nn.Module):
+    """Refines queries with what the first mask covers (mask-aware pooling + masked attention)."""
+
+    def __init__(self, config: MaskDecoderConfig) -> None:
+        super().__init__()
+        dim = config.dim
+        in_dim = 2 * dim + config.pixel_dim
+        self.update = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.layer = QueryLayer(dim, config.num_heads, config.mlp_dim)
+
+    def forward(self, queries: torch.Tensor, coarse_logits: torch.Tensor, memory: torch.Tensor,
+                pixel: torch.Tensor, batch_index: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        soft = torch.sigmoid(coarse_logits)
+        soft_memory = F.adaptive_avg_pool2d(soft, memory.shape[-2:])
+        pooled_memory = masked_mean(soft_memory, memory, batch_index)
+        pooled_pixel = masked_mean(soft, pixel, batch_index)
+        queries = queries + self.update(torch.cat([queries, pooled_memory, pooled_pixel], dim=-1))
+        memory_seq = memory.flatten(2).transpose(1, 2)
+        return self.layer(queries, memory_seq, batch_index, log_prior(soft_memory).flatten(1), valid)
+
+
+class IoUHead(nn.Module):
+    """Predicts the IoU of the final mask from the query and the features under the mask."""
+
+    def __init__(self, dim: int, pixel_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim + pixel_dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(self, queries: torch.Tensor, logits: torch.Tensor, pixel: torch.Tensor,
+                batch_index: torch.Tensor) -> torch.Tensor:
+        pooled = masked_mean(torch.sigmoid(logits), pixel, batch_index)
+        return torch.sigmoid(self.mlp(torch.cat([queries, pooled], dim=-1))[:, 0])
+
+
+class BoxGuidedMaskDecoder(nn.Module):
+    """Turns each (box, LLM state) of a frame into a mask; about 17M parameters for Qwen3-VL-4B."""
+
+    def __init__(self, config: MaskDecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.injection = FeatureInjection(config)
+        self.query_encoder = QueryEncoder(config)
+        self.pixel_fusion = PixelFusion(config)
+        self.coarse_head = DynamicMaskHead(config.dim, config.pixel_dim, config.mask_bias_init)
+        self.refinement = MaskRefinement(config)
+        self.fine_head = DynamicMaskHead(config.dim, config.pixel_dim, config.mask_bias_init)
+        self.iou_head = IoUHead(config.dim, config.pixel_dim)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        vision: VisionFeatures,
+        llm_states: torch.Tensor,
+        boxes: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Masks for ``N`` objects in ``B`` frames.
+
+        ``images``: ``(B, 3, H, W)`` RGB in 0..1 (any size; masks come at stride 4 of it);
+        ``vision``: the frames' captured vision features; ``llm_states``: ``(N, llm_dim)``
+        hidden states of the objects' mask (or last JSON) tokens; ``boxes``: ``(N, 4)``
+        normalised xyxy in 0..1; ``batch_index``: ``(N,)`` frame of each object (default 0);
+        ``valid``: ``(N,)`` bool, False for padding objects that must not affect the others
+        (fixed-size batches, CUDA graphs); their outputs are meaningless.
+        """
+        n = boxes.shape[0]
+        if batch_index is None:
+            batch_index = torch.zeros(n, dtype=torch.long, device=boxes.device)
+        if llm_states.shape[0] != n or batch_index.shape[0] != n:
+            raise ValueError(f"got {n} boxes, {llm_states.shape[0]} LLM states, {batch_index.shape[0]} indices")
+        memory = self.injection(vision)
+        if images.shape[0] != memory.shape[0]:
+            raise ValueError(f"{images.shape[0]} images for vision features of {memory.shape[0]} frames")
+        memory_seq = memory.flatten(2).transpose(1, 2)
+        box_prior = log_prior(self.pixel_fusion.gates(boxes, *memory.shape[-2:])).flatten(1)
+        queries = self.query_encoder(llm_states, boxes, memory_seq, batch_index, box_prior, valid)
+        pixel = self.pixel_fusion(images, memory, boxes, batch_index, valid)
+        prior = log_prior(self.pixel_fusion.gates(boxes, *pixel.shape[-2:])).to(pixel.dtype)
+        coarse = self.coarse_head(queries, pixel, batch_index, prior)
+        queries = self.refinement(queries, coarse, memory, pixel, batch_index, valid)
+        fine = self.fine_head(queries, pixel, batch_index, prior)
+        iou = self.iou_head(queries, fine, pixel, batch_index)
+        return DecoderOutput(mask_logits=(coarse, fine), iou=iou)
+
+
+def upsample_logits(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Mask logits ``(N, h, w)`` to ``(N, height, width)`` (bilinear, pixel-centre aligned)."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((0, height, width))
+    return F.interpolate(logits[:, None].float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[:, 0]

@@ -1,0 +1,371 @@
+"""``Qwen3VLSeg``: the segmenter the node uses: Qwen3-VL grounding + box-guided mask decoder.
+
+Per frame: build the grounding prompt (:mod:`qwen3vl_seg_ros.grounding`), run the processor,
+generate greedily while hooks record the vision features of the prefill's single vision pass,
+parse the boxes, pick each object's query (hidden state of its ``<|seg|>`` token, or of its last
+JSON token for a base Instruct model), and decode all masks of the frame in one batch. Without a
+trained decoder, or when asked, a weight-free head (:mod:`qwen3vl_seg_ros.masks`) makes masks.
+
+Scores: ``box_score`` is the geometric mean of the probabilities of the tokens that wrote the
+box's coordinates; ``mask_score`` is the decoder's predicted IoU (or the weight-free head's
+heuristic); ``score = box_score * mask_score``, the chance that both are right if independent.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
+from qwen3vl_seg_ros.masks import MaskEstimate, weight_free_mask
+from qwen3vl_seg_ros.model.checkpoint import DecoderCheckpointError, has_decoder, load_decoder
+from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator, GenerationOutput, Generator
+from qwen3vl_seg_ros.model.graphed_decoder import GraphedMaskDecoder
+from qwen3vl_seg_ros.model.loading import (
+    check_qwen3vl_folder,
+    load_processor,
+    load_qwen3vl,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_folder,
+)
+from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, upsample_logits
+from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
+from qwen3vl_seg_ros.segmenter import ProgressFn, Segmenter, SegmenterOptions
+from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
+
+MASK_HEADS = ("auto", "decoder", "grabcut", "depth", "box")
+
+
+def _say(progress: ProgressFn | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+@dataclass
+class TokenText:
+    """Decoded answer (special tokens skipped) and each token's character span in it."""
+
+    text: str
+    starts: np.ndarray  # (T,) int
+    ends: np.ndarray  # (T,) int; special tokens have empty spans
+
+
+def token_text(tokenizer: object, token_ids: list[int]) -> TokenText:
+    """Decodes ``token_ids`` and locates each token in the text.
+
+    Decoding tokens one by one and concatenating is exact for byte-level BPE on ASCII answers;
+    when it is not (multi-byte characters split over tokens), prefix decoding is used instead.
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    pieces = tokenizer.batch_decode([[t] for t in token_ids], skip_special_tokens=True)
+    if "".join(pieces) != text:
+        prefixes = [tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True) for i in range(len(token_ids))]
+        ends = np.array([len(p) for p in prefixes], dtype=np.int64)
+    else:
+        ends = np.cumsum([len(p) for p in pieces]).astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if len(ends) else ends
+    return TokenText(text=text, starts=starts, ends=ends)
+
+
+def _tokens_overlapping(tt: TokenText, start: int, end: int) -> np.ndarray:
+    return np.nonzero((tt.starts < end) & (tt.ends > start))[0]
+
+
+def box_score(tt: TokenText, probs: torch.Tensor, coord_span: tuple[int, int]) -> float:
+    """Geometric mean of the probabilities of the tokens that wrote a coordinate list."""
+    index = _tokens_overlapping(tt, *coord_span)
+    if index.size == 0:
+        return 0.0
+    p = probs[torch.as_tensor(index)].double().clamp(min=1e-12)
+    return float(torch.exp(torch.log(p).mean()))
+
+
+def query_tokens(
+    tt: TokenText, token_ids: list[int], parsed: ParsedAnswer, seg_token_id: int | None
+) -> tuple[list[int], bool]:
+    """The token whose hidden state is each object's query, and whether all are mask tokens.
+
+    An object's mask token is a ``<|seg|>`` placed between its closing brace and the next
+    object; without one, the token holding the object's last character (its ``}``) is used.
+    """
+    seg_positions = [i for i, t in enumerate(token_ids) if seg_token_id is not None and t == seg_token_id]
+    chosen, all_seg = [], True
+    for k, obj in enumerate(parsed.objects):
+        limit = parsed.objects[k + 1].span[0] if k + 1 < len(parsed.objects) else len(tt.text)
+        seg = next((i for i in seg_positions if obj.span[1] <= tt.starts[i] <= limit), None)
+        if seg is None:
+            all_seg = False
+            covering = _tokens_overlapping(tt, obj.span[1] - 1, obj.span[1])
+            seg = int(covering[-1]) if covering.size else len(token_ids) - 1
+        chosen.append(int(seg))
+    return chosen, all_seg
+
+
+@dataclass
+class Grounding:
+    """What one frame's grounding produced, for the mask stage."""
+
+    text: TokenText
+    generated: GenerationOutput
+    parsed: ParsedAnswer
+    capture: VisionCapture
+    grid_thw: torch.Tensor
+
+
+class Qwen3VLSeg(Segmenter):
+    """Qwen3-VL grounding with the box-guided mask decoder (or a weight-free mask head)."""
+
+    name = "qwen3vl_seg"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: object,
+        decoder: BoxGuidedMaskDecoder | None,
+        options: SegmenterOptions,
+        generator: Generator | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.decoder = decoder
+        self.options = options
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        tokenizer = processor.tokenizer
+        self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN) if SEG_TOKEN in tokenizer.get_vocab() else None
+        self.generator = generator or EagerGreedyGenerator(model, self._stop_tokens())
+        self.run_decoder = decoder
+        if decoder is not None and options.fast_decode and self.device.type == "cuda":
+            self.run_decoder = GraphedMaskDecoder(decoder)
+        self.mask_head = _valid_mask_head(options.mask_head)
+        if self.mask_head == "decoder" and decoder is None:
+            raise SegmenterError(
+                "mask_head 'decoder' needs a trained mask decoder: set 'decoder' to a folder with "
+                "mask_decoder.safetensors and mask_decoder_config.json, or use mask_head auto/grabcut/depth/box")
+
+    # ---------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_options(cls, options: SegmenterOptions, progress: ProgressFn | None = None) -> Qwen3VLSeg:
+        _valid_mask_head(options.mask_head)
+        folder = resolve_model_folder(options.model, options.local_files_only)
+        check_qwen3vl_folder(folder)
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, device)
+        _say(progress, f"loading Qwen3-VL from {folder} on {device} ({str(dtype).removeprefix('torch.')})")
+        processor = load_processor(folder, options.image_max_pixels)
+        model = load_qwen3vl(folder, device, dtype)
+        decoder = cls._load_decoder(options, folder, model, device, dtype, progress)
+        if options.fast_decode and device.type == "cuda":
+            _say(progress, "mask decoder: CUDA graphs; language model: eager decoding (no static-cache path yet)")
+        return cls(model, processor, decoder, options)
+
+    @staticmethod
+    def _load_decoder(options: SegmenterOptions, folder: Path, model: torch.nn.Module, device: torch.device,
+                      dtype: torch.dtype, progress: ProgressFn | None) -> BoxGuidedMaskDecoder | None:
+        if options.mask_head in ("grabcut", "depth", "box"):
+            return None
+        decoder_folder = Path(options.decoder).expanduser() if options.decoder.strip() else folder
+        if not options.decoder.strip() and not has_decoder(folder):
+            _say(progress, f"no mask decoder in {folder}: masks come from weight-free heads (lower quality)")
+            return None
+        try:
+            decoder = load_decoder(decoder_folder, device, dtype)
+        except DecoderCheckpointError as exc:
+            raise SegmenterError(f"cannot load the mask decoder: {exc}") from exc
+        _check_decoder_fits(decoder, model)
+        _say(progress, f"loaded mask decoder from {decoder_folder}")
+        return decoder
+
+    def _stop_tokens(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        tokenizer = self.processor.tokenizer
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+            ids.add(im_end)
+        return {int(i) for i in ids}
+
+    def warmup(self, progress: ProgressFn | None = None) -> None:
+        """A short command on a synthetic 640x480 frame (a common camera size): allocates buffers,
+        loads kernels and, on a GPU, captures the decoder's CUDA graphs for up to 8 objects."""
+        _say(progress, "warming up the segmenter")
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+        grounding = self._ground(image, "the object", max_new_tokens=8)
+        if not self._uses_decoder():
+            return
+        vision = grounding.capture.features(grounding.grid_thw)
+        hidden = self.model.config.text_config.hidden_size
+        counts = (1, 2, 4, 8) if isinstance(self.run_decoder, GraphedMaskDecoder) else (1,)
+        for count in counts:
+            boxes = np.tile(np.array([[160.0, 120.0, 480.0, 360.0]], dtype=np.float32), (count, 1))
+            queries = torch.zeros(count, hidden, device=self.device, dtype=self.dtype)
+            self._decoder_masks(image, vision, queries, boxes)
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        self.decoder = None
+        self.run_decoder = None
+        self.generator = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------- inference
+
+    def segment(self, rgb: np.ndarray, command: str, depth: np.ndarray | None = None) -> SegmentationOutput:
+        if self.model is None:
+            raise SegmenterError("the segmenter was closed")
+        return self._segment(rgb, command, depth, self.options.max_new_tokens)
+
+    def _inputs(self, rgb: np.ndarray, prompt: str) -> dict[str, torch.Tensor]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        batch = self.processor(text=[text], images=[Image.fromarray(rgb)], return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _uses_decoder(self) -> bool:
+        return self.decoder is not None and self.mask_head in ("auto", "decoder")
+
+    def _segment(self, rgb: np.ndarray, command: str, depth: np.ndarray | None,
+                 max_new_tokens: int) -> SegmentationOutput:
+        _check_inputs(rgb, command, depth)
+        t0 = time.perf_counter()
+        grounding = self._ground(rgb, command, max_new_tokens)
+        parsed = grounding.parsed
+        output = SegmentationOutput(raw_answer=grounding.text.text, warnings=list(parsed.warnings))
+        if not grounding.generated.finished:
+            output.warnings.append(f"the answer reached max_new_tokens={max_new_tokens} and may be cut off")
+        if not parsed.objects:
+            output.no_match_reason = parsed.no_match_reason
+            output.timings_ms = {"grounding": _ms(t0), "mask": 0.0}
+            return output
+        _cap_objects(parsed, self.options.max_objects, output.warnings)
+        t1 = time.perf_counter()
+        output.timings_ms["grounding"] = (t1 - t0) * 1000.0
+        estimates = self._masks(rgb, depth, grounding, output)
+        default_label = normalize_command(command)
+        for obj, estimate in zip(parsed.objects, estimates):
+            bscore = box_score(grounding.text, grounding.generated.token_probs, obj.coord_span)
+            output.instances.append(Instance(
+                box=obj.box, label=obj.label or default_label, score=bscore * estimate.score,
+                mask=estimate.mask, box_score=bscore, mask_score=estimate.score, mask_source=estimate.source,
+            ))
+        output.timings_ms["mask"] = _ms(t1)
+        return output
+
+    def _ground(self, rgb: np.ndarray, command: str, max_new_tokens: int) -> Grounding:
+        """Prompt, processor, generation (recording vision features when the decoder runs), parse."""
+        inputs = self._inputs(rgb, build_prompt(command)[0])
+        layers = self.decoder.config.vit_layers if self._uses_decoder() else ()
+        with VisionCapture(self.model, layers) as capture:
+            generated = self.generator.generate(inputs, max_new_tokens)
+        if capture.calls > 1:  # the decoder must reuse the prefill's vision pass, never add one
+            raise SegmenterError(f"internal error: the vision tower ran {capture.calls} times for one frame")
+        text = token_text(self.processor.tokenizer, generated.token_ids.tolist())
+        parsed = parse_answer(text.text, rgb.shape[1], rgb.shape[0])
+        return Grounding(text, generated, parsed, capture, inputs["image_grid_thw"])
+
+    def _masks(self, rgb: np.ndarray, depth: np.ndarray | None, grounding: Grounding,
+               output: SegmentationOutput) -> list[MaskEstimate]:
+        """One mask per parsed object: the decoder's (one batch) or a weight-free head's."""
+        parsed = grounding.parsed
+        if not self._uses_decoder():
+            head = "auto" if self.mask_head in ("auto", "decoder") else self.mask_head
+            return [weight_free_mask(head, rgb, box, depth) for box in parsed.boxes]
+        token_ids = grounding.generated.token_ids.tolist()
+        queries, from_seg = self._queries(grounding.text, token_ids, parsed, grounding.generated)
+        output.query_source = "mask_token" if from_seg else "last_json_token"
+        if not from_seg and self.seg_token_id is not None:
+            output.warnings.append("some objects had no mask token; their query is the last JSON token")
+        vision = grounding.capture.features(grounding.grid_thw)
+        masks, scores = self._decoder_masks(rgb, vision, queries, parsed.boxes)
+        for obj, mask in zip(parsed.objects, masks):
+            if not mask.any():
+                output.warnings.append(f"the decoder's mask for object '{obj.label}' is empty")
+        return [MaskEstimate(m, score, "decoder") for m, score in zip(masks, scores)]
+
+    def _queries(self, tt: TokenText, token_ids: list[int], parsed: ParsedAnswer,
+                 generated: GenerationOutput) -> tuple[torch.Tensor, bool]:
+        index, from_seg = query_tokens(tt, token_ids, parsed, self.seg_token_id)
+        last = generated.hidden_states.shape[0] - 1
+        index = [min(i, last) for i in index]
+        return generated.hidden_states[torch.as_tensor(index, device=generated.hidden_states.device)], from_seg
+
+    @torch.inference_mode()
+    def _decoder_masks(self, rgb: np.ndarray, vision: VisionFeatures, queries: torch.Tensor,
+                       boxes: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        """All masks of a frame in one decoder batch, at the original resolution."""
+        height, width = rgb.shape[:2]
+        image = _decoder_image(rgb, self.decoder.config.max_image_side).to(self.device)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
+        norm_boxes = torch.as_tensor(boxes, dtype=torch.float32, device=self.device) / scale
+        out = self.run_decoder(image, vision, queries.to(self.dtype), norm_boxes)
+        masks = (upsample_logits(out.final_logits, height, width) > 0).cpu().numpy()
+        return masks, [float(v) for v in out.iou.float().clamp(0, 1).cpu()]
+
+
+def _valid_mask_head(head: str) -> str:
+    if head not in MASK_HEADS:
+        raise SegmenterError(f"mask_head '{head}' is unknown; use one of {', '.join(MASK_HEADS)}")
+    return head
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+def _decoder_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
+    """The raw image for the CNN stem: ``(1, 3, h, w)`` in 0..1, long side at most ``max_side``."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                         interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def _cap_objects(parsed: ParsedAnswer, max_objects: int, warnings: list[str]) -> None:
+    if max_objects > 0 and len(parsed.objects) > max_objects:
+        warnings.append(f"{len(parsed.objects)} objects found; only the first {max_objects} (max_objects) are kept")
+        parsed.objects = parsed.objects[:max_objects]
+        parsed.boxes = parsed.boxes[:max_objects]
+        parsed.labels = parsed.labels[:max_objects]
+
+
+def _check_inputs(rgb: np.ndarray, command: str, depth: np.ndarray | None) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        shape = getattr(rgb, "shape", None)
+        raise InputError(f"the image must be an HxWx3 uint8 RGB array, got {shape} {getattr(rgb, 'dtype', '')}")
+    if min(rgb.shape[:2]) < 2:
+        raise InputError(f"the image is too small ({rgb.shape[1]}x{rgb.shape[0]})")
+    if not command or not command.strip():
+        raise InputError("the command is empty: say what to segment, e.g. 'the red mug'")
+    if depth is not None and (not isinstance(depth, np.ndarray) or depth.shape != rgb.shape[:2]):
+        raise InputError(f"depth {getattr(depth, 'shape', None)} is not aligned with the image {rgb.shape[:2]} "
+                         "(an HxW float32 array in metres is needed)")
+
+
+def _check_decoder_fits(decoder: BoxGuidedMaskDecoder, model: torch.nn.Module) -> None:
+    """A decoder trained for another Qwen3-VL size would fail deep inside; say so up front."""
+    cfg, vision, text = decoder.config, model.config.vision_config, model.config.text_config
+    expected = {"vit_dim": vision.hidden_size, "visual_token_dim": vision.out_hidden_size, "llm_dim": text.hidden_size}
+    wrong = {k: (getattr(cfg, k), v) for k, v in expected.items() if getattr(cfg, k) != v}
+    if wrong or max(cfg.vit_layers) >= vision.depth:
+        raise SegmenterError(
+            f"the mask decoder does not fit this Qwen3-VL model ({wrong or 'ViT layers out of range'}; "
+            "decoder value, model value): use the decoder trained for this model size")

@@ -1,0 +1,82 @@
+"""The planner-side example client against the real node (colour-blob double) over DDS."""
+
+from __future__ import annotations
+
+import pytest
+from geometry_msgs.msg import Point
+
+from qwen3vl_seg_ros.msg import SegmentationResult, SegmentedObject
+from qwen3vl_seg_ros.ros import example_client
+
+from helpers import wait_for
+from ros_harness import Client, NodeHarness, Scene, new_context
+
+
+def test_describe_prints_status_objects_and_centroids():
+    result = SegmentationResult(command="the mug", request_id="r1", status=SegmentationResult.OK, total_ms=12.4,
+                                geometry_frame_id="base_link")
+    with_3d = SegmentedObject(id=1, label="red mug", score=0.91, has_3d=True, num_points=321,
+                              centroid=Point(x=0.5, y=-0.25, z=0.125))
+    with_3d.box.x_offset, with_3d.box.y_offset, with_3d.box.width, with_3d.box.height = 10, 20, 30, 40
+    flat = SegmentedObject(id=2, label="blue mug", score=0.4, has_3d=False, status_3d="no depth")
+    result.objects = [with_3d, flat]
+    text = example_client.describe(result).splitlines()
+    assert text[0] == "OK 'the mug' (r1, 12 ms): 2 object(s)"
+    assert text[1] == ("  1: red mug, score 0.91, box 30x40 at (10, 20), centroid (+0.500, -0.250, +0.125) m in "
+                       "'base_link', 321 points")
+    assert text[2] == "  2: blue mug, score 0.40, box 0x0 at (0, 0), no 3D (no depth)"
+    error = SegmentationResult(command="x", request_id="r2", status=SegmentationResult.ERROR, message="why")
+    assert example_client.describe(error) == "ERROR 'x' (r2, 0 ms): 0 object(s) - why"
+
+
+@pytest.fixture(scope="module")
+def system():
+    context = new_context()
+    node = NodeHarness(context, {"max_rate_hz": 5.0, "min_points": 20, "erode_px": 1})
+    camera = Client(context)
+    camera.wait_connected()
+    with camera.streaming(Scene(), rate_hz=10.0):
+        yield node, camera
+    camera.close()
+    node.close()
+    context.try_shutdown()
+
+
+@pytest.mark.ros
+def test_one_shot_call_prints_objects_with_3d_centroids(system, capsys):
+    assert example_client.main(["the red and the blue blobs", "--timeout", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("OK 'the red and the blue blobs' (req-") and out[0].endswith("2 object(s)")
+    by_label = {line.split(",")[0].split(": ")[1]: line for line in out[1:]}
+    # the harness scene: red rectangle 1.0 m away, blue one 0.8 m, in the camera's optical frame
+    assert "+1.000) m in 'camera_optical'" in by_label["red blob"]
+    assert "+0.800) m in 'camera_optical'" in by_label["blue blob"]
+    assert "box 40x50 at (20, 30)" in by_label["red blob"]
+
+
+@pytest.mark.ros
+def test_no_match_and_error_exit_codes(system, capsys):
+    assert example_client.main(["green"]) == 0
+    assert capsys.readouterr().out.startswith("NO_MATCH 'green'")
+    assert example_client.main(["red raise:error"]) == 1
+    assert "simulated model failure" in capsys.readouterr().out
+
+
+@pytest.mark.ros
+def test_continuous_mode_prints_results_and_stops_the_node(system, capsys):
+    node, _ = system
+    assert example_client.main(["blue", "--continuous", "1.2"]) == 0
+    out = capsys.readouterr().out
+    answers = [line for line in out.splitlines() if line.startswith("OK 'blue' (continuous-")]
+    assert 2 <= len(answers) <= 8, out  # max_rate_hz=5 for 1.2 s
+    assert f"{len(answers)} answer(s) in 1.2 s; continuous mode stopped" in out
+    # the empty command went out before the client left: the node runs nothing any more
+    assert wait_for(lambda: node.node._scheduler.continuous_command is None, 3.0)
+
+
+@pytest.mark.ros
+def test_missing_node_is_reported_quickly(capsys):
+    assert example_client.main(["red", "--node", "/nobody/here", "--wait", "0.5"]) == 1
+    assert "service /nobody/here/segment is not available after 0.5 s" in capsys.readouterr().err
+    assert example_client.main(["red", "--node", "/nobody/here", "--wait", "0.5", "--continuous", "1"]) == 1
+    assert "nobody subscribes to /nobody/command" in capsys.readouterr().err

@@ -1,0 +1,262 @@
+"""Qwen3VLSeg end to end on tiny checkpoints loaded through the production path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qwen3vl_seg_ros.grounding import SEG_TOKEN, format_answer, parse_answer
+from qwen3vl_seg_ros.model import loading
+from qwen3vl_seg_ros.model.generation import GenerationOutput, Generator
+from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, query_tokens, token_text
+from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint, build_tokenizer
+from qwen3vl_seg_ros.segmenter import SegmenterOptions, load_segmenter_class
+from qwen3vl_seg_ros.types import InputError, SegmenterError
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
+
+ANSWER = ({"bbox_2d": [100, 200, 400, 600], "label": "red cube"},
+          {"bbox_2d": [550, 150, 900, 500], "label": "blue ball"})
+H, W = 96, 128
+
+
+@pytest.fixture(scope="module")
+def seg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("seg"), answer=ANSWER)
+
+
+@pytest.fixture(scope="module")
+def seg(seg_folder: Path) -> Qwen3VLSeg:
+    return Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu"))
+
+
+def image(seed: int = 0) -> np.ndarray:
+    rgb = np.random.default_rng(seed).integers(0, 60, (H, W, 3), dtype=np.uint8)
+    rgb[19:58, 13:51] = (220, 30, 30)  # the red cube inside its box
+    return rgb
+
+
+def expected_boxes() -> np.ndarray:
+    return parse_answer(format_answer(ANSWER, mask_token=False), W, H).boxes
+
+
+def test_segment_with_decoder_and_mask_tokens(seg: Qwen3VLSeg) -> None:
+    out = seg.segment(image(), "the red cube and the blue ball")
+    assert out.no_match_reason == ""
+    assert out.query_source == "mask_token"
+    assert out.raw_answer == format_answer(ANSWER, mask_token=False)
+    assert [i.label for i in out.instances] == ["red cube", "blue ball"]
+    np.testing.assert_allclose(np.stack([i.box for i in out.instances]), expected_boxes(), atol=1e-4)
+    for inst in out.instances:
+        assert inst.mask_source == "decoder"
+        assert inst.mask.shape == (H, W) and inst.mask.dtype == bool
+        assert 0 < inst.box_score <= 1 and 0 <= inst.mask_score <= 1
+        assert inst.score == pytest.approx(inst.box_score * inst.mask_score)
+    assert out.instances[0].mask_score != out.instances[1].mask_score  # from the IoU head, per object
+    assert set(out.timings_ms) == {"grounding", "mask"}
+
+
+def test_one_vision_pass_per_frame(seg: Qwen3VLSeg) -> None:
+    calls = []
+    handle = seg.model.model.visual.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        seg.segment(image(1), "the red cube")
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_decoder_query_is_the_mask_token_state(seg: Qwen3VLSeg) -> None:
+    """The decoder receives the hidden states of the <|seg|> tokens, in object order."""
+    seen = {}
+    original = seg.decoder.forward
+
+    def spy(images, vision, llm_states, boxes, batch_index=None):
+        seen["states"] = llm_states.clone()
+        return original(images, vision, llm_states, boxes, batch_index)
+
+    seg.decoder.forward = spy
+    try:
+        seg.segment(image(2), "the red cube")
+    finally:
+        del seg.decoder.forward
+    inputs = seg._inputs(image(2), "Locate the red cube, output its bbox coordinates using JSON format.")
+    gen = seg.generator.generate(inputs, 80)
+    seg_positions = [i for i, t in enumerate(gen.token_ids.tolist()) if t == seg.seg_token_id]
+    assert len(seg_positions) == 2
+    torch.testing.assert_close(seen["states"], gen.hidden_states[seg_positions])
+
+
+class WithoutMaskTokens(Generator):
+    """Wraps a generator and drops <|seg|> tokens: behaves like a base Instruct model that
+    writes the same JSON but no mask token."""
+
+    def __init__(self, inner: Generator, seg_token_id: int) -> None:
+        self.inner, self.seg_token_id = inner, seg_token_id
+
+    def generate(self, inputs: dict, max_new_tokens: int) -> GenerationOutput:
+        out = self.inner.generate(inputs, max_new_tokens)
+        keep = out.token_ids != self.seg_token_id
+        return GenerationOutput(out.token_ids[keep], out.token_probs[keep],
+                                out.hidden_states[keep[: len(out.hidden_states)]], out.finished)
+
+
+class FixedAnswer(Generator):
+    """Answers a fixed text, with made-up but valid probabilities and hidden states."""
+
+    def __init__(self, tokenizer: object, text: str, hidden: int) -> None:
+        self.ids = torch.tensor(tokenizer(text)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+        self.hidden = hidden
+
+    def generate(self, inputs: dict, max_new_tokens: int) -> GenerationOutput:
+        n = len(self.ids)
+        return GenerationOutput(self.ids, torch.full((n,), 0.9), torch.zeros(n - 1, self.hidden), True)
+
+
+def test_base_model_uses_last_json_token(seg: Qwen3VLSeg) -> None:
+    base = Qwen3VLSeg(seg.model, seg.processor, seg.decoder, seg.options,
+                      generator=WithoutMaskTokens(seg.generator, seg.seg_token_id))
+    out = base.segment(image(), "the red cube")
+    assert out.query_source == "last_json_token"
+    assert [i.label for i in out.instances] == ["red cube", "blue ball"]
+    assert [i.mask_source for i in out.instances] == ["decoder", "decoder"]
+
+
+def test_no_match_keeps_the_raw_answer(seg: Qwen3VLSeg) -> None:
+    hidden = seg.model.config.text_config.hidden_size
+    for answer, reason in (("[]", "no matching object"), ("NO_MATCH", "NO_MATCH")):
+        stub = Qwen3VLSeg(seg.model, seg.processor, seg.decoder, seg.options,
+                          generator=FixedAnswer(seg.processor.tokenizer, answer, hidden))
+        out = stub.segment(image(), "a unicorn")
+        assert out.instances == []
+        assert out.raw_answer == answer.lower()  # the tiny tokenizer lowercases
+        assert reason.lower() in out.no_match_reason.lower()
+
+
+def test_query_tokens_and_box_score_on_known_tokens() -> None:
+    tok = build_tokenizer()
+    seg_id = tok.convert_tokens_to_ids(SEG_TOKEN)
+    for mask_token in (True, False):
+        ids = tok(format_answer(ANSWER, mask_token=mask_token))["input_ids"]
+        tt = token_text(tok, ids)
+        parsed = parse_answer(tt.text, W, H)
+        chosen, all_seg = query_tokens(tt, ids, parsed, seg_id)
+        assert all_seg == mask_token
+        expected = "<|seg|>" if mask_token else "}"
+        assert [tok.convert_ids_to_tokens(ids[i]) for i in chosen] == [expected, expected]
+        assert chosen[0] < chosen[1]
+    probs = torch.linspace(0.2, 1.0, len(ids))
+    obj = parsed.objects[0]
+    coord = [i for i in range(len(ids)) if tt.starts[i] < obj.coord_span[1] and tt.ends[i] > obj.coord_span[0]]
+    assert "".join(tok.convert_ids_to_tokens([ids[i] for i in coord])) == "[100, 200, 400, 600]"
+    expected_score = float(torch.exp(torch.log(probs[coord].double()).mean()))
+    assert box_score(tt, probs, obj.coord_span) == pytest.approx(expected_score)
+
+
+@pytest.mark.parametrize(("head", "with_depth", "sources"), [
+    ("grabcut", False, {"grabcut", "box"}), ("depth", True, {"depth"}), ("box", False, {"box"}),
+])
+def test_weight_free_heads(seg_folder: Path, head: str, with_depth: bool, sources: set) -> None:
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", mask_head=head))
+    assert seg.decoder is None
+    depth = np.full((H, W), 1.5, np.float32)
+    depth[19:58, 13:51] = 0.7
+    depth[10:50, 75:115] = 0.9
+    out = seg.segment(image(), "the red cube", depth if with_depth else None)
+    assert out.query_source == "none"
+    assert {i.mask_source for i in out.instances} <= sources
+    for inst in out.instances:
+        assert inst.mask.any() and inst.score == pytest.approx(inst.box_score * inst.mask_score)
+
+
+def test_auto_without_decoder_uses_depth_then_grabcut(seg_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no_decoder"
+    shutil.copytree(seg_folder, folder)
+    (folder / "mask_decoder.safetensors").unlink()
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu"))
+    assert seg.decoder is None
+    depth = np.full((H, W), np.nan, np.float32)
+    depth[:, :64] = 1.0
+    depth[19:58, 13:51] = 0.6
+    out = seg.segment(image(), "the red cube", depth)
+    assert out.instances[0].mask_source == "depth"  # left box has depth
+    assert out.instances[1].mask_source in ("grabcut", "box")  # right box has none
+    with pytest.raises(SegmenterError, match="needs a trained mask decoder"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu", mask_head="decoder"))
+
+
+def test_separate_decoder_folder_and_refused_formats(seg_folder: Path, tmp_path: Path) -> None:
+    decoder_dir = tmp_path / "decoder"
+    decoder_dir.mkdir()
+    for name in ("mask_decoder.safetensors", "mask_decoder_config.json"):
+        shutil.copy(seg_folder / name, decoder_dir / name)
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), decoder=str(decoder_dir), device="cpu"))
+    assert seg.decoder is not None
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "mask_decoder.pt").write_bytes(b"never unpickled")
+    with pytest.raises(SegmenterError, match="safetensors"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), decoder=str(pickled), device="cpu"))
+
+
+def test_max_objects_caps_with_warning(seg_folder: Path) -> None:
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", max_objects=1))
+    out = seg.segment(image(), "all objects")
+    assert len(out.instances) == 1
+    assert any("max_objects" in w for w in out.warnings)
+
+
+def test_missing_models_give_clear_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seg_folder: Path) -> None:
+    with pytest.raises(SegmenterError, match="does not exist"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(tmp_path / "nope"), device="cpu"))
+    with pytest.raises(SegmenterError, match="local_files_only"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model="qwen3vl-seg-tests/not-a-model", device="cpu"))
+    monkeypatch.setattr(loading, "demo_model_candidates", lambda: [tmp_path / "absent"])
+    with pytest.raises(SegmenterError, match="build_tiny_checkpoint"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model="", device="cpu"))
+    monkeypatch.setattr(loading, "demo_model_candidates", lambda: [tmp_path / "absent", seg_folder])
+    assert Qwen3VLSeg.from_options(SegmenterOptions(model="", device="cpu")).decoder is not None
+    not_qwen = tmp_path / "other"
+    not_qwen.mkdir()
+    (not_qwen / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SegmenterError, match="Qwen3-VL"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(not_qwen), device="cpu"))
+
+
+def test_options_validation(seg_folder: Path) -> None:
+    with pytest.raises(SegmenterError, match="fp16"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", dtype="fp16"))
+    with pytest.raises(SegmenterError, match="mask_head"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", mask_head="sam"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SegmenterError, match="CUDA"):
+            Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cuda"))
+
+
+def test_bf16_on_cpu(seg_folder: Path) -> None:
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", dtype="bf16"))
+    assert seg.dtype == torch.bfloat16
+    out = seg.segment(image(), "the red cube")
+    assert len(out.instances) == 2 and out.instances[0].mask_source == "decoder"
+
+
+def test_input_errors(seg: Qwen3VLSeg) -> None:
+    with pytest.raises(InputError, match="uint8"):
+        seg.segment(image().astype(np.float32), "the red cube")
+    with pytest.raises(InputError, match="empty"):
+        seg.segment(image(), "   ")
+    with pytest.raises(InputError, match="aligned"):
+        seg.segment(image(), "the red cube", np.ones((10, 10), np.float32))
+
+
+def test_warmup_close_and_registry(seg_folder: Path) -> None:
+    assert load_segmenter_class("qwen3vl_seg") is Qwen3VLSeg
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu"))
+    seg.warmup(lambda line: None)
+    seg.close()
+    with pytest.raises(SegmenterError, match="closed"):
+        seg.segment(image(), "the red cube")
