@@ -311,11 +311,15 @@ def test_rviz_topics_are_what_the_node_publishes():
     context = new_context()
     harness = NodeHarness(context)
     try:
-        published = {}
-        for name, types in harness.node.get_publisher_names_and_types_by_node("qwen3vl_seg", "/"):
-            published[name] = types
+        from helpers import wait_for
+
+        def published() -> dict[str, list[str]]:
+            return dict(harness.node.get_publisher_names_and_types_by_node("qwen3vl_seg", "/"))
+
+        # the graph cache learns about the node's own publishers asynchronously
+        assert wait_for(lambda: all(t in published() for t in shown), 10), published()
         for topic, msg_type in shown.items():
-            assert msg_type in published.get(topic, []), (topic, published)
+            assert msg_type in published()[topic], (topic, published())
     finally:
         harness.close()
         context.try_shutdown()
