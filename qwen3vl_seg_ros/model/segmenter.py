@@ -25,6 +25,12 @@ from PIL import Image
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
 from qwen3vl_seg_ros.masks import MaskEstimate, weight_free_mask
 from qwen3vl_seg_ros.model.checkpoint import DecoderCheckpointError, has_decoder, load_decoder
+from qwen3vl_seg_ros.model.fast_generation import (
+    FastGreedyGenerator,
+    FastInputs,
+    FastPathUnavailableError,
+    compile_enabled_by_env,
+)
 from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator, GenerationOutput, Generator
 from qwen3vl_seg_ros.model.graphed_decoder import GraphedMaskDecoder
 from qwen3vl_seg_ros.model.loading import (
@@ -140,9 +146,19 @@ class Qwen3VLSeg(Segmenter):
         self.dtype = next(model.parameters()).dtype
         tokenizer = processor.tokenizer
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN) if SEG_TOKEN in tokenizer.get_vocab() else None
-        self.generator = generator or EagerGreedyGenerator(model, self._stop_tokens())
+        fast = options.fast_decode and self.device.type == "cuda"
+        self.fast_inputs: FastInputs | None = None
+        self.fast_note = ""  # why the fast decoding path is not used, when it is not
+        self.warmup_info: dict = {}  # what the fast path's warm-up did (timings, self-check)
+        self.generator = generator or (self._fast_generator() if fast else None) or EagerGreedyGenerator(
+            model, self._stop_tokens())
+        if fast:
+            try:
+                self.fast_inputs = FastInputs(processor, self.device, self.dtype)
+            except Exception:
+                self.fast_inputs = None
         self.run_decoder = decoder
-        if decoder is not None and options.fast_decode and self.device.type == "cuda":
+        if decoder is not None and fast:
             self.run_decoder = GraphedMaskDecoder(decoder)
         self.mask_head = _valid_mask_head(options.mask_head)
         if self.mask_head == "decoder" and decoder is None:
@@ -163,9 +179,24 @@ class Qwen3VLSeg(Segmenter):
         processor = load_processor(folder, options.image_max_pixels)
         model = load_qwen3vl(folder, device, dtype)
         decoder = cls._load_decoder(options, folder, model, device, dtype, progress)
+        segmenter = cls(model, processor, decoder, options)
         if options.fast_decode and device.type == "cuda":
-            _say(progress, "mask decoder: CUDA graphs; language model: eager decoding (no static-cache path yet)")
-        return cls(model, processor, decoder, options)
+            if isinstance(segmenter.generator, FastGreedyGenerator):
+                compiled = "compiled, " if segmenter.generator.compiled else ""
+                _say(progress, f"language model: static KV cache + CUDA graphs ({compiled}prepared at warm-up); "
+                               "mask decoder: CUDA graphs")
+            else:
+                _say(progress, f"language model: eager decoding ({segmenter.fast_note}); mask decoder: CUDA graphs")
+        return segmenter
+
+    def _fast_generator(self) -> FastGreedyGenerator | None:
+        """The GPU decoding path (static cache, CUDA graphs, compiled step), or None if unsupported."""
+        try:
+            return FastGreedyGenerator(self.model, self._stop_tokens(), compile=compile_enabled_by_env(),
+                                       compile_cache_dir=self.options.compile_cache_dir)
+        except FastPathUnavailableError as exc:
+            self.fast_note = str(exc)
+            return None
 
     @staticmethod
     def _load_decoder(options: SegmenterOptions, folder: Path, model: torch.nn.Module, device: torch.device,
@@ -201,6 +232,15 @@ class Qwen3VLSeg(Segmenter):
         _say(progress, "warming up the segmenter")
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+        if isinstance(self.generator, FastGreedyGenerator):
+            # Sized for real commands (max_new_tokens), with the prompt buckets of longer commands.
+            try:
+                inputs = self._inputs(image, build_prompt("the object")[0])
+                self.warmup_info = self.generator.warmup(inputs, self.options.max_new_tokens, progress)
+            except Exception as exc:
+                self.fast_note = f"the fast path failed to warm up: {type(exc).__name__}: {exc}"
+                _say(progress, f"{self.fast_note}; using eager decoding")
+                self.generator = self.generator.eager
         grounding = self._ground(image, "the object", max_new_tokens=8)
         if not self._uses_decoder():
             return
@@ -217,6 +257,7 @@ class Qwen3VLSeg(Segmenter):
         self.decoder = None
         self.run_decoder = None
         self.generator = None  # type: ignore[assignment]
+        self.fast_inputs = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -231,6 +272,10 @@ class Qwen3VLSeg(Segmenter):
     def _inputs(self, rgb: np.ndarray, prompt: str) -> dict[str, torch.Tensor]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.fast_inputs is not None:  # on the GPU, bit-identical to the processor (checked per frame size)
+            inputs = self.fast_inputs(rgb, text)
+            if inputs is not None:
+                return inputs
         batch = self.processor(text=[text], images=[Image.fromarray(rgb)], return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)

@@ -78,8 +78,13 @@ TABLETOP_WORDS = (
     "point_2d", "json", "no_match",
 )
 
-#: Pre-tokenizer: identifiers, integers, single whitespace characters, single symbols.
-_PIECES = r"[a-z_][a-z0-9_]*|\d+|\s|[^\sa-z0-9_]"
+#: The fixed pieces of a grounding answer (grounding.format_answer), one token each: with them an
+#: object costs about 15 tokens instead of 35, which halves decoding time on a CPU.
+ANSWER_PIECES = ('{"bbox_2d": [', '], "label": "', '"}', ", ")
+
+#: Pre-tokenizer: the answer pieces, words (with their leading space), integers, single whitespace
+#: characters, single symbols.
+_PIECES = "|".join(re.escape(p) for p in ANSWER_PIECES) + r"| ?[a-z_][a-z0-9_]*|\d+|\s|[^\sa-z0-9_]"
 
 #: Sizes of the real Qwen3-VL models (shared/notes/qwen3-vl-seg.md), for configs without weights.
 REFERENCE_SIZES: dict[str, dict[str, Any]] = {
@@ -111,13 +116,14 @@ DEFAULT_ANSWER = ({"bbox_2d": [300, 350, 600, 750], "label": "red cube"},)
 
 def tokenizer_vocabulary(extra_words: Sequence[str] = ()) -> list[str]:
     """The tiny tokenizer's words: special tokens, unknown, whitespace, symbols, numbers, words."""
-    words: list[str] = [UNK_TOKEN, " ", "\n", "\t"]
+    words: list[str] = [UNK_TOKEN, " ", "\n", "\t", *ANSWER_PIECES]
     words += list("[]{}():,;.'\"?!-_/")
     words += [str(i) for i in range(1001)]
     template_words = re.findall(r"[a-z_]+", " ".join(PROMPT_TEMPLATES).lower())
     for word in [*TABLETOP_WORDS, *template_words, *(w.lower() for w in extra_words)]:
-        if word not in words:
-            words.append(word)
+        for form in (word, " " + word):
+            if form not in words:
+                words.append(form)
     return [*SPECIAL_TOKENS, *words]
 
 

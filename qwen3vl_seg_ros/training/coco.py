@@ -37,7 +37,6 @@ from typing import Any, overload
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from qwen3vl_seg_ros.types import CameraIntrinsics, InputError
 
@@ -112,14 +111,23 @@ def depth_from_png_mm(png: np.ndarray) -> np.ndarray:
     return depth
 
 
+def _mask_utils() -> Any:
+    """pycocotools' mask module, imported on first use: rendering synthetic scenes and training on
+    them never touch RLE, so machines without pycocotools (a training GPU box) can run them."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils
+
+
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     """Compressed RLE of a bool mask, JSON-ready (``counts`` as text)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = _mask_utils().encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _rle(segm: Any, height: int, width: int, where: str) -> dict:
     """pycocotools RLE of a polygon list or an RLE (compressed or not); ``where`` prefixes errors."""
+    mask_utils = _mask_utils()
     if isinstance(segm, list):
         if not segm or not all(
             isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(isinstance(v, int | float) for v in p)
@@ -149,7 +157,7 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str = "segmen
         with warnings.catch_warnings():
             # pycocotools 2.0.x on numpy 2 warns about its own array wrapper on every decode
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
-            mask = mask_utils.decode(rle)
+            mask = _mask_utils().decode(rle)
     except Exception as exc:  # pycocotools raises assorted errors on corrupt counts
         raise DatasetFormatError(f"{where}: cannot decode RLE: {exc}") from exc
     if mask.shape != (height, width):

@@ -1,0 +1,236 @@
+"""Training data streams: synthetic scenes rendered on the fly, or a COCO-style referring file.
+
+Both are ``torch`` ``IterableDataset`` s of *items*: each item is one collated micro-batch
+(:class:`~qwen3vl_seg_ros.training.collate.Batch`) and is a pure function of its index. Loader
+worker ``w`` of ``W`` builds items ``w, w + W, w + 2W, ...`` and the loader hands them out in
+index order, so the stream, and with it a resumed run, does not depend on the number of workers:
+resuming at step ``s`` restarts the stream at item ``s * items_per_step``.
+
+Synthetic item ``k`` renders the scenes ``k * stride, k * stride + 1, ...`` of the ``train``
+split (:func:`~qwen3vl_seg_ros.training.synthetic.split_seed`; validation and test layouts
+never occur) and takes up to ``queries_per_scene`` queries from each: rendering is the costly
+part, the queries are almost free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from qwen3vl_seg_ros.training.collate import Batch, Collator, RefExample
+
+if TYPE_CHECKING:
+    from qwen3vl_seg_ros.training.coco import RefDataset, RefSample
+    from qwen3vl_seg_ros.training.synthetic import Scene, SceneConfig
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of a training configuration."""
+
+    source: str = "synthetic"  # "synthetic" or "coco"
+    width: int = 320  # synthetic image size; COCO images are resized to it
+    height: int = 240
+    queries_per_scene: int = 8  # synthetic: queries taken from each rendered scene
+    min_objects: int = 1
+    max_objects: int = 6
+    coco_json: str = ""  # coco: the annotation file
+    coco_image_root: str = ""  # coco: folder the file names are relative to ("" = the JSON's folder)
+    coco_split: str = ""  # coco: keep only refs of this split ("" = all)
+    box_jitter: float = 0.05  # edge noise of the decoder's input boxes, fraction of the box side
+    num_workers: int = 0  # data-loader processes (0 = in the training process)
+    prefetch_factor: int = 4  # items each worker keeps ready
+    micro_batch: int = 0  # samples per item; 0 = the whole step batch in one item
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "coco"):
+            raise ValueError(f"data.source must be 'synthetic' or 'coco', got {self.source!r}")
+        if self.source == "coco" and not self.coco_json:
+            raise ValueError("data.source 'coco' needs data.coco_json (a COCO-style referring file)")
+
+    def scene_config(self) -> SceneConfig:
+        from qwen3vl_seg_ros.training.synthetic import SceneConfig
+
+        return SceneConfig(width=self.width, height=self.height, queries_per_scene=self.queries_per_scene,
+                           min_objects=self.min_objects, max_objects=self.max_objects)
+
+
+# ---------------------------------------------------------------------------------------------
+# samples
+
+
+def object_label(colour: str | None, shape: str | None, fallback: str) -> str:
+    """The label an answer gives an object: "red mug" (colour and shape) when known."""
+    words = [w for w in (colour, shape) if w]
+    return " ".join(words) if words else fallback
+
+
+def scene_examples(scene: Scene, queries: list, image_key: object = None, with_depth: bool = False) -> list[RefExample]:
+    """The referring samples of one synthetic scene, one per query."""
+    masks, boxes = scene.masks(), scene.boxes()
+    out = []
+    for q in queries:
+        index = [i - 1 for i in q.target_ids]
+        labels = [object_label(scene.objects[i].colour, scene.objects[i].shape, "object") for i in index]
+        out.append(RefExample(scene.rgb, q.expression, q.query_type, boxes[index].reshape(-1, 4), masks[index],
+                              labels, image_key=image_key, depth=scene.depth if with_depth else None,
+                              intrinsics=scene.intrinsics))
+    return out
+
+
+def synthetic_examples(split: str, index: int, scene_cfg: SceneConfig, with_depth: bool = False) -> list[RefExample]:
+    """All samples of scene ``index`` of a split (deterministic)."""
+    from qwen3vl_seg_ros.training.synthetic import generate_sample, split_seed
+
+    scene, queries = generate_sample(split_seed(split, index), scene_cfg)
+    return scene_examples(scene, queries, image_key=(split, index), with_depth=with_depth)
+
+
+def heldout_examples(split: str, num_scenes: int, scene_cfg: SceneConfig, first: int = 0,
+                     queries_per_scene: int | None = None) -> Iterator[RefExample]:
+    """Samples of the scenes ``first .. first + num_scenes - 1`` of a held-out split, with depth."""
+    for i in range(first, first + num_scenes):
+        examples = synthetic_examples(split, i, scene_cfg, with_depth=True)
+        yield from examples[: queries_per_scene or len(examples)]
+
+
+def coco_labels(dataset: RefDataset, ann_ids: tuple[int, ...], fallback: str) -> list[str]:
+    """Labels of annotations: their colour and shape attributes, else their category's name."""
+    labels = []
+    for a in ann_ids:
+        ann = dataset.annotations[a]
+        attrs = ann.get("attributes") or {}
+        category = dataset.categories.get(ann.get("category_id"), None)
+        labels.append(object_label(attrs.get("colour"), attrs.get("shape") or category, fallback))
+    return labels
+
+
+def resize_example(example: RefExample, width: int, height: int) -> RefExample:
+    """The sample at ``width`` x ``height`` (batches need one size): image, masks and boxes scaled."""
+    h, w = example.rgb.shape[:2]
+    if (w, h) == (width, height):
+        return example
+    rgb = cv2.resize(example.rgb, (width, height), interpolation=cv2.INTER_AREA if w > width else cv2.INTER_LINEAR)
+    masks = np.zeros((len(example.masks), height, width), bool)
+    for k, m in enumerate(example.masks):
+        masks[k] = cv2.resize(m.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) > 0.5
+    scale = np.array([width / w, height / h, width / w, height / h], dtype=np.float32)
+    depth = None
+    if example.depth is not None:
+        depth = cv2.resize(example.depth, (width, height), interpolation=cv2.INTER_NEAREST)
+    intrinsics = example.intrinsics.scaled_to(width, height) if example.intrinsics is not None else None
+    return RefExample(rgb, example.expression, example.query_type, example.boxes * scale, masks, example.labels,
+                      example.image_key, depth, intrinsics)
+
+
+def coco_example(dataset: RefDataset, index: int, sample: RefSample | None = None) -> RefExample:
+    """Sample ``index`` of a COCO-style referring file as a :class:`RefExample`."""
+    s = sample if sample is not None else dataset[index]
+    labels = coco_labels(dataset, s.ann_ids, s.expression)
+    return RefExample(s.rgb, s.expression, s.query_type, s.boxes, s.masks, labels, image_key=("coco", s.image_id),
+                      depth=s.depth, intrinsics=s.intrinsics)
+
+
+# ---------------------------------------------------------------------------------------------
+# streams
+
+
+class _ItemStream(IterableDataset):
+    """Items ``start, start + 1, ...`` split over loader workers by index (see the module doc)."""
+
+    def __init__(self, collator: Collator, micro_batch: int, start_item: int, seed: int) -> None:
+        super().__init__()
+        self.collator = collator
+        self.micro_batch = int(micro_batch)
+        self.start_item = int(start_item)
+        self.seed = int(seed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:  # workers are many: one thread each avoids oversubscribing the cores
+            torch.set_num_threads(1)
+            cv2.setNumThreads(1)
+        k = self.start_item + worker
+        while True:
+            yield self.item(k)
+            k += workers
+
+    def item(self, k: int) -> Batch:
+        rng = np.random.default_rng([self.seed, k])
+        return self.collator(self.examples(k, rng), rng)
+
+    def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
+        raise NotImplementedError
+
+
+class SyntheticStream(_ItemStream):
+    """Micro-batches of on-the-fly synthetic scenes of the ``train`` split."""
+
+    def __init__(self, collator: Collator, micro_batch: int, data: DataConfig, start_item: int = 0,
+                 seed: int = 0, split: str = "train") -> None:
+        super().__init__(collator, micro_batch, start_item, seed)
+        self.scene_cfg = data.scene_config()
+        self.queries_per_scene = max(1, int(data.queries_per_scene))
+        self.split = split
+        self.stride = 2 * self.micro_batch  # scene indices reserved per item
+
+    def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
+        out: list[RefExample] = []
+        for i in range(self.stride):
+            if len(out) == self.micro_batch:
+                return out
+            index = (k * self.stride + i) % 1_000_000_000
+            scene = synthetic_examples(self.split, index, self.scene_cfg)
+            out.extend(scene[: min(self.queries_per_scene, self.micro_batch - len(out))])
+        if len(out) < self.micro_batch:
+            raise RuntimeError(f"{self.stride} scenes gave only {len(out)} queries for item {k}")
+        return out
+
+
+class CocoStream(_ItemStream):
+    """Micro-batches of a COCO-style referring file, reshuffled every epoch, resized to one size."""
+
+    def __init__(self, collator: Collator, micro_batch: int, data: DataConfig, start_item: int = 0,
+                 seed: int = 0) -> None:
+        super().__init__(collator, micro_batch, start_item, seed)
+        from qwen3vl_seg_ros.training.coco import RefDataset
+
+        root = data.coco_image_root or None
+        self.dataset = RefDataset(Path(data.coco_json), image_root=root, split=data.coco_split or None)
+        if len(self.dataset) == 0:
+            where = f" in split {data.coco_split}" if data.coco_split else ""
+            raise ValueError(f"{data.coco_json} has no samples{where}")
+        self.size = (data.width, data.height)
+
+    def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
+        n = len(self.dataset)
+        out = []
+        for pos in range(k * self.micro_batch, (k + 1) * self.micro_batch):
+            epoch, offset = divmod(pos, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out.append(resize_example(coco_example(self.dataset, int(order[offset])), *self.size))
+        return out
+
+
+def build_stream(data: DataConfig, collator: Collator, micro_batch: int, start_item: int, seed: int) -> _ItemStream:
+    """The training stream the configuration asks for."""
+    if data.source == "coco":
+        return CocoStream(collator, micro_batch, data, start_item, seed)
+    return SyntheticStream(collator, micro_batch, data, start_item, seed)
+
+
+def make_loader(stream: _ItemStream, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:
+    """A loader yielding the stream's items in index order (``batch_size=None``: items are batches)."""
+    kwargs: dict = {}
+    if num_workers > 0:
+        # fork (the Linux default) starts workers in a blink; they never touch CUDA
+        kwargs = dict(prefetch_factor=max(1, prefetch_factor), persistent_workers=False)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

@@ -1,0 +1,122 @@
+"""Training losses of Qwen3-VL-Seg: next-token cross-entropy on the answer, BCE + Dice on both
+refinement masks, and the IoU head's regression to the true IoU of the final mask.
+
+Masks are compared at the resolution of the decoder's input image, after the same bilinear
+upsampling of the stride-4 logits that inference applies (:func:`upsample_logits`): the loss
+then scores exactly the mask a user gets, sub-stride edges included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3vl_seg_ros.model.mask_decoder import DecoderOutput, upsample_logits
+
+
+@dataclass
+class LossWeights:
+    """The ``loss`` section of a training configuration."""
+
+    lm: float = 1.0  # answer tokens
+    mask_coarse: float = 0.5  # M1 (first refinement iteration)
+    mask_fine: float = 1.0  # M2 (the final mask)
+    bce: float = 1.0
+    dice: float = 1.0
+    iou: float = 1.0  # IoU head
+
+
+class CoordinateTable:
+    """Which vocabulary ids are the coordinate tokens "0".."1000" (for soft coordinate labels)."""
+
+    def __init__(self, number_ids: list[int], vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.ids = torch.tensor(number_ids, dtype=torch.long, device=device)
+        value = torch.full((vocab_size,), -1, dtype=torch.long)
+        value[torch.tensor(number_ids)] = torch.arange(len(number_ids))
+        self.value = value.to(device)
+        self.grid = torch.arange(len(number_ids), dtype=torch.float32, device=device)
+
+
+def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+            coords: CoordinateTable | None = None, coord_sigma: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy over the answer tokens; the head runs on those positions only.
+
+    ``rows``/``cols`` index the positions whose *next* token is an answer token (precomputed by
+    the collator, so no host synchronisation is needed to find them). ``coord_sigma`` > 0
+    replaces the one-hot target of a coordinate token by a normal distribution over the
+    coordinate values around it (standard deviation in 0..1000 units): an early-training aid
+    that rewards near misses; 0 gives plain cross-entropy, which is what makes the final model
+    confident in one value (its box score).
+    """
+    target = labels[rows, cols + 1]
+    logits = lm_head(hidden[rows, cols]).float()
+    logp = F.log_softmax(logits, dim=-1)
+    per_token = -logp.gather(1, target[:, None])[:, 0]
+    if coords is not None and coord_sigma > 0:
+        value = coords.value[target]
+        centre = value.clamp(min=0).float()[:, None]
+        soft = torch.exp(-0.5 * ((coords.grid[None] - centre) / coord_sigma) ** 2)
+        soft = soft / soft.sum(-1, keepdim=True)
+        soft_loss = -(soft * logp[:, coords.ids]).sum(-1)
+        per_token = torch.where(value >= 0, soft_loss, per_token)
+    with torch.no_grad():
+        predicted = logits.argmax(-1)
+        correct = (predicted == target).float()
+        stats = {"token_acc": correct.mean() if target.numel() else correct.sum()}
+        if coords is not None:  # the most likely coordinate value vs the target's, in 0..1000 units
+            value = coords.value[target]
+            guess = logits[:, coords.ids].argmax(-1)  # among the number tokens: localisation alone
+            is_coord = (value >= 0).float()
+            stats["coord_mae"] = ((guess - value).abs().float() * is_coord).sum() / is_coord.sum().clamp(min=1.0)
+    loss = per_token.mean() if target.numel() else hidden.sum() * 0.0
+    return loss, stats
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-object soft Dice loss ``(N,)``: overlap of sigmoid(logits) with the target mask."""
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    inter = (prob * target).sum(-1)
+    return 1.0 - (2.0 * inter + 1.0) / (prob.sum(-1) + target.sum(-1) + 1.0)
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU ``(N,)`` of the thresholded logits (> 0, as inference) with the target masks."""
+    pred = (logits > 0).flatten(1)
+    gt = target.flatten(1) > 0.5
+    inter = (pred & gt).sum(-1).float()
+    union = (pred | gt).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def mask_losses(out: DecoderOutput, target_masks: torch.Tensor,
+                weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BCE + Dice on M1 and M2 (weighted ``mask_coarse`` / ``mask_fine``) and the IoU head loss.
+
+    ``target_masks``: ``(N, h, w)`` at the decoder image's size. The IoU head learns the IoU of
+    the *detached* final mask: it must judge the mask, not change it.
+    """
+    height, width = target_masks.shape[-2:]
+    target = target_masks.float()
+    total = target.new_zeros(())
+    stats: dict[str, torch.Tensor] = {}
+    fine_logits = None
+    for name, logits, weight in (("m1", out.mask_logits[0], weights.mask_coarse),
+                                 ("m2", out.mask_logits[1], weights.mask_fine)):
+        up = upsample_logits(logits, height, width)
+        bce = F.binary_cross_entropy_with_logits(up, target)
+        dice = dice_loss(up, target).mean()
+        total = total + weight * (weights.bce * bce + weights.dice * dice)
+        stats[f"{name}_bce"] = bce.detach()
+        stats[f"{name}_dice"] = dice.detach()
+        fine_logits = up
+    with torch.no_grad():
+        true_iou = mask_iou(fine_logits, target)
+    iou_loss = F.mse_loss(out.iou.float(), true_iou)
+    total = total + weights.iou * iou_loss
+    stats["iou_loss"] = iou_loss.detach()
+    stats["mask_iou"] = true_iou.mean()
+    return total, stats

@@ -1,0 +1,279 @@
+"""The model a run trains: base checkpoint, mask decoder, LoRA, trainable parts, and export.
+
+A run starts from a *base folder* in the Hugging Face layout: a real Qwen3-VL checkpoint (folder
+or hub id), or, for ``base: tiny``, a randomly initialised Qwen3-VL with the task tokenizer that
+:func:`~qwen3vl_seg_ros.model.tiny.build_tiny_checkpoint` writes into the run folder. Either way
+the model and processor are then read by the production loaders, so training and inference see
+the same tokenizer, chat template and image processor.
+
+The exported folder (:func:`export_model`) is a combined Qwen3-VL-Seg checkpoint: it loads with
+``Qwen3VLSeg.from_options(SegmenterOptions(model=folder))``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwen3vl_seg_ros.grounding import SEG_TOKEN
+from qwen3vl_seg_ros.model.checkpoint import DECODER_CONFIG, DECODER_WEIGHTS, has_decoder, load_decoder, save_decoder
+from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
+from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder
+
+#: LoRA targets: the language model's attention and MLP projections (not the vision tower's).
+LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: Files of a base folder that are weights or model configuration, i.e. not processor files.
+_MODEL_FILES = re.compile(r".*\.safetensors$|.*\.safetensors\.index\.json$|^config\.json$|^generation_config\.json$")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` section of a training configuration."""
+
+    base: str = "tiny"  # "tiny" (new model from `sizes`), or a Qwen3-VL checkpoint folder / hub id
+    sizes: dict[str, Any] = field(default_factory=dict)  # tiny: keys of model.tiny.TINY_SIZES
+    decoder: dict[str, Any] = field(default_factory=lambda: {"size": "tiny"})  # for_qwen3vl(size=..., **rest)
+    number_embedding_init: bool = True  # tiny: number tokens start with embeddings smooth in their value
+    export_dtype: str = "fp32"  # dtype of the exported Qwen3-VL weights ("bf16" halves the folder)
+    local_files_only: bool = True  # hub ids: only the local cache
+
+    def __post_init__(self) -> None:
+        if self.export_dtype not in _DTYPES:
+            raise ValueError(f"model.export_dtype must be one of {sorted(_DTYPES)}, got {self.export_dtype!r}")
+        self.decoder = dict(self.decoder)
+        self.decoder.setdefault("size", "tiny")
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.base == "tiny"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA of a stage (peft)."""
+
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: str = LLM_LORA_TARGETS
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def prepare_base(cfg: ModelConfig, run_dir: Path, seed: int) -> Path:
+    """The base folder: built once into ``run_dir/base`` for a tiny model (kept for resuming)."""
+    if cfg.from_scratch:
+        from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+
+        folder = run_dir / "base"
+        if not (folder / "config.json").is_file():
+            build_tiny_checkpoint(folder, decoder=False, seed=seed, answer=None, **cfg.sizes)
+        return folder
+    from qwen3vl_seg_ros.model.loading import resolve_model_folder
+
+    return resolve_model_folder(cfg.base, cfg.local_files_only)
+
+
+def ensure_seg_token(model: nn.Module, tokenizer: Any) -> bool:
+    """Adds ``<|seg|>`` to a tokenizer that lacks it (a plain Qwen3-VL-Instruct) and grows the
+    embeddings; returns whether the tokenizer changed (it must then be saved with the model)."""
+    if SEG_TOKEN in tokenizer.get_vocab():
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": [SEG_TOKEN]}, replace_additional_special_tokens=False)
+    model.resize_token_embeddings(len(tokenizer))
+    return True
+
+
+def build_decoder(cfg: ModelConfig, base_folder: Path, model: nn.Module) -> BoxGuidedMaskDecoder:
+    """The base folder's decoder when it has one, else a new one sized for the model."""
+    if has_decoder(base_folder):
+        return load_decoder(base_folder).float().train()
+    options = dict(cfg.decoder)
+    size = options.pop("size", "tiny")
+    return BoxGuidedMaskDecoder(MaskDecoderConfig.for_qwen3vl(model.config, size=size, **options))
+
+
+def load_base(cfg: ModelConfig, base_folder: Path) -> tuple[nn.Module, Any, BoxGuidedMaskDecoder, bool]:
+    """Model (fp32, CPU), processor, decoder and whether the tokenizer changed, via the production loaders."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwen3vl_seg_ros.model.loading import check_qwen3vl_folder, load_processor
+
+    check_qwen3vl_folder(base_folder)
+    processor = load_processor(base_folder)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        base_folder, dtype=torch.float32, local_files_only=True, use_safetensors=True)
+    changed = ensure_seg_token(model, processor.tokenizer)
+    decoder = build_decoder(cfg, base_folder, model)
+    return model, processor, decoder, changed
+
+
+def number_token_ids(tokenizer: Any, limit: int = 1000) -> list[int] | None:
+    """Ids of the tokens "0" .. "1000" when each is a single token (the task tokenizer), else None."""
+    ids = [tokenizer.convert_tokens_to_ids(str(v)) for v in range(limit + 1)]
+    unk = tokenizer.unk_token_id
+    if any(i is None or i == unk for i in ids) or len(set(ids)) != len(ids):
+        return None
+    return ids
+
+
+@torch.no_grad()
+def init_number_embeddings(model: nn.Module, tokenizer: Any) -> bool:
+    """Gives the coordinate tokens "0".."1000" embeddings that vary smoothly with their value.
+
+    A box is written as four of these tokens. With random embeddings the model must learn that
+    417 lies between 416 and 418 separately for every value; with sine/cosine features of the
+    value (wavelengths from 4 to 2000 units) neighbours start similar, for the input embedding
+    and, tied to it, for the output head, so an error of one unit costs little from the start.
+    Returns False (nothing done) when numbers are not single tokens.
+    """
+    ids = number_token_ids(tokenizer)
+    if ids is None:
+        return False
+    weight = model.get_input_embeddings().weight
+    dim = weight.shape[1]
+    half = dim // 2
+    values = torch.arange(1001, dtype=torch.float64)[:, None]
+    wavelengths = torch.exp(torch.linspace(math.log(2000.0), math.log(4.0), half, dtype=torch.float64))
+    angles = 2 * math.pi * values / wavelengths
+    features = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if features.shape[1] < dim:
+        features = torch.cat([features, torch.zeros(1001, dim - features.shape[1], dtype=torch.float64)], dim=1)
+    scale = weight.float().std().item() / features.std().item()
+    weight[torch.tensor(ids)] = (features * scale).to(weight.dtype)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# trainable parts
+
+
+def vision_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if ".visual." in f".{n}."]
+
+
+def language_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if ".visual." not in f".{n}."]
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    """Wraps the language model's projections with LoRA adapters (peft), in place.
+
+    The vision tower and the rest are left as they are; the caller sets what else trains.
+    Returns the ``PeftModel`` (needed to merge); ``model`` itself keeps working and now runs
+    the adapters.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias="none")
+    return get_peft_model(model, config)
+
+
+def merge_lora(peft_model: nn.Module) -> nn.Module:
+    """Folds the adapters into the weights and removes them; returns the plain model."""
+    return peft_model.merge_and_unload()
+
+
+def is_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+def set_trainable(model: nn.Module, decoder: nn.Module, llm: str, vision_lr_scale: float) -> None:
+    """``llm``: "full", "lora" (only adapters) or "frozen"; the vision tower trains when its LR
+    scale is above 0; the decoder always trains."""
+    lora = is_lora(model)
+    for name, p in language_parameters(model):
+        if llm == "lora":
+            p.requires_grad_("lora_" in name)
+        else:
+            p.requires_grad_(llm == "full" and not (lora and "lora_" in name))
+    for _, p in vision_parameters(model):
+        p.requires_grad_(vision_lr_scale > 0)
+    for p in decoder.parameters():
+        p.requires_grad_(True)
+
+
+def _decays(name: str, p: nn.Parameter) -> bool:
+    """Weight decay on matrices and kernels; not on biases, norms, scales or embeddings."""
+    return p.ndim >= 2 and "embed" not in name and "position" not in name
+
+
+def parameter_groups(model: nn.Module, decoder: nn.Module, lr: float, weight_decay: float,
+                     vision_lr_scale: float, decoder_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups (LLM / vision / decoder x decay / no decay) of the trainable parameters.
+
+    Each group keeps its ``lr_scale`` so that the schedule sets ``lr = base_lr(step) * lr_scale``.
+    """
+    parts = [("llm", language_parameters(model), 1.0), ("vision", vision_parameters(model), vision_lr_scale),
+             ("decoder", list(decoder.named_parameters()), decoder_lr_scale)]
+    groups = []
+    for part, named, scale in parts:
+        for decay in (True, False):
+            params = [p for n, p in named if p.requires_grad and _decays(n, p) == decay]
+            if params:
+                groups.append({"name": f"{part}/{'decay' if decay else 'no_decay'}", "params": params,
+                               "lr": lr * scale, "lr_scale": scale,
+                               "weight_decay": weight_decay if decay else 0.0})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def copy_processor_files(source: Path, target: Path) -> None:
+    """Tokenizer, chat template and image/video processor files of a model folder."""
+    for path in source.iterdir():
+        if path.is_file() and not _MODEL_FILES.match(path.name) and path.name not in (DECODER_WEIGHTS, DECODER_CONFIG):
+            shutil.copy2(path, target / path.name)
+
+
+def export_model(model: nn.Module, decoder: BoxGuidedMaskDecoder, base_folder: Path, tokenizer: Any,
+                 tokenizer_changed: bool, folder: Path, dtype: str = "fp32",
+                 info: dict[str, Any] | None = None) -> Path:
+    """Writes a combined Qwen3-VL-Seg folder (model, processor, decoder) that the production
+    loader reads; written next to ``folder`` and swapped in, so a reader never sees half of it.
+
+    The model must have no LoRA adapters (merge first). ``dtype`` applies to the Qwen3-VL
+    weights; the decoder is kept in float32 (small, and its thresholds are sensitive).
+    """
+    if is_lora(model):
+        raise ValueError("merge the LoRA adapters before exporting")
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    target = _DTYPES[dtype]
+    state = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    copy_processor_files(base_folder, tmp)
+    if tokenizer_changed:
+        tokenizer.save_pretrained(tmp)
+    decoder.config.extra = dict(info or {})
+    save_decoder(decoder.float(), tmp)
+    if info:
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def folder_size_mb(folder: Path, pattern: str = "*.safetensors") -> float:
+    return sum(p.stat().st_size for p in Path(folder).glob(pattern)) / 1e6

@@ -1,0 +1,122 @@
+"""Evaluation through the production segmenter, on tiny checkpoints whose answers are known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qwen3vl_seg_ros.grounding import format_answer, parse_answer
+from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+from qwen3vl_seg_ros.training.dataset import DataConfig, synthetic_examples
+from qwen3vl_seg_ros.training.evaluate import EvalSettings, main, run_evaluation
+
+torch.set_num_threads(1)
+
+W, H = 128, 96
+SCENES = 4
+ANSWER = ({"bbox_2d": [100, 200, 450, 700], "label": "red cube"},)
+
+
+@pytest.fixture(scope="module")
+def box_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Always answers one fixed box (with its mask token), whatever the image and command."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("box"), answer=ANSWER)
+
+
+@pytest.fixture(scope="module")
+def empty_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Always answers "[]": finds nothing."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("empty"), answer=())
+
+
+def settings(model: Path, **changes: object) -> EvalSettings:
+    base = dict(model=str(model), split="val", scenes=SCENES, queries_per_scene=2, width=W, height=H,
+                workers=1, heads=("box", "grabcut", "depth"))
+    base.update(changes)
+    return EvalSettings(**base)
+
+
+def samples() -> list:
+    cfg = DataConfig(width=W, height=H).scene_config()
+    return [ex for i in range(SCENES) for ex in synthetic_examples("val", i, cfg, with_depth=True)[:2]]
+
+
+@pytest.fixture(scope="module")
+def box_report(box_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("report")
+    return run_evaluation(settings(box_model, out=str(out)), log=lambda m: None), out
+
+
+def test_box_head_metrics_match_a_hand_computation(box_report: tuple[dict, Path]) -> None:
+    report, tmp_path = box_report
+    exs = samples()
+    assert report["complete"] and report["samples"] == len(exs)
+    # what the box head must score, computed here with plain numpy from the recorded answers
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    fixed = parse_answer(format_answer(ANSWER, mask_token=False), W, H).boxes
+    fitted = [len(r["pred_boxes"]) == 1 and np.allclose(r["pred_boxes"], fixed) for r in records]
+    assert sum(fitted) >= len(exs) - 2  # the fitted answer, for (almost) every command
+    ious = []
+    for ex, r in zip(exs, records):
+        assert r["expression"] == ex.expression
+        pred = np.zeros((H, W), bool)
+        for bx in r["pred_boxes"]:
+            x1, y1, x2, y2 = int(np.floor(bx[0])), int(np.floor(bx[1])), int(np.ceil(bx[2])), int(np.ceil(bx[3]))
+            pred[y1:y2, x1:x2] = True
+        if len(ex.masks) == 0:
+            ious.append(float(not r["pred_boxes"]))  # right only when nothing is predicted
+            continue
+        gt = ex.masks.any(0)
+        ious.append((pred & gt).sum() / (pred | gt).sum())
+    box_metrics = report["methods"]["box"]["overall"]
+    assert box_metrics["giou"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+    assert box_metrics["num_samples"] == len(exs)
+    no_target = [r for ex, r in zip(exs, records) if len(ex.masks) == 0]
+    if no_target:
+        assert box_metrics["no_target_acc"] == pytest.approx(np.mean([not r["pred_boxes"] for r in no_target]))
+    # every head was scored on the same boxes; the per-type breakdown covers the samples
+    assert set(report["methods"]) == {"decoder", "box", "grabcut", "depth", "decoder@score"}
+    by_type = report["methods"]["decoder"]["by_type"]
+    assert sum(m["num_samples"] for m in by_type.values()) == len(exs)
+    assert set(by_type) == {ex.query_type for ex in exs}
+    # files: the JSON report, per-sample answers, and a PNG figure
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["methods"]["box"]["overall"]["giou"] == pytest.approx(box_metrics["giou"])
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == len(exs)
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert report["timing"]["ms_per_command_median"] > 0
+
+
+def test_a_model_that_finds_nothing(empty_model: Path) -> None:
+    report = run_evaluation(settings(empty_model, heads=("box",)), log=lambda m: None)
+    exs = samples()
+    with_target = sum(1 for ex in exs if len(ex.masks))
+    overall = report["methods"]["decoder"]["overall"]
+    assert overall["giou"] == pytest.approx(1 - with_target / len(exs))  # only no-target samples score 1
+    assert overall["box_acc@0.5"] == 0.0 and overall["precision@0.5"] == 0.0 and overall["ciou"] == 0.0
+    if len(exs) > with_target:
+        assert overall["no_target_acc"] == 1.0
+
+
+def test_workers_give_the_same_numbers_and_the_time_limit_stops(box_model: Path, box_report: tuple) -> None:
+    one = box_report[0]
+    two = run_evaluation(settings(box_model, workers=2), log=lambda m: None)
+    assert two["samples"] == one["samples"]
+    for method in one["methods"]:
+        assert two["methods"][method] == one["methods"][method]
+    cut = run_evaluation(settings(box_model, scenes=50, heads=(), time_limit_s=0.5), log=lambda m: None)
+    assert not cut["complete"] and cut["tasks_done"] < 50
+
+
+def test_command_line(box_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(box_model), "--scenes", "1", "--width", str(W), "--height", str(H),
+                 "--heads", "box", "--examples", "0", "--out", str(tmp_path)]) == 0
+    assert "giou" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["scenes"] == 1 and report["samples"] >= 1

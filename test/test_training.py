@@ -1,0 +1,510 @@
+"""The training pipeline on CPU with a tiny model: batches equal inference's inputs, losses fall,
+LoRA merges exactly, resuming continues exactly, and the result loads through the production path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from qwen3vl_seg_ros.grounding import SEG_TOKEN, format_answer
+from qwen3vl_seg_ros.model.segmenter import _decoder_image
+from qwen3vl_seg_ros.training.collate import (
+    IGNORE_INDEX,
+    RefExample,
+    concat_batches,
+    decoder_image_uint8,
+    jitter_boxes,
+    pixel_values_from_patches,
+    target_answer,
+)
+from qwen3vl_seg_ros.training.dataset import DataConfig, SyntheticStream, make_loader, synthetic_examples
+from qwen3vl_seg_ros.training.model_builder import apply_lora, init_number_embeddings, is_lora, merge_lora
+from qwen3vl_seg_ros.training.train import (
+    Trainer,
+    _first_samples,
+    config_from_dict,
+    load_config,
+    multimodal_forward,
+    reference_forward,
+    run_decoder,
+)
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
+
+REPO = Path(__file__).resolve().parents[1]
+W, H = 128, 96
+
+
+def tiny_config(**changes: object) -> dict:
+    """A training configuration small enough for a CPU test: ~0.3M-parameter Qwen3-VL, 128x96 scenes."""
+    cfg = {
+        "model": {"base": "tiny", "sizes": {"image_min_pixels": 32 * 32, "image_max_pixels": W * H},
+                  "decoder": {"size": "tiny", "max_image_side": W}, "export_dtype": "fp32"},
+        "data": {"width": W, "height": H, "queries_per_scene": 2, "max_objects": 3, "num_workers": 0,
+                 "micro_batch": 2, "box_jitter": 0.05},
+        "optim": {"batch_size": 4},
+        "stages": [{"name": "full", "steps": 4, "lr": 3e-3, "warmup_steps": 1}],
+        "run": {"device": "cpu", "log_every": 1, "checkpoint_every_s": 1e9, "seed": 3},
+        "eval": {"enabled": False},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg[section][name] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    t = Trainer(config_from_dict(tiny_config()), tmp_path_factory.mktemp("run"), log=lambda m: None)
+    t.setup()
+    return t
+
+
+@pytest.fixture(scope="module")
+def batch(trainer: Trainer):
+    examples = synthetic_examples("train", 0, trainer.cfg.data.scene_config())
+    examples += synthetic_examples("train", 1, trainer.cfg.data.scene_config())
+    assert len(examples) == 4
+    return trainer.collator(examples, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+def test_batch_matches_the_processor_and_inference(trainer: Trainer, batch) -> None:
+    """Prompt ids, pixel values and rotary positions are those inference computes."""
+    processor = trainer.processor
+    examples = synthetic_examples("train", 0, trainer.cfg.data.scene_config())
+    tok = processor.tokenizer
+    for b, ex in enumerate(examples):
+        prompt = trainer.collator.prompt_text(ex.expression)
+        ref = processor(text=[prompt], images=[Image.fromarray(ex.rgb)], return_tensors="pt")
+        n = ref["input_ids"].shape[1]
+        assert torch.equal(batch.input_ids[b, :n], ref["input_ids"][0])
+        assert (batch.labels[b, :n] == IGNORE_INDEX).all()  # no loss on prompt and image tokens
+        length = int(batch.attention_mask[b].sum())
+        answer = tok.decode(batch.input_ids[b, n:length])
+        text, _ = target_answer(ex.boxes, ex.labels, W, H)
+        assert answer == text + "<|im_end|>"
+        assert torch.equal(batch.labels[b, n:length], batch.input_ids[b, n:length])
+        assert (batch.labels[b, length:] == IGNORE_INDEX).all() and (batch.attention_mask[b, length:] == 0).all()
+        # the decoder's query positions are the <|seg|> tokens, one per target
+        seg = batch.object_seg_positions[batch.object_batch == b]
+        assert len(seg) == len(ex.boxes)
+        assert all(tok.convert_ids_to_tokens(int(batch.input_ids[b, p])) == SEG_TOKEN for p in seg)
+        # pixel values rebuilt from the uint8 patches equal the processor's
+        u = int(batch.image_index[b])
+        per_image = batch.patches.shape[0] // batch.image_grid_thw.shape[0]
+        patches = batch.patches[u * per_image:(u + 1) * per_image]
+        np.testing.assert_allclose(pixel_values_from_patches(patches, trainer.collator.patch_format).numpy(),
+                                   ref["pixel_values"].numpy(), atol=1e-6)
+        assert torch.equal(batch.image_grid_thw[u], ref["image_grid_thw"][0])
+        # the decoder image is the one inference gives the CNN stem
+        dec = torch.from_numpy(decoder_image_uint8(ex.rgb, trainer.decoder.config.max_image_side)).float() / 255
+        assert torch.equal(dec[None], _decoder_image(ex.rgb, trainer.decoder.config.max_image_side))
+    # the scene's queries share one image
+    assert batch.image_grid_thw.shape[0] == 2 and batch.image_index.tolist() == [0, 0, 1, 1]
+    mm = (batch.input_ids == trainer.collator.image_token_id).long()
+    expected, _ = trainer.model.model.get_rope_index(batch.input_ids, mm_token_type_ids=mm,
+                                                     image_grid_thw=batch.image_grid_thw[batch.image_index],
+                                                     attention_mask=batch.attention_mask)
+    assert torch.equal(expected, batch.position_ids[1:])
+
+
+def test_answers_order_objects_and_jitter_boxes() -> None:
+    boxes = np.array([[50, 10, 60, 20], [5, 30, 15, 40], [5, 2, 15, 8]], np.float32)
+    text, order = target_answer(boxes, ["a", "b", "c"], 100, 100)
+    assert order.tolist() == [2, 1, 0]  # left to right, then top to bottom
+    assert text == format_answer([([50, 20, 150, 80], "c"), ([50, 300, 150, 400], "b"),
+                                  ([500, 100, 600, 200], "a")], mask_token=True)
+    assert target_answer(np.zeros((0, 4)), [], 100, 100)[0] == "[]"
+    rel = np.array([[100.0, 100.0, 300.0, 500.0]])
+    moved = jitter_boxes(np.repeat(rel, 500, axis=0), np.random.default_rng(0), 0.05)
+    assert (moved[:, 2] > moved[:, 0]).all() and (moved >= 0).all() and (moved <= 1000).all()
+    spread = moved.std(axis=0)
+    np.testing.assert_allclose(spread, [10, 20, 10, 20], rtol=0.2)  # 5 % of the side (200 x 400)
+    assert np.array_equal(jitter_boxes(rel, np.random.default_rng(0), 0.0), rel)
+
+
+def test_language_loss_scores_answer_tokens_and_coordinates() -> None:
+    from qwen3vl_seg_ros.training.losses import CoordinateTable, lm_loss
+
+    coords = CoordinateTable(list(range(100, 1101)), 1200)  # value v is token 100 + v
+    labels = torch.tensor([[IGNORE_INDEX, 110, 120, 7]])  # coordinates 10 and 20, then another token
+    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+
+    def scores(near: bool) -> torch.Tensor:
+        hidden = torch.zeros(1, 4, 1200)
+        hidden[0, 0, 113 if near else 400] = 8.0  # position 0 predicts the token at 1 (value 10)
+        hidden[0, 1, 5] = 8.0  # a non-number first; among the numbers, 26 (target 20)
+        hidden[0, 1, 126] = 4.0
+        hidden[0, 2, 7] = 8.0  # right
+        return hidden
+
+    loss, stats = lm_loss(scores(True), torch.nn.Identity(), labels, rows, cols, coords)
+    assert float(stats["token_acc"]) == pytest.approx(1 / 3)
+    assert float(stats["coord_mae"]) == pytest.approx((3 + 6) / 2)
+    hard_near, _ = lm_loss(scores(True), torch.nn.Identity(), labels, rows, cols, coords, 0.0)
+    hard_far, _ = lm_loss(scores(False), torch.nn.Identity(), labels, rows, cols, coords, 0.0)
+    soft_near, _ = lm_loss(scores(True), torch.nn.Identity(), labels, rows, cols, coords, 5.0)
+    soft_far, _ = lm_loss(scores(False), torch.nn.Identity(), labels, rows, cols, coords, 5.0)
+    assert hard_near == pytest.approx(float(hard_far), rel=1e-4)  # plain CE: a miss is a miss
+    assert soft_near < soft_far - 0.1  # soft coordinate labels reward the near miss
+
+
+def test_micro_batches_concatenate(trainer: Trainer, batch) -> None:
+    halves = [_first_samples(batch, 2), _first_samples_tail(batch)]
+    joined = concat_batches(halves, trainer.collator.pad_id)
+    length = batch.input_ids.shape[1]
+    assert torch.equal(joined.input_ids[:, :length], batch.input_ids)
+    assert torch.equal(joined.position_ids[:, :, :length], batch.position_ids)
+    assert torch.equal(joined.image_index, batch.image_index)
+    assert torch.equal(joined.object_batch, batch.object_batch)
+    assert torch.equal(joined.lm_rows, batch.lm_rows) and torch.equal(joined.lm_cols, batch.lm_cols)
+    assert joined.object_counts == batch.object_counts
+
+
+def _first_samples_tail(batch):
+    """Samples 2 and 3 of a 4-sample batch, as their own micro-batch."""
+    from qwen3vl_seg_ros.training.collate import Batch
+
+    keep_obj = batch.object_batch >= 2
+    rows = batch.lm_rows >= 2
+    per_image = batch.patches.shape[0] // batch.image_grid_thw.shape[0]
+    return Batch(
+        input_ids=batch.input_ids[2:], attention_mask=batch.attention_mask[2:], position_ids=batch.position_ids[:, 2:],
+        labels=batch.labels[2:], lm_rows=batch.lm_rows[rows] - 2, lm_cols=batch.lm_cols[rows],
+        patches=batch.patches[per_image:], image_grid_thw=batch.image_grid_thw[1:],
+        image_index=batch.image_index[2:] - 1, decoder_images=batch.decoder_images[1:],
+        object_boxes=batch.object_boxes[keep_obj], object_batch=batch.object_batch[keep_obj] - 2,
+        object_seg_positions=batch.object_seg_positions[keep_obj], object_masks=batch.object_masks[keep_obj],
+        num_targets=batch.num_targets[2:], query_types=batch.query_types[2:], object_counts=batch.object_counts[2:])
+
+
+def test_stream_is_the_same_with_workers(trainer: Trainer) -> None:
+    """Item k does not depend on the number of loader workers (so resuming is exact)."""
+    data = trainer.cfg.data
+    stream = SyntheticStream(trainer.collator, 2, data, start_item=5, seed=3)
+    loader = make_loader(stream, num_workers=2, prefetch_factor=1, pin_memory=False)
+    got = []
+    for item in loader:
+        got.append(item)
+        if len(got) == 3:
+            break
+    for k, item in enumerate(got):
+        ref = stream.item(5 + k)
+        assert torch.equal(item.input_ids, ref.input_ids) and torch.equal(item.object_boxes, ref.object_boxes)
+    # train scenes are the train split's, never val/test: item k uses scenes k*stride.. of "train"
+    assert stream.split == "train"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_shared_vision_forward_equals_the_model_forward(trainer: Trainer, batch) -> None:
+    """One vision pass per distinct image gives the hidden states of Qwen3VLModel.forward."""
+    pixel_values = pixel_values_from_patches(batch.patches, trainer.collator.patch_format)
+    per_image = batch.patches.shape[0] // batch.image_grid_thw.shape[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = multimodal_forward(trainer.model, batch, pixel_values)
+        ref = reference_forward(trainer.model, batch, pixel_values, per_image)
+    keep = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[keep], ref[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_in_chunks_of_frames_equals_one_call(trainer: Trainer) -> None:
+    """The GPU config splits the decoder's frames into chunks; the masks must not change."""
+    from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
+
+    wanted, picked = [lambda k: k == 0, lambda k: k >= 2, lambda k: k == 1, lambda k: k == 1], []
+    for index in range(40):
+        for ex in synthetic_examples("train", index, trainer.cfg.data.scene_config()):
+            if len(picked) < len(wanted) and wanted[len(picked)](len(ex.boxes)):
+                picked.append(ex)
+    batch = trainer.collator(picked, np.random.default_rng(0))
+    assert batch.object_counts[:2] == [0, batch.object_counts[1]] and batch.object_counts[1] >= 2
+    pixel_values = pixel_values_from_patches(batch.patches, trainer.collator.patch_format)
+    trainer.model.eval()
+    trainer.decoder.eval()
+    with torch.no_grad(), VisionCapture(trainer.model, trainer.decoder.config.vit_layers) as capture:
+        hidden = multimodal_forward(trainer.model, batch, pixel_values)
+    unique = capture.features(batch.image_grid_thw)
+    vision = VisionFeatures([m[batch.image_index] for m in unique.vit_maps], unique.merged_map[batch.image_index])
+    images = batch.decoder_images[batch.image_index].float() / 255
+    queries = hidden[batch.object_batch, batch.object_seg_positions]
+    with torch.no_grad():
+        whole = run_decoder(trainer.decoder, images, vision, queries, batch.object_boxes, batch.object_batch, 0,
+                            batch.object_counts)
+        chunked = run_decoder(trainer.decoder, images, vision, queries, batch.object_boxes, batch.object_batch, 1,
+                              batch.object_counts)
+    trainer.decoder.train()
+    for a, b in zip(whole.mask_logits, chunked.mask_logits):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.iou, whole.iou, rtol=1e-4, atol=1e-5)
+
+
+def test_schedule_fitted_to_a_training_time(tmp_path: Path) -> None:
+    """--train-time-s rescales the stages from the measured speed, keeping their proportions."""
+    stages = [{"name": "a", "steps": 300, "lr": 1e-3, "warmup_steps": 10}, {"name": "b", "steps": 100, "lr": 1e-4}]
+    trainer = Trainer(config_from_dict(tiny_config(stages=stages, run={**tiny_config()["run"], "train_time_s": 60})),
+                      tmp_path, log=lambda m: None)
+    trainer._plan(0.05)  # 50 ms a step: 1200 steps in 60 s
+    assert trainer.state.planned_steps == [900, 300] and trainer.total_steps() == 1200
+    assert trainer.stage_steps(1) == 300
+
+
+def test_number_embeddings_are_smooth(trainer: Trainer) -> None:
+    emb = trainer.model.get_input_embeddings().weight
+    ids = [trainer.tokenizer.convert_tokens_to_ids(str(v)) for v in (400, 401, 410, 900)]
+    e = torch.nn.functional.normalize(emb[ids].float(), dim=-1)
+    with torch.no_grad():
+        near, mid, far = float(e[0] @ e[1]), float(e[0] @ e[2]), float(e[0] @ e[3])
+    assert near > mid > far and near > 0.8
+
+
+class _MultiTokenNumbers:
+    """A tokenizer where numbers above 99 are not single tokens (like a byte-level BPE)."""
+
+    unk_token_id = 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 0 if len(token) > 2 else 10 + int(token)
+
+
+def test_number_embedding_init_needs_single_number_tokens(trainer: Trainer) -> None:
+    model = copy.deepcopy(trainer.model)
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert not init_number_embeddings(model, _MultiTokenNumbers())
+    assert torch.equal(model.get_input_embeddings().weight, before)
+
+
+def test_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path: Path, batch) -> None:
+    trainer = Trainer(config_from_dict(tiny_config()), tmp_path, log=lambda m: None)
+    trainer.setup()
+    trainer._loaded = trainer._rng_restored = False
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    losses, parts = [], []
+    for _ in range(20):
+        loss, stats = trainer.forward_losses(batch, 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        parts.append({k: float(v) for k, v in stats.items()})
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert parts[-1]["lm"] < 0.5 * parts[0]["lm"]
+    assert parts[-1]["mask"] < parts[0]["mask"], [p["mask"] for p in parts]
+    assert parts[-1]["token_acc"] > parts[0]["token_acc"]
+
+
+def test_lora_trains_and_merges_exactly(tmp_path: Path, batch) -> None:
+    cfg = tiny_config(stages=[{"name": "lora", "steps": 5, "lr": 1e-2, "llm": "lora", "vision_lr_scale": 0.01,
+                               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}])
+    trainer = Trainer(config_from_dict(cfg), tmp_path, log=lambda m: None)
+    trainer.setup()
+    trainer._loaded = trainer._rng_restored = False
+    pixel_values = pixel_values_from_patches(batch.patches, trainer.collator.patch_format)
+    with torch.no_grad():
+        before = multimodal_forward(trainer.model.eval(), batch, pixel_values)
+    base_llm = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "language_model" in n}
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    assert is_lora(trainer.model)
+    names = {g["name"] for g in optimizer.param_groups}
+    assert {"llm/decay", "vision/decay", "decoder/decay"} <= names
+    assert all(("lora_" in n) for g in optimizer.param_groups if g["name"].startswith("llm")
+               for n, p in trainer.model.named_parameters() if any(p is q for q in g["params"]))
+    vision_lr = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert vision_lr["vision/decay"] == pytest.approx(0.01 * vision_lr["llm/decay"])
+    losses = []
+    for _ in range(5):
+        loss, _ = trainer.forward_losses(batch, 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    for n, p in trainer.model.named_parameters():  # the base weights of the LLM did not move
+        key = n.replace(".base_layer", "")
+        if key in base_llm and "lora_" not in n:
+            assert torch.equal(p, base_llm[key]), n
+    trainer.model.eval()
+    with torch.no_grad():
+        unmerged = multimodal_forward(trainer.model, batch, pixel_values)
+    merged_model = merge_lora(trainer.peft_model)
+    assert not is_lora(merged_model)
+    with torch.no_grad():
+        merged = multimodal_forward(merged_model, batch, pixel_values)
+    keep = batch.attention_mask.bool()
+    assert (unmerged[keep] - before[keep]).abs().max() > 1e-3  # the adapters changed the model
+    torch.testing.assert_close(merged[keep], unmerged[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_apply_lora_targets_only_the_language_model(trainer: Trainer) -> None:
+    from peft import LoraConfig  # noqa: F401  (peft is a training dependency)
+
+    model = copy.deepcopy(trainer.model)
+    from qwen3vl_seg_ros.training.model_builder import LoraSettings
+
+    apply_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0))
+    wrapped = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert wrapped and all("language_model" in n for n in wrapped)
+    kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in wrapped}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# -------------------------------------------------------------------------------- runs and resuming
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """8 steps straight == 2 steps + resume (mid-LoRA) + 4 steps + resume (mid stage 2) + 2 steps."""
+    stages = [{"name": "lora", "steps": 4, "lr": 3e-3, "warmup_steps": 1, "llm": "lora", "vision_lr_scale": 0.01,
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+              {"name": "finetune", "steps": 4, "lr": 1e-3, "warmup_steps": 1, "vision_lr_scale": 0.0}]
+    cfg = config_from_dict(tiny_config(stages=stages))
+    straight = tmp_path / "straight"
+    Trainer(cfg, straight, log=lambda m: None).run()
+    parts = tmp_path / "parts"
+    first = Trainer(cfg, parts, log=lambda m: None, stop_at_step=2)
+    assert first.run()["finished"] is False
+    with pytest.raises(FileExistsError):
+        Trainer(cfg, parts, log=lambda m: None).setup()  # a run folder is never overwritten
+    assert Trainer(cfg, parts, resume=True, log=lambda m: None, stop_at_step=6).run()["finished"] is False
+    summary = Trainer(cfg, parts, resume=True, log=lambda m: None).run()
+    assert summary["finished"] and summary["step"] == 8
+    a, b = _losses(straight), _losses(parts)
+    assert len(a) == len(b) == 8
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    wa = load_file(str(straight / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(parts / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and not any("lora_" in k for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    da = load_file(str(straight / "model" / "mask_decoder.safetensors"))
+    db = load_file(str(parts / "model" / "mask_decoder.safetensors"))
+    for k in da:
+        torch.testing.assert_close(db[k], da[k], rtol=1e-5, atol=1e-6)
+
+
+def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> None:
+    from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
+    cfg = config_from_dict(tiny_config(model={**tiny_config()["model"], "export_dtype": "bf16"}))
+    summary = Trainer(cfg, tmp_path / "run", log=lambda m: None).run()
+    folder = Path(summary["model"])
+    weights = load_file(str(folder / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert {v.dtype for v in load_file(str(folder / "mask_decoder.safetensors")).values()} == {torch.float32}
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu", max_new_tokens=8))
+    assert seg.dtype == torch.float32 and seg.decoder is not None and seg.seg_token_id is not None
+    ex = synthetic_examples("val", 0, DataConfig(width=W, height=H).scene_config())[0]
+    out = seg.segment(ex.rgb, ex.expression)  # an untrained model: any answer, but the path works
+    assert isinstance(out.raw_answer, str)
+    info = json.loads((folder / "training_info.json").read_text())
+    assert info["step"] == 4 and info["finished"]
+
+
+def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
+    """The user-data path: a COCO-style referring file, its images resized to the training size."""
+    from qwen3vl_seg_ros.training.coco import CocoRefWriter
+    from qwen3vl_seg_ros.training.synthetic import SceneConfig, add_to_dataset, generate_sample, split_seed
+
+    writer = CocoRefWriter(tmp_path / "data")
+    for i in range(3):  # 160x120 images: not the training size
+        scene, queries = generate_sample(split_seed("train", i), SceneConfig(width=160, height=120,
+                                                                             queries_per_scene=2))
+        add_to_dataset(writer, scene, queries, "train")
+    path = writer.write()
+    data = {**tiny_config()["data"], "source": "coco", "coco_json": str(path), "coco_split": "train"}
+    cfg = config_from_dict(tiny_config(data=data, stages=[{"name": "full", "steps": 2, "lr": 1e-3}]))
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    summary = trainer.run()
+    assert summary["finished"] and summary["step"] == 2
+    from qwen3vl_seg_ros.training.dataset import CocoStream
+
+    stream = CocoStream(trainer.collator, 2, cfg.data, seed=3)
+    item = stream.item(0)
+    assert tuple(item.decoder_images.shape[-2:]) == (H, W) and tuple(item.object_masks.shape[-2:]) == (H, W)
+    labels = {lab for ex in stream.examples(0, np.random.default_rng(0)) for lab in ex.labels}
+    assert labels and all(len(lab.split()) == 2 for lab in labels)  # "colour shape" from the attributes
+
+
+def test_configurations(tmp_path: Path) -> None:
+    for name in ("train_tiny.yaml", "train_tiny_cpu_smoke.yaml"):
+        cfg = load_config(REPO / "config" / name)
+        assert cfg.stages and cfg.model.from_scratch
+    real = load_config(REPO / "config" / "train_qwen3vl_lora.yaml", ["data.coco_json=/data/refs.json"])
+    assert [s.llm for s in real.stages] == ["lora", "full"] and real.stages[0].lora.r == 32
+    assert real.stages[0].vision_lr_scale == 0.01 and real.stages[1].vision_lr_scale == 0.0
+    with pytest.raises(ValueError, match="coco_json"):
+        load_config(REPO / "config" / "train_qwen3vl_lora.yaml")
+    gpu = load_config(REPO / "config" / "train_tiny.yaml", ["optim.batch_size=64", "stages.0.steps=10"])
+    assert gpu.optim.batch_size == 64 and gpu.stages[0].steps == 10
+    assert gpu.optim.batch_size % gpu.data.micro_batch == 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        config_from_dict(tiny_config(optim={"batch_size": 4, "learning_rate": 1}))
+    with pytest.raises(ValueError, match="llm must be"):
+        config_from_dict(tiny_config(stages=[{"name": "x", "steps": 1, "lr": 1e-3, "llm": "half"}]))
+    stage = load_config(REPO / "config" / "train_tiny.yaml").stages[0]
+    assert stage.lr_factor(0) == pytest.approx(1 / stage.warmup_steps)
+    assert stage.lr_factor(stage.steps) == pytest.approx(stage.min_lr_ratio)
+    assert stage.lr_factor(stage.warmup_steps) == pytest.approx(1.0)
+    assert gpu.stages[0].lr_factor(0, 10) == pytest.approx(0.5)  # warm-up at most a fifth of a short stage
+
+
+def test_shipped_configuration_fits_in_30_mb() -> None:
+    """The model of config/train_tiny.yaml, exported in bf16 with an fp32 decoder, is under 30 MB."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
+    from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder
+    from qwen3vl_seg_ros.model.tiny import TINY_SIZES, _special_ids, build_tokenizer, qwen3vl_config
+
+    cfg = load_config(REPO / "config" / "train_tiny.yaml")
+    tok = build_tokenizer()
+    sizes = {**TINY_SIZES, **cfg.model.sizes, "vocab_size": len(tok)}
+    config = qwen3vl_config(sizes, _special_ids(tok))
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    options = dict(cfg.model.decoder)
+    decoder = BoxGuidedMaskDecoder(MaskDecoderConfig.for_qwen3vl(config, size=options.pop("size"), **options))
+    dec_params = sum(p.numel() for p in decoder.parameters())
+    assert cfg.model.export_dtype == "bf16"
+    size_mb = (2 * params + 4 * dec_params) / 1e6
+    assert size_mb < 30, size_mb
+
+
+def test_training_path_needs_no_pycocotools_or_rclpy() -> None:
+    """The GPU machine has neither: importing and running the training path must not need them."""
+    code = (
+        "import sys; sys.modules['pycocotools'] = None; sys.modules['rclpy'] = None\n"
+        "import qwen3vl_seg_ros.train, qwen3vl_seg_ros.training.evaluate\n"
+        "from qwen3vl_seg_ros.training.dataset import DataConfig, synthetic_examples\n"
+        "ex = synthetic_examples('train', 0, DataConfig(width=64, height=48).scene_config())\n"
+        "assert ex, 'no samples'\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_refexample_depth_defaults_to_none() -> None:
+    ex = RefExample(np.zeros((4, 4, 3), np.uint8), "x", "referring", np.zeros((0, 4)), np.zeros((0, 4, 4), bool), [])
+    assert ex.depth is None and ex.image_key is None
