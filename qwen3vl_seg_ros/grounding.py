@@ -327,21 +327,36 @@ def _fix_relative_box(values: list[float], index: int, warnings: list[str]) -> l
     return fixed
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+class _Deduplicator:
+    """Finds duplicates in time linear in the answer for exact repeats and vectorised per label
+    otherwise: a runaway answer with thousands of boxes must not take seconds to parse."""
 
+    def __init__(self, iou_threshold: float) -> None:
+        self.iou_threshold = iou_threshold
+        self._exact: set[tuple[float, ...]] = set()
+        self._by_label: dict[str, tuple[np.ndarray, int]] = {}  # label -> (boxes buffer, count)
 
-def _is_duplicate(obj: ParsedObject, kept: list[ParsedObject], iou_threshold: float) -> bool:
-    for other in kept:
-        if np.array_equal(other.box, obj.box):
+    def is_duplicate(self, obj: ParsedObject) -> bool:
+        key = tuple(float(v) for v in obj.box)
+        if key in self._exact:
             return True
-        if other.label == obj.label and _iou(other.box, obj.box) >= iou_threshold:
-            return True
-    return False
+        buffer, count = self._by_label.get(obj.label, (np.empty((8, 4)), 0))
+        if count:
+            kept = buffer[:count]
+            ix = np.clip(np.minimum(kept[:, 2], obj.box[2]) - np.maximum(kept[:, 0], obj.box[0]), 0, None)
+            iy = np.clip(np.minimum(kept[:, 3], obj.box[3]) - np.maximum(kept[:, 1], obj.box[1]), 0, None)
+            inter = ix * iy
+            area = (obj.box[2] - obj.box[0]) * (obj.box[3] - obj.box[1])
+            union = (kept[:, 2] - kept[:, 0]) * (kept[:, 3] - kept[:, 1]) + area - inter
+            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            if np.any(iou >= self.iou_threshold):
+                return True
+        self._exact.add(key)
+        if count == len(buffer):
+            buffer = np.concatenate([buffer, np.empty_like(buffer)])
+        buffer[count] = obj.box
+        self._by_label[obj.label] = (buffer, count + 1)
+        return False
 
 
 def _to_pixels(rel: list[float], width: int, height: int) -> np.ndarray:
@@ -354,8 +369,9 @@ def _to_pixels(rel: list[float], width: int, height: int) -> np.ndarray:
 def _candidate_spans(text: str) -> list[tuple[int, int]]:
     """Object spans: brace-delimited objects, else bare ``[x1, y1, x2, y2]`` lists."""
     segments = _object_segments(text)
-    if any(_BOX_KEY.search(text, s, e) or _QUAD.search(text[s:e]) for s, e in segments):
-        return segments
+    if any(_BOX_KEY.search(text, s, e) or _QUAD.search(text[s:e]) or _POINT_KEY.search(text, s, e)
+           for s, e in segments):
+        return segments  # (objects with points only stay, so that the warning says "a point")
     return [(m.start(), m.end()) for m in _QUAD.finditer(text)]
 
 
@@ -370,11 +386,14 @@ def parse_answer(
     objects and a ``no_match_reason`` that quotes the answer.
     """
     warnings: list[str] = []
+    if width <= 0 or height <= 0:
+        return ParsedAnswer.from_objects([], f"the image has no pixels ({width}x{height})", warnings)
     if not text.strip():
         return ParsedAnswer.from_objects([], "the model gave an empty answer", warnings)
     if _EMPTY_LIST.match(text):
         return ParsedAnswer.from_objects([], "the model found no matching object (empty list)", warnings)
     objects: list[ParsedObject] = []
+    dedup = _Deduplicator(dedupe_iou)
     for index, (start, end) in enumerate(_candidate_spans(text)):
         segment = text[start:end]
         values, coord_span, problem = _read_box(segment)
@@ -394,7 +413,7 @@ def parse_answer(
             span=(start, end),
             coord_span=(start + coord_span[0], start + coord_span[1]),
         )
-        if _is_duplicate(obj, objects, dedupe_iou):
+        if dedup.is_duplicate(obj):
             warnings.append(f"object {index}: duplicate of an earlier object, dropped")
             continue
         objects.append(obj)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,8 +130,29 @@ class Client:
 
     def publish_frame(self, scene: Scene, encoding: str = "rgb8", with_depth: bool = True,
                       depth_encoding: str = "32FC1", with_info: bool = True, stamp=None,
-                      rgb: np.ndarray | None = None) -> None:
+                      rgb: np.ndarray | None = None, wait_node: SegmentationNode | None = None) -> None:
+        """Publishes one frame; with ``wait_node``, returns once that node holds it as its newest
+        frame (so a request sent next is served on this frame, not on an earlier one)."""
         stamp = stamp if stamp is not None else self.node.get_clock().now().to_msg()
+        if wait_node is not None:
+            t = stamp.sec + stamp.nanosec * 1e-9
+
+            def holds() -> bool:
+                frame = wait_node._frames.latest(time.monotonic())
+                return (frame is not None and frame.stamp == t
+                        and (not with_depth or not wait_node.p("use_depth") or frame.depth_stamp == t)
+                        and (not with_info or (frame.camera_info is not None
+                                               and frame.camera_info.header.stamp == stamp)))
+
+            for _ in range(10):  # camera topics are best effort: a lost message is sent again
+                self._publish(scene, encoding, with_depth, depth_encoding, with_info, stamp, rgb)
+                if wait_for(holds, 1.0):
+                    return
+            raise AssertionError("the node did not receive the published frame")
+        self._publish(scene, encoding, with_depth, depth_encoding, with_info, stamp, rgb)
+
+    def _publish(self, scene: Scene, encoding: str, with_depth: bool, depth_encoding: str, with_info: bool,
+                 stamp, rgb: np.ndarray | None) -> None:
         rgb = scene.rgb() if rgb is None else rgb
         self.image_pub.publish(image_msg(encode(rgb, encoding), encoding, stamp=stamp))
         if with_depth:
@@ -230,9 +252,12 @@ class NodeHarness:
         self.node.destroy_node()
 
 
-def new_context(domain_id: int | None = None) -> Context:
+def new_context(namespace: str | None = None) -> Context:
+    """A fresh rclpy context; with ``namespace``, all its nodes live in ``/<namespace>``, so that
+    nodes of other tests in the same DDS domain never answer its requests or see its frames."""
     context = Context()
-    rclpy.init(context=context, domain_id=domain_id)
+    args = ["--ros-args", "-r", f"__ns:=/{namespace}"] if namespace else None
+    rclpy.init(context=context, args=args)
     return context
 
 

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.ros
 
 @pytest.fixture(scope="module")
 def system():
-    context = new_context()
+    context = new_context("test_node")
     node = NodeHarness(context, {"max_rate_hz": 4.0, "min_points": 20, "erode_px": 1})
-    client = Client(context)
+    client = Client(context, node_fqn="/test_node/qwen3vl_seg")
     client.wait_connected()
     yield node, client
     client.close()
@@ -27,9 +27,11 @@ def system():
     context.try_shutdown()
 
 
-def fresh(client: Client, scene: Scene | None = None, **kwargs) -> Scene:
+def fresh(system, scene: Scene | None = None, **kwargs) -> Scene:
+    """Publishes a frame and waits until the node holds it, so the next request uses it."""
+    node, client = system
     scene = scene or Scene()
-    client.publish_frame(scene, **kwargs)
+    client.publish_frame(scene, wait_node=node.node, **kwargs)
     return scene
 
 
@@ -41,7 +43,7 @@ def image_of(msg) -> np.ndarray:
 
 def test_end_to_end_result_fields(system):
     node, client = system
-    scene = fresh(client)
+    scene = fresh(system)
     n_masks, n_overlays = len(client.snapshot(client.masks)), len(client.snapshot(client.overlays))
     response = client.call("the red and the blue blobs", request_id="req-e2e")
     result = response.result
@@ -88,7 +90,7 @@ def test_end_to_end_result_fields(system):
 @pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
 def test_each_colour_encoding_gives_the_same_boxes(system, encoding):
     node, client = system
-    fresh(client, encoding=encoding)
+    fresh(system, encoding=encoding)
     result = client.call("red").result
     assert result.status == SegmentationResult.OK, result.message
     box = result.objects[0].box
@@ -97,7 +99,7 @@ def test_each_colour_encoding_gives_the_same_boxes(system, encoding):
 
 def test_mono8_image_is_served(system):
     node, client = system
-    fresh(client, encoding="mono8")
+    fresh(system, encoding="mono8")
     result = client.call("white").result  # the red channel as grey: the red rectangle turns white
     assert result.status == SegmentationResult.OK, result.message
     box = result.objects[0].box
@@ -106,7 +108,7 @@ def test_mono8_image_is_served(system):
 
 def test_16uc1_depth_in_millimetres(system):
     node, client = system
-    fresh(client, depth_encoding="16UC1")
+    fresh(system, depth_encoding="16UC1")
     result = client.call("blue").result
     assert result.status == SegmentationResult.OK
     assert result.objects[0].centroid.z == pytest.approx(0.8, abs=0.005)
@@ -114,7 +116,7 @@ def test_16uc1_depth_in_millimetres(system):
 
 def test_no_match_says_why(system):
     node, client = system
-    fresh(client)
+    fresh(system)
     result = client.call("green").result
     assert result.status == SegmentationResult.NO_MATCH
     assert "no blob of the colours named in 'green'" in result.message
@@ -123,13 +125,13 @@ def test_no_match_says_why(system):
 
 def test_model_failure_is_reported_and_node_keeps_serving(system):
     node, client = system
-    fresh(client)
+    fresh(system)
     oom = client.call("red raise:oom").result
     assert oom.status == SegmentationResult.ERROR and "ran out of memory" in oom.message
     crash = client.call("red raise:error").result
     assert crash.status == SegmentationResult.ERROR
     assert "internal error in the segmenter: RuntimeError: simulated model failure" in crash.message
-    fresh(client)
+    fresh(system)
     assert client.call("red").result.status == SegmentationResult.OK
 
 
@@ -146,7 +148,7 @@ def test_stale_input_times_out_with_reason(system):
     from rclpy.parameter import Parameter
     node.node.set_parameters([Parameter("max_input_age_s", value=0.3)])
     try:
-        fresh(client)
+        fresh(system)
         time.sleep(0.8)  # the only frame is now older than max_input_age_s
         t0 = time.monotonic()
         result = client.call("red", timeout_s=0.5).result
@@ -160,7 +162,7 @@ def test_stale_input_times_out_with_reason(system):
 
 def test_concurrent_requests_each_get_exactly_one_answer(system):
     node, client = system
-    fresh(client)
+    fresh(system)
     futures = [client.call_async(f"red sleep:0.05 #{k}", request_id=f"c{k}") for k in range(6)]
     assert wait_for(lambda: all(f.done() for f in futures), 20)
     ids = [f.result().result.request_id for f in futures]
@@ -174,7 +176,7 @@ def test_continuous_mode_rate_limit_and_stop(system):
 
     def camera():
         while not stop.is_set():
-            fresh(client)
+            fresh(system)
             time.sleep(0.05)  # 20 Hz
 
     cam = threading.Thread(target=camera, daemon=True)
@@ -200,12 +202,12 @@ def test_continuous_mode_rate_limit_and_stop(system):
 
 
 def test_without_depth_results_are_2d_with_reason():
-    context = new_context()
+    context = new_context("test_node_no_depth")
     node = NodeHarness(context, {"use_depth": False})
-    client = Client(context)
+    client = Client(context, node_fqn="/test_node_no_depth/qwen3vl_seg")
     try:
         client.wait_connected()
-        fresh(client, with_depth=False)
+        fresh((node, client), with_depth=False)
         result = client.call("red").result
         assert result.status == SegmentationResult.OK
         assert not result.objects[0].has_3d and result.geometry_frame_id == ""

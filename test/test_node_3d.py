@@ -22,9 +22,9 @@ pytestmark = pytest.mark.ros
 
 @pytest.fixture(scope="module")
 def system():
-    context = new_context()
+    context = new_context("test_node_3d")
     node = NodeHarness(context, {"min_points": 20, "erode_px": 1})
-    client = Client(context)
+    client = Client(context, node_fqn="/test_node_3d/qwen3vl_seg")
     client.wait_connected()
     yield node, client
     client.close()
@@ -36,20 +36,33 @@ def set_params(node: NodeHarness, **values) -> None:
     node.node.set_parameters([Parameter(k, value=v) for k, v in values.items()])
 
 
-def publish(client: Client, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", depth_frame="camera_optical",
+def publish(system, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", depth_frame="camera_optical",
             info=True, info_scene: Scene | None = None) -> None:
+    """Publishes one RGB-D frame and waits until the node holds it (image, depth and info)."""
+    node, client = system
     stamp = client.node.get_clock().now().to_msg()
-    client.image_pub.publish(image_msg(scene.rgb(), "rgb8", stamp=stamp))
-    client.depth_pub.publish(image_msg(depth, depth_encoding, frame_id=depth_frame, stamp=stamp))
-    if info:
-        client.info_pub.publish(camera_info_msg(info_scene or scene, stamp=stamp))
+    t = stamp.sec + stamp.nanosec * 1e-9
+
+    def holds() -> bool:
+        frame = node.node._frames.latest(time.monotonic())
+        return (frame is not None and frame.stamp == t and frame.depth_stamp == t
+                and (not info or (frame.camera_info is not None and frame.camera_info.header.stamp == stamp)))
+
+    for _ in range(10):  # best-effort topics: send again when a message was lost
+        client.image_pub.publish(image_msg(scene.rgb(), "rgb8", stamp=stamp))
+        client.depth_pub.publish(image_msg(depth, depth_encoding, frame_id=depth_frame, stamp=stamp))
+        if info:
+            client.info_pub.publish(camera_info_msg(info_scene or scene, stamp=stamp))
+        if wait_for(holds, 1.0):
+            return
+    raise AssertionError("the node did not receive the published frame")
 
 
 def test_cloud_and_markers_are_published_for_all_objects(system):
     node, client = system
     scene = Scene()
     n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
-    publish(client, scene, scene.depth_m())
+    publish(system, scene, scene.depth_m())
     result = client.call("red blue").result
     assert result.status == SegmentationResult.OK and all(o.has_3d for o in result.objects)
     assert wait_for(lambda: len(client.snapshot(client.clouds)) > n_clouds, 5)
@@ -71,7 +84,7 @@ def test_depth_at_half_resolution_scales_intrinsics(system):
     node, client = system
     scene = Scene()
     half = scene.depth_m()[::2, ::2].copy()
-    publish(client, scene, half)
+    publish(system, scene, half)
     result = client.call("blue").result
     assert result.status == SegmentationResult.OK, result.message
     obj = result.objects[0]
@@ -83,7 +96,7 @@ def test_depth_at_half_resolution_scales_intrinsics(system):
 def test_depth_with_another_aspect_ratio_is_an_error(system):
     node, client = system
     scene = Scene()
-    publish(client, scene, np.ones((100, 100), np.float32))
+    publish(system, scene, np.ones((100, 100), np.float32))
     result = client.call("red").result
     assert result.status == SegmentationResult.ERROR
     assert "aspect ratios" in result.message and "100x100" in result.message
@@ -92,7 +105,7 @@ def test_depth_with_another_aspect_ratio_is_an_error(system):
 def test_depth_in_another_frame_is_reported_not_mixed(system):
     node, client = system
     scene = Scene()
-    publish(client, scene, scene.depth_m(), depth_frame="other_camera")
+    publish(system, scene, scene.depth_m(), depth_frame="other_camera")
     result = client.call("red").result
     assert result.status == SegmentationResult.OK
     obj = result.objects[0]
@@ -101,13 +114,13 @@ def test_depth_in_another_frame_is_reported_not_mixed(system):
 
 
 def test_missing_camera_info_gives_2d_with_reason():
-    context = new_context()
+    context = new_context("test_node_3d_no_info")
     node = NodeHarness(context)
-    client = Client(context)
+    client = Client(context, node_fqn="/test_node_3d_no_info/qwen3vl_seg")
     try:
         client.wait_connected()
         scene = Scene()
-        publish(client, scene, scene.depth_m(), info=False)
+        publish((node, client), scene, scene.depth_m(), info=False)
         result = client.call("red").result
         assert result.status == SegmentationResult.OK
         assert not result.objects[0].has_3d and "no CameraInfo" in result.objects[0].status_3d
@@ -121,13 +134,13 @@ def test_invalid_depth_everywhere_gives_reason_per_object(system):
     node, client = system
     scene = Scene()
     depth = np.full((scene.height, scene.width), np.nan, np.float32)
-    publish(client, scene, depth)
+    publish(system, scene, depth)
     result = client.call("red").result
     assert result.status == SegmentationResult.OK
     obj = result.objects[0]
     assert not obj.has_3d and obj.status_3d and "no 3D for object" in result.message
     zeros = np.zeros((scene.height, scene.width), np.uint16)
-    publish(client, scene, zeros, depth_encoding="16UC1")
+    publish(system, scene, zeros, depth_encoding="16UC1")
     obj = client.call("red").result.objects[0]
     assert not obj.has_3d and obj.status_3d
 
@@ -146,7 +159,7 @@ def test_target_frame_through_tf_and_its_failure(system):
     set_params(node, target_frame="base_link", tf_timeout_s=1.0)
     try:
         time.sleep(0.5)
-        publish(client, scene, scene.depth_m())
+        publish(system, scene, scene.depth_m())
         result = client.call("blue").result
         assert result.status == SegmentationResult.OK, result.message
         obj = result.objects[0]
@@ -156,7 +169,7 @@ def test_target_frame_through_tf_and_its_failure(system):
         assert obj.centroid.y == pytest.approx(-((y1 + y2 - 1) / 2 - scene.cy) * z / scene.fy, abs=0.01)
 
         set_params(node, target_frame="no_such_frame", tf_timeout_s=0.2)
-        publish(client, scene, scene.depth_m())
+        publish(system, scene, scene.depth_m())
         result = client.call("blue").result
         assert result.status == SegmentationResult.OK
         assert result.geometry_frame_id == "camera_optical"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
@@ -72,7 +73,12 @@ def load_decoder(
     except (ValueError, TypeError) as exc:
         raise DecoderCheckpointError(f"{folder / DECODER_CONFIG}: {exc}") from exc
     decoder = BoxGuidedMaskDecoder(config)
-    state = load_file(str(folder / DECODER_WEIGHTS), device="cpu")
+    try:
+        state = load_file(str(folder / DECODER_WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:  # e.g. a pickle renamed to .safetensors
+        raise DecoderCheckpointError(
+            f"{folder / DECODER_WEIGHTS} is not a valid safetensors file ({exc}); only safetensors "
+            f"decoder checkpoints are loaded") from exc
     try:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -135,7 +135,8 @@ def markdown_table() -> str:
         rng = f" Range [{p.min:g}, {p.max:g}]." if p.min is not None else ""
         choices = f" One of {', '.join(p.choices)}." if p.choices else ""
         default = f"`{p.default!r}`" if not isinstance(p.default, str) else f"`\"{p.default}\"`"
-        lines.append(f"| `{p.name}` | {default} | {p.applies} | {p.description}{rng}{choices} |")
+        applies = f"{p.applies}, read-only" if p.read_only else p.applies
+        lines.append(f"| `{p.name}` | {default} | {applies} | {p.description}{rng}{choices} |")
     return "\n".join(lines)
 
 
@@ -155,6 +156,8 @@ def params_yaml() -> str:
         "# from qwen3vl_seg_ros/ros/parameters.py; edit the values freely, a test checks that every",
         "# parameter is here). 'applies': configure = read when the node is configured (model),",
         "# activate = when activated (topics), runtime = on every command (`ros2 param set`).",
+        "# read-only = set at launch only (params file or -p), never at runtime: these choose code and",
+        "# files to load, which no one on the network may change.",
         "/**:",
         "  ros__parameters:",
     ]
@@ -173,7 +176,7 @@ def params_yaml() -> str:
             else:
                 line = f"{line} {word}".strip()
         wrapped.append(line)
-        wrapped[-1] += f" [{p.applies}]"
+        wrapped[-1] += f" [{p.applies}{', read-only' if p.read_only else ''}]"
         lines.extend(f"    # {w}" for w in wrapped)
         lines.append(f"    {p.name}: {_yaml_value(p.default)}")
         lines.append("")

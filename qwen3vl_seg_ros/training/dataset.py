@@ -14,6 +14,7 @@ part, the queries are almost free.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,9 @@ def make_loader(stream: _ItemStream, num_workers: int, prefetch_factor: int, pin
     """A loader yielding the stream's items in index order (``batch_size=None``: items are batches)."""
     kwargs: dict = {}
     if num_workers > 0:
-        # fork (the Linux default) starts workers in a blink; they never touch CUDA
         kwargs = dict(prefetch_factor=max(1, prefetch_factor), persistent_workers=False)
+        if threading.active_count() > 1:
+            # Forking a process that runs other threads (a ROS executor, a progress monitor) can
+            # copy a held lock into the child, which then hangs; a fresh interpreter cannot.
+            kwargs["multiprocessing_context"] = "spawn"
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

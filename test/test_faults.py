@@ -1,0 +1,384 @@
+"""Faults under load: deadlines while the model is busy, lifecycle changes, frozen peers, kill and restart.
+
+Outcomes only, never timings: "answered before the model finished" is checked by order (the
+late result has not arrived yet when the answer does), "a frozen subscriber never holds up the
+node" by every request being answered OK while one is frozen (a publish blocked for good would
+show as timeout ERRORs) and by the reason it cannot block (every writer is KEEP_LAST). Latency
+with a frozen subscriber is measured by ``bench/soak.py --frozen-subscriber``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.ros.example_client import segment_once
+from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
+from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
+from qwen3vl_seg_ros.srv import Segment
+
+from helpers import wait_for
+from reliability_helpers import System, namespaced_context
+from ros_harness import DOUBLE, Client, Scene
+
+OK, ERROR = SegmentationResult.OK, SegmentationResult.ERROR
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the scheduler's deadlines (plain threads, no DDS)
+# ---------------------------------------------------------------------------------------------
+class SlowModel:
+    """run() sleeps ``delay`` s; records the order of events so tests can check "before"."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.events: list[str] = []
+        self.replies: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.running = 0
+
+    def run(self, job: Job, frame) -> tuple[str, str]:
+        with self.lock:
+            self.running += 1
+            assert self.running == 1, "two inference threads ran at once"
+        time.sleep(self.delay)
+        with self.lock:
+            self.running -= 1
+            self.events.append(f"done {job.request_id}")
+        return ("ok", job.request_id)
+
+    def fail(self, job: Job, reason: str) -> tuple[str, str]:
+        return ("error", reason)
+
+    def reply_to(self, rid: str, answers: list):
+        def reply(result) -> None:
+            with self.lock:
+                self.replies[rid] += 1
+                self.events.append(f"answer {rid}")
+            answers.append(result)
+        return reply
+
+
+def scheduler(delay: float) -> tuple[RgbdSynchronizer, SlowModel, Scheduler]:
+    frames = RgbdSynchronizer(use_depth=False)
+    model = SlowModel(delay)
+    sched = Scheduler(frames, model.run, model.fail)
+    sched.max_input_age_s = 60.0
+    sched.start()
+    sched.set_active(True)
+    frames.add_image("img", 0.0, time.monotonic())
+    return frames, model, sched
+
+
+def submit(sched: Scheduler, model: SlowModel, rid: str, timeout: float) -> list:
+    answers: list = []
+    now = time.monotonic()
+    assert sched.submit(Job("cmd", rid, now, deadline=now + timeout, reply=model.reply_to(rid, answers))) is None
+    return answers
+
+
+def test_running_request_is_answered_at_its_deadline_once():
+    frames, model, sched = scheduler(delay=1.5)
+    try:
+        answers = submit(sched, model, "r1", timeout=0.3)
+        assert wait_for(lambda: answers, 5)
+        assert answers[0][0] == "error" and "the model was still running on this request" in answers[0][1]
+        assert "done r1" not in model.events  # answered before the model returned
+        assert wait_for(lambda: "done r1" in model.events, 5)
+        time.sleep(0.1)
+        assert model.replies["r1"] == 1 and len(answers) == 1  # the late result is not a second answer
+    finally:
+        sched.stop()
+
+
+def test_queued_request_expires_while_the_model_is_busy():
+    frames, model, sched = scheduler(delay=1.5)
+    try:
+        slow = submit(sched, model, "slow", timeout=10.0)
+        time.sleep(0.1)
+        queued = submit(sched, model, "queued", timeout=0.3)
+        assert wait_for(lambda: queued, 5)
+        assert "in the queue: the model was busy with 'slow'" in queued[0][1]
+        assert model.events == ["answer queued"]  # before the slow one finished
+        assert wait_for(lambda: slow, 5) and slow[0] == ("ok", "slow")
+    finally:
+        sched.stop()
+
+
+def test_every_request_is_answered_exactly_once_when_deadlines_race_the_model():
+    frames, model, sched = scheduler(delay=0.02)
+    sched.max_pending = 1000
+    try:
+        answers = {f"r{k}": submit(sched, model, f"r{k}", timeout=0.01 * (k % 7)) for k in range(60)}
+        assert wait_for(lambda: all(answers.values()), 20)
+        time.sleep(0.3)
+        assert set(model.replies.values()) == {1} and len(model.replies) == 60
+    finally:
+        sched.stop()
+
+
+def test_stop_with_a_stuck_model_answers_it_and_never_runs_two_inference_threads():
+    frames, model, sched = scheduler(delay=1.0)
+    try:
+        stuck = submit(sched, model, "stuck", timeout=30.0)
+        time.sleep(0.1)
+        sched.stop("node was cleaned up", timeout=0.1)  # the model outlives the join
+        assert stuck and stuck[0] == ("error", "node was cleaned up (the model was still running on this request)")
+        sched.start()  # configured again while the old call still runs
+        sched.set_active(True)
+        frames.add_image("img", 0.0, time.monotonic())
+        after = submit(sched, model, "after", timeout=30.0)
+        assert wait_for(lambda: after, 10) and after[0] == ("ok", "after")
+        assert model.events.index("done stuck") < model.events.index("done after")  # SlowModel asserts one at a time
+        assert model.replies["stuck"] == 1
+    finally:
+        sched.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# lifecycle transitions under load, over the real lifecycle services
+# ---------------------------------------------------------------------------------------------
+def call_service(node: Node, srv_type, name: str, request, timeout: float = 10.0):
+    client = node.create_client(srv_type, name)
+    assert client.wait_for_service(timeout_sec=timeout), name
+    future = client.call_async(request)
+    assert wait_for(future.done, timeout), f"no answer from {name}"
+    node.destroy_client(client)
+    return future.result()
+
+
+@pytest.mark.ros
+def test_deactivate_and_activate_under_load():
+    s = System("faults_lifecycle", {"max_rate_hz": 10.0})
+    node_name = "/faults_lifecycle/qwen3vl_seg"
+    futures = []
+    stop = threading.Event()
+
+    def planner() -> None:
+        k = 0
+        while not stop.is_set():
+            futures.append((f"L{k}", s.client.call_async("red sleep:0.02", timeout_s=1.0, request_id=f"L{k}")))
+            k += 1
+            stop.wait(0.1)
+
+    caller = threading.Thread(target=planner, daemon=True)
+    try:
+        with s.client.streaming(Scene(), rate_hz=20):
+            s.client.send_command("blue")
+            caller.start()
+            for _ in range(4):
+                time.sleep(0.4)
+                r = call_service(s.client.node, ChangeState, f"{node_name}/change_state",
+                                 ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+                assert r.success
+                time.sleep(0.3)
+                r = call_service(s.client.node, ChangeState, f"{node_name}/change_state",
+                                 ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
+                assert r.success
+            s.client.wait_connected()
+            n_continuous = sum(1 for r in s.client.snapshot(s.client.results) if r.request_id.startswith("cont"))
+            time.sleep(1.0)
+            stop.set()
+            caller.join()
+            assert wait_for(lambda: all(f.done() for _, f in futures), 15), "a request was never answered"
+            # continuous mode survived the transitions and still runs
+            assert wait_for(lambda: sum(1 for r in s.client.snapshot(s.client.results)
+                                        if r.request_id.startswith("cont")) > n_continuous, 5)
+        s.client.send_command("")
+        state = call_service(s.client.node, GetState, f"{node_name}/get_state", GetState.Request())
+        assert state.current_state.id == State.PRIMARY_STATE_ACTIVE
+        answers = [(rid, f.result().result) for rid, f in futures]
+        assert all(r.request_id == rid for rid, r in answers)
+        allowed = ("node is not active", "node was deactivated", "timed out after")
+        for rid, r in answers:
+            assert r.status == OK or (r.status == ERROR and r.message.startswith(allowed)), (rid, r.message)
+        statuses = Counter(r.status for _, r in answers)
+        assert statuses[OK] >= len(answers) // 3, statuses  # most time was spent active
+        assert answers[-1][1].status == OK  # serving again after the last activation
+        assert not s.log.lines(min_level=System.ERROR), s.log.lines(min_level=System.ERROR)
+    finally:
+        stop.set()
+        s.client.send_command("")
+        s.close()
+
+
+@pytest.mark.ros
+def test_a_burst_of_answers_reaches_a_client_that_was_busy():
+    """Deactivation answers every queued request at once; a client that was busy (not taking
+    answers) for a moment still gets all of them if its own depth allows (here 64, like the node's)."""
+    s = System("faults_burst", {"max_pending_requests": 40, "max_input_age_s": 0.1})
+    planner = Node("busy_planner", context=s.context)
+    client = planner.create_client(Segment, "/faults_burst/qwen3vl_seg/segment",
+                                   qos_profile=QoSProfile(depth=64, reliability=ReliabilityPolicy.RELIABLE))
+    executor = SingleThreadedExecutor(context=s.context)
+    executor.add_node(planner)
+    try:
+        assert client.wait_for_service(timeout_sec=10.0)
+        futures = [client.call_async(Segment.Request(command="red", timeout_s=60.0, request_id=f"B{k}"))
+                   for k in range(30)]  # no frame: they all wait
+        assert wait_for(lambda: s.node._scheduler.pending_count() == 30, 10)
+        s.node.trigger_deactivate()  # 30 answers at once while the planner does not spin
+        time.sleep(1.0)
+        end = time.monotonic() + 10.0
+        while not all(f.done() for f in futures) and time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.1)
+        assert sum(f.done() for f in futures) == 30
+        assert {f.result().result.message for f in futures} == {"node was deactivated before the request could run"}
+    finally:
+        executor.shutdown()
+        planner.destroy_node()
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a frozen subscriber and a frozen service client
+# ---------------------------------------------------------------------------------------------
+FROZEN_PEER = """
+import sys, time, rclpy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image, PointCloud2
+from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.srv import Segment
+rclpy.init(args=["--ros-args", "-r", "__ns:=/faults_frozen"])
+node = rclpy.create_node("frozen_peer")
+qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+subs = [node.create_subscription(t, "/faults_frozen/qwen3vl_seg/" + n, lambda m: time.sleep(1.0), qos)
+        for t, n in ((SegmentationResult, "result"), (Image, "overlay"), (Image, "mask"), (PointCloud2, "cloud"))]
+client = node.create_client(Segment, "/faults_frozen/qwen3vl_seg/segment")
+client.wait_for_service(timeout_sec=30)
+while any(s.get_publisher_count() == 0 for s in subs):
+    rclpy.spin_once(node, timeout_sec=0.1)
+pending = [client.call_async(Segment.Request(command="red sleep:0.3", timeout_s=5.0, request_id=f"frozen-{k}"))
+           for k in range(3)]
+print("ready", flush=True)
+rclpy.spin(node)
+"""
+
+
+@pytest.mark.ros
+def test_frozen_subscriber_and_frozen_client_never_hold_up_the_node():
+    s = System("faults_frozen")
+    scene = Scene(width=320, height=240, fx=200.0, fy=200.0, cx=159.5, cy=119.5)
+    peer = None
+    try:
+        with s.client.streaming(scene, rate_hz=15):
+            peer = subprocess.Popen([sys.executable, "-c", FROZEN_PEER], stdout=subprocess.PIPE, text=True,
+                                    env=dict(os.environ), cwd=ROOT)
+            assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+            peer.send_signal(signal.SIGSTOP)  # its DDS threads stop too: nothing is read or acknowledged
+            # its 3 requests are served; the answers go to a frozen client
+            assert wait_for(lambda: s.node._stats["ok"] >= 3 and s.node._scheduler.pending_count() == 0, 10)
+            before = len(s.client.snapshot(s.client.results))
+            answers = [s.client.call("red", timeout_s=10.0, request_id=f"Z{k}").result for k in range(30)]
+        assert [(r.request_id, r.status, r.message) for r in answers if r.status != OK] == []
+        # the healthy subscriber got every result while the frozen one held its reader
+        got = {r.request_id for r in s.client.snapshot(s.client.results)[before:]}
+        assert {f"Z{k}" for k in range(30)} <= got
+        assert s.node._stats["error"] == 0
+        # why a slow reader cannot block a publish: every writer keeps only the last N samples
+        for name, pub in s.node._pubs.items():
+            assert pub.qos_profile.history == HistoryPolicy.KEEP_LAST, name
+    finally:
+        if peer is not None:
+            peer.send_signal(signal.SIGCONT)
+            peer.kill()
+            peer.wait()
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the node process killed and restarted under load; a graceful stop answers open requests
+# ---------------------------------------------------------------------------------------------
+def start_node(namespace: str, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args", "-r", f"__ns:=/{namespace}",
+           "-p", f"segmenter:={DOUBLE}", "-p", "max_input_age_s:=2.0", "-p", "diagnostics_period_s:=0.5"]
+    with open(log, "a") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=ROOT)
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_kill_restart_under_load_and_graceful_stop(tmp_path, capsys):
+    namespace = "faults_kill"
+    service = f"/{namespace}/qwen3vl_seg/segment"
+    log = tmp_path / "node.log"
+    node_a = start_node(namespace, log)
+    context = namespaced_context(namespace)
+    client = Client(context, node_fqn=f"/{namespace}/qwen3vl_seg")
+    planner = Node("planner", context=context)  # the example client's pattern, on its own executor
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(planner)
+    node_b = None
+    try:
+        client.wait_connected(timeout=30.0)
+        with client.streaming(Scene(), rate_hz=10):
+            # before: served
+            result = segment_once(planner, executor, service, "red", timeout_s=2.0, wait_s=10.0)
+            assert result is not None and result.status == OK
+            # a request in flight when the process is killed: the client gives up with a clear error
+            in_flight = client.call_async("red sleep:5", timeout_s=10.0, request_id="in-flight")
+            time.sleep(0.5)
+            node_a.kill()
+            node_a.wait()
+            # while it is down (and restarting), a call ends with a clear error instead of hanging
+            lost: list = []
+            down = threading.Thread(target=lambda: lost.append(
+                segment_once(planner, executor, service, "red", timeout_s=0.5, wait_s=0.5)))
+            down.start()
+            node_b = start_node(namespace, log)
+            down.join()
+            assert lost == [None]
+            err = capsys.readouterr().err
+            assert re.search(rf"no answer from {service} within [0-9.]+ s|service {service} is not available", err), err
+            # restarted: the service is answered again, the old in-flight call never is
+            assert wait_for(lambda: client.node.count_publishers(f"/{namespace}/qwen3vl_seg/result") > 0, 30)
+            recovered = None
+            for _ in range(10):
+                recovered = segment_once(planner, executor, service, "red", timeout_s=2.0, wait_s=10.0)
+                if recovered is not None and recovered.status == OK:
+                    break
+            assert recovered is not None and recovered.status == OK, recovered
+            assert not in_flight.done()
+            # continuous mode is not remembered across a restart: the planner sends it again
+            before = len(client.snapshot(client.results))
+            client.send_command("red")
+            assert wait_for(lambda: any(r.request_id.startswith("continuous-")
+                                        for r in client.snapshot(client.results)[before:]), 10)
+            client.send_command("")
+            # a graceful stop (launch and systemd send SIGINT / SIGTERM) answers the open requests:
+            # one running (longer than the 2 s grace), two queued behind it
+            open_calls = [client.call_async("red sleep:4", timeout_s=30.0, request_id=f"open-{k}") for k in range(3)]
+            time.sleep(0.5)
+            node_b.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: all(f.done() for f in open_calls), 15), "open requests were not answered"
+        for f in open_calls:
+            r = f.result().result
+            assert r.status == ERROR and r.message.startswith("node is shutting down (SIGTERM)"), r.message
+        assert node_b.wait(timeout=20) == 0
+    finally:
+        for proc in (node_a, node_b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        executor.shutdown()
+        planner.destroy_node()
+        client.close()
+        context.try_shutdown()
+    text = log.read_text()
+    assert "node is shutting down (SIGTERM): answering open requests" in text, text[-2000:]
