@@ -37,6 +37,7 @@ class SegmenterOptions:
     fast_decode: bool = True  # static KV cache + CUDA graphs on GPU
     compile_cache_dir: str = ""  # persistent compilation cache ("" = default location)
     image_max_pixels: int = 0  # processor resize limit; 0 = the checkpoint's default
+    num_threads: int = 0  # CPU threads for the model (torch.set_num_threads); 0 = torch's default
 
 
 ProgressFn = Callable[[str], None]
@@ -58,8 +59,13 @@ class Segmenter(ABC):
         """Builds the segmenter from node parameters; ``progress`` receives log lines."""
         raise NotImplementedError(f"{cls.__name__} does not implement from_options")
 
-    def warmup(self, progress: ProgressFn | None = None) -> None:  # noqa: B027 - optional hook
-        """Runs the slow first-call work (allocation, compilation) before the first command."""
+    def warmup(self, progress: ProgressFn | None = None,  # noqa: B027 - optional hook
+               image_size: tuple[int, int] | None = None) -> None:
+        """Runs the slow first-call work (allocation, compilation) before the first command.
+
+        ``image_size`` is ``(width, height)`` of the frames to expect: the node calls this again
+        for each new camera resolution, on its inference thread, before serving such frames.
+        """
 
     @abstractmethod
     def segment(self, rgb: np.ndarray, command: str, depth: np.ndarray | None = None) -> SegmentationOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State
 from rclpy.lifecycle import TransitionCallbackReturn
 
@@ -80,6 +81,11 @@ def test_configure_failure_keeps_node_alive_and_explains():
         result = client.call("red").result
         assert result.status == SegmentationResult.ERROR
         assert "configure failed: segmenter module 'no.such.module' cannot be imported" in result.message
+        # /diagnostics reports it too, in the unconfigured state
+        seen: list[DiagnosticArray] = []
+        client.node.create_subscription(DiagnosticArray, "/diagnostics", seen.append, 10)
+        assert wait_for(lambda: any(s.level == DiagnosticStatus.ERROR and "configure failed" in s.message
+                                    for m in list(seen) for s in m.status), 5)
     finally:
         client.close()
         harness.close()
@@ -99,6 +105,26 @@ def test_deactivate_answers_a_waiting_request():
         assert wait_for(future.done, 5)
         result = future.result().result
         assert result.status == SegmentationResult.ERROR and "deactivated" in result.message
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
+
+
+def test_first_frame_of_a_new_size_warms_the_segmenter_up_before_serving():
+    """The camera's own resolution is warmed up on the inference thread, once per size."""
+    context = new_context("lifecycle_warm")
+    harness = NodeHarness(context)
+    client = Client(context, node_fqn="/lifecycle_warm/qwen3vl_seg")
+    try:
+        client.wait_connected()
+        segmenter = harness.node._segmenter
+        client.publish_frame(Scene(), wait_node=harness.node)
+        assert wait_for(lambda: (160, 120) in segmenter.warmed_sizes, 5)
+        assert client.call("red").result.status == SegmentationResult.OK
+        client.publish_frame(Scene(), wait_node=harness.node)
+        client.call("red")
+        assert segmenter.warmed_sizes.count((160, 120)) == 1  # once per size
     finally:
         client.close()
         harness.close()

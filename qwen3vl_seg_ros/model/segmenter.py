@@ -171,6 +171,10 @@ class Qwen3VLSeg(Segmenter):
     @classmethod
     def from_options(cls, options: SegmenterOptions, progress: ProgressFn | None = None) -> Qwen3VLSeg:
         _valid_mask_head(options.mask_head)
+        if options.num_threads > 0:
+            # On a robot's shared CPU, more threads than free cores make every call slower
+            # (OpenMP workers spin waiting for each other), not faster.
+            torch.set_num_threads(options.num_threads)
         folder = resolve_model_folder(options.model, options.local_files_only)
         check_qwen3vl_folder(folder)
         device = resolve_device(options.device)
@@ -226,12 +230,14 @@ class Qwen3VLSeg(Segmenter):
             ids.add(im_end)
         return {int(i) for i in ids}
 
-    def warmup(self, progress: ProgressFn | None = None) -> None:
-        """A short command on a synthetic 640x480 frame (a common camera size): allocates buffers,
-        loads kernels and, on a GPU, captures the decoder's CUDA graphs for up to 8 objects."""
-        _say(progress, "warming up the segmenter")
+    def warmup(self, progress: ProgressFn | None = None, image_size: tuple[int, int] | None = None) -> None:
+        """A short command on a synthetic frame of ``image_size`` (default 640x480, a common
+        camera size): allocates buffers, loads kernels and, on a GPU, captures the CUDA graphs
+        of that frame size (the decoder's for up to 8 objects)."""
+        width, height = image_size or (640, 480)
+        _say(progress, f"warming up the segmenter for {width}x{height} frames")
         rng = np.random.default_rng(0)
-        image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         if isinstance(self.generator, FastGreedyGenerator):
             # Sized for real commands (max_new_tokens), with the prompt buckets of longer commands.
             try:
@@ -248,7 +254,8 @@ class Qwen3VLSeg(Segmenter):
         hidden = self.model.config.text_config.hidden_size
         counts = (1, 2, 4, 8) if isinstance(self.run_decoder, GraphedMaskDecoder) else (1,)
         for count in counts:
-            boxes = np.tile(np.array([[160.0, 120.0, 480.0, 360.0]], dtype=np.float32), (count, 1))
+            box = [width / 4, height / 4, 3 * width / 4, 3 * height / 4]
+            boxes = np.tile(np.array([box], dtype=np.float32), (count, 1))
             queries = torch.zeros(count, hidden, device=self.device, dtype=self.dtype)
             self._decoder_masks(image, vision, queries, boxes)
 

@@ -14,6 +14,7 @@ the inference thread completes, so no executor thread is held while a model runs
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import signal
 import sys
@@ -62,6 +63,9 @@ from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, Segm
 
 NODE_NAME = "qwen3vl_seg"
 
+#: Frame sizes the node warms the segmenter up for (the configure-time one included).
+MAX_WARM_SIZES = 8
+
 #: Longest object label put into a result; longer ones are cut (a label is a name, not a text).
 MAX_LABEL_CHARS = 200
 
@@ -97,6 +101,7 @@ class SegmentationNode(LifecycleNode):
         self._declare_parameters()
         self._segmenter: Segmenter | None = None
         self._configure_error = ""
+        self._warm_sizes: set[tuple[int, int]] = set()
         self._frames = RgbdSynchronizer(
             slop_s=self.p("sync_slop_s"), queue_size=self.p("sync_queue_size"),
             depth_timeout_s=self.p("depth_timeout_s"), use_depth=self.p("use_depth"))
@@ -105,7 +110,12 @@ class SegmentationNode(LifecycleNode):
         self._three_d: ThreeDStage | None = None
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
-        self._diag_timer = None
+        # Diagnostics exist in every lifecycle state, so a monitor also sees "loading" and
+        # "configure failed", not only a serving node.
+        self._diag_pub = self.create_publisher(
+            DiagnosticArray, "/diagnostics",
+            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
+        self._diag_timer = self.create_timer(float(self.p("diagnostics_period_s")), self._publish_diagnostics)
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
@@ -180,7 +190,8 @@ class SegmentationNode(LifecycleNode):
             dtype=self.p("dtype"), mask_head=self.p("mask_head"),
             local_files_only=self.p("local_files_only"), max_new_tokens=self.p("max_new_tokens"),
             max_objects=self.p("max_objects"), fast_decode=self.p("fast_decode"),
-            compile_cache_dir=self.p("compile_cache_dir"), image_max_pixels=self.p("image_max_pixels"))
+            compile_cache_dir=self.p("compile_cache_dir"), image_max_pixels=self.p("image_max_pixels"),
+            num_threads=self.p("num_threads"))
 
     # ------------------------------------------------------------------------------------------
     # lifecycle
@@ -189,6 +200,7 @@ class SegmentationNode(LifecycleNode):
         log = self.get_logger()
         spec = self.p("segmenter")
         log.info(f"configuring: loading segmenter '{spec}' (model '{self.p('model') or 'shipped tiny model'}')")
+        self._publish_diagnostics(override=(DiagnosticStatus.WARN, f"loading segmenter '{spec}'"))
         t0 = time.monotonic()
         try:
             segmenter = self._segmenter_factory(spec, self._segmenter_options(), self._progress)
@@ -203,6 +215,7 @@ class SegmentationNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._segmenter = segmenter
         self._configure_error = ""
+        self._warm_sizes: set[tuple[int, int]] = set()  # the camera's own size is warmed on its first frame
         log.info(f"segmenter '{segmenter.name}' ready in {time.monotonic() - t0:.1f} s; "
                  f"image decoding via {'cv_bridge' if conversions.using_cv_bridge() else 'numpy'}")
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
@@ -213,10 +226,8 @@ class SegmentationNode(LifecycleNode):
             "overlay": self.create_publisher(Image, "~/overlay", images),
             "cloud": self.create_publisher(PointCloud2, "~/cloud", images),
             "markers": self.create_publisher(MarkerArray, "~/markers", reliable),
-            "diagnostics": self.create_publisher(DiagnosticArray, "/diagnostics", reliable),
         }
         self._three_d = ThreeDStage(self)
-        self._diag_timer = self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics)
         self._scheduler.start()
         return TransitionCallbackReturn.SUCCESS
 
@@ -264,9 +275,6 @@ class SegmentationNode(LifecycleNode):
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        if self._diag_timer is not None:
-            self.destroy_timer(self._diag_timer)
-            self._diag_timer = None
         for pub in self._pubs.values():
             self.destroy_publisher(pub)
         self._pubs = {}
@@ -297,7 +305,36 @@ class SegmentationNode(LifecycleNode):
         self._frames.add_image(msg, _stamp_seconds(msg.header), time.monotonic())
         with self._stats_lock:
             self._stats["images"] += 1
+        self._warm_up_for_new_size(msg)
         self._scheduler.notify_frame()
+
+    def _warm_up_for_new_size(self, msg: Image) -> None:
+        """The first frame of a new resolution queues a warm-up for it on the inference thread.
+
+        A GPU path captures graphs per frame size, so without this the first command on a camera
+        of another size than the configure-time warm-up would pay for it. Only plausible images
+        count, and at most MAX_WARM_SIZES sizes, so a stream of bogus sizes cannot keep the model
+        busy warming up.
+        """
+        size = (int(msg.width), int(msg.height))
+        if size in self._warm_sizes or not self.p("warmup") or len(self._warm_sizes) >= MAX_WARM_SIZES:
+            return
+        if not (0 < size[0] * size[1] <= int(self.p("max_image_pixels"))) or len(msg.data) < msg.step * msg.height:
+            return
+        self._warm_sizes.add(size)
+        self._scheduler.run_soon(lambda: self._warm_for(size))
+
+    def _warm_for(self, size: tuple[int, int]) -> None:
+        segmenter = self._segmenter
+        if segmenter is None or "image_size" not in inspect.signature(segmenter.warmup).parameters:
+            return
+        t0 = time.monotonic()
+        try:
+            segmenter.warmup(self._progress, image_size=size)
+        except Exception as exc:  # commands on such frames still run, only not pre-warmed
+            self.get_logger().warning(f"warm-up for {size[0]}x{size[1]} frames failed: {_describe_exception(exc)}")
+            return
+        self.get_logger().info(f"warmed up for {size[0]}x{size[1]} frames in {time.monotonic() - t0:.2f} s")
 
     def _on_depth(self, msg: Image) -> None:
         self._frames.add_depth(msg, _stamp_seconds(msg.header), time.monotonic())
@@ -599,10 +636,8 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------------------------------
     # diagnostics
     # ------------------------------------------------------------------------------------------
-    def _publish_diagnostics(self) -> None:
-        pub = self._pubs.get("diagnostics")
-        if pub is None:
-            return
+    def _publish_diagnostics(self, override: tuple[int, str] | None = None) -> None:
+        pub = self._diag_pub
         now = time.monotonic()
         arrivals = self._frames.last_arrivals()
         with self._stats_lock:
@@ -610,7 +645,14 @@ class SegmentationNode(LifecycleNode):
         status = DiagnosticStatus(name=f"{self.get_name()}: segmentation", hardware_id=self.p("model") or "tiny")
         active = bool(self._subs)
         image_age = None if arrivals["image"] is None else now - arrivals["image"]
-        if not active:
+        if override is not None:
+            status.level, status.message = override
+        elif self._segmenter is None and self._configure_error:
+            status.level = DiagnosticStatus.ERROR
+            status.message = truncate(f"configure failed: {self._configure_error}", 500)
+        elif self._segmenter is None:
+            status.level, status.message = DiagnosticStatus.WARN, "not configured"
+        elif not active:
             status.level, status.message = DiagnosticStatus.WARN, "inactive"
         elif image_age is None or image_age > 2.0:
             status.level = DiagnosticStatus.WARN

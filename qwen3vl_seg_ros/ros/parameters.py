@@ -63,6 +63,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("image_max_pixels", 0,
           "Resize limit of the model's image processor in pixels (0 = the checkpoint's default).",
           CONFIGURE, 0, 1 << 26),
+    Param("num_threads", 0,
+          "CPU threads of the model (0 = PyTorch's default, one per core). Set it to the cores the node may "
+          "use when other processes share the CPU: oversubscribed threads make inference many times slower.",
+          CONFIGURE, 0, 256),
     Param("warmup", True, "Run a dummy command at configure so the first real one is fast.", CONFIGURE),
     # --- inputs and outputs (activate) ---
     Param("image_qos", "sensor_data",

@@ -59,6 +59,8 @@ class Scheduler:
         self.max_rate_hz = 5.0
         self.max_pending = 16
         self._pending: deque[Job] = deque()
+        self._chores: deque[Callable[[], None]] = deque()  # run on the inference thread before jobs
+        self._chore_errors: list[str] = []
         self._continuous: str | None = None
         self._continuous_seq = 0
         self._last_seen_seq = 0
@@ -101,6 +103,7 @@ class Scheduler:
         """
         with self._cv:
             self._stopping = True
+            self._chores.clear()
             self._cv.notify_all()
             thread, self._thread = self._thread, None
             watchdog, self._watchdog = self._watchdog, None
@@ -166,8 +169,15 @@ class Scheduler:
             with self._cv:
                 if self._stopping or gen != self._generation:
                     return
+                chore = self._chores.popleft() if self._chores else None
+            if chore is not None:
+                self._run_chore(chore)
+                continue
+            with self._cv:
+                if self._stopping or gen != self._generation:
+                    return
                 expired, picked, wait_s = self._plan(self._clock())
-                if picked is None and not expired:
+                if picked is None and not expired and not self._chores:
                     self._cv.wait(timeout=wait_s)
                     continue
                 if picked is not None:
@@ -186,6 +196,19 @@ class Scheduler:
                     with self._cv:
                         if self._busy_job is job:
                             self._busy_job = None
+
+    def run_soon(self, chore: Callable[[], None]) -> None:
+        """Runs ``chore`` on the inference thread before the next job (e.g. a warm-up for a new
+        frame size), so model work never happens on an executor thread."""
+        with self._cv:
+            self._chores.append(chore)
+            self._cv.notify_all()
+
+    def _run_chore(self, chore: Callable[[], None]) -> None:
+        try:
+            chore()
+        except Exception as exc:  # a failed warm-up must not stop serving; the chore logs details
+            self._chore_errors.append(f"{type(exc).__name__}: {exc}")
 
     def _watch(self, gen: int) -> None:
         """Answers requests whose deadline passes while the inference thread is busy."""

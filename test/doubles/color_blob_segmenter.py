@@ -85,6 +85,7 @@ class ColorBlobSegmenterDouble(Segmenter):
         self.options = options or SegmenterOptions()
         self.calls = 0
         self.warmed_up = False
+        self.warmed_sizes: list[tuple[int, int]] = []
         self.closed = False
 
     @classmethod
@@ -93,9 +94,11 @@ class ColorBlobSegmenterDouble(Segmenter):
             progress("colour-blob test double loaded")
         return cls(options)
 
-    def warmup(self, progress=None) -> None:
-        self.segment(np.zeros((32, 32, 3), np.uint8), "red")
+    def warmup(self, progress=None, image_size=None) -> None:
+        width, height = image_size or (32, 32)
+        self.segment(np.zeros((height, width, 3), np.uint8), "red")
         self.warmed_up = True
+        self.warmed_sizes.append((width, height))
 
     def segment(self, rgb, command, depth=None) -> SegmentationOutput:
         self.calls += 1
