@@ -508,3 +508,19 @@ def test_training_path_needs_no_pycocotools_or_rclpy() -> None:
 def test_refexample_depth_defaults_to_none() -> None:
     ex = RefExample(np.zeros((4, 4, 3), np.uint8), "x", "referring", np.zeros((0, 4)), np.zeros((0, 4, 4), bool), [])
     assert ex.depth is None and ex.image_key is None
+
+
+def test_coordinate_l1_is_the_expected_value_error() -> None:
+    """Hand-computed: half the mass on value 100, half on 300 -> E = 200; target 250 -> 50/1000."""
+    from qwen3vl_seg_ros.training.losses import CoordinateTable, coordinate_l1
+
+    number_ids = list(range(10, 1011))  # "0".."1000" at ids 10..1010
+    coords = CoordinateTable(number_ids, vocab_size=1100)
+    logits = torch.full((2, 1100), -1e4)
+    logits[0, 10 + 100] = 0.0
+    logits[0, 10 + 300] = 0.0
+    logits[1, 5] = 0.0  # a non-coordinate target: ignored
+    logp = torch.log_softmax(logits, dim=-1)
+    target = torch.tensor([10 + 250, 5])
+    assert float(coordinate_l1(logp, target, coords)) == pytest.approx(50 / 1000, abs=1e-6)
+    assert float(coordinate_l1(logp[1:], target[1:], coords)) == 0.0

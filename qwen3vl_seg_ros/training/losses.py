@@ -27,6 +27,7 @@ class LossWeights:
     bce: float = 1.0
     dice: float = 1.0
     iou: float = 1.0  # IoU head
+    coord_l1: float = 0.0  # L1 of the expected coordinate value (0..1 units) at coordinate tokens
 
 
 class CoordinateTable:
@@ -40,8 +41,26 @@ class CoordinateTable:
         self.grid = torch.arange(len(number_ids), dtype=torch.float32, device=device)
 
 
+def coordinate_l1(logp: torch.Tensor, target: torch.Tensor, coords: CoordinateTable) -> torch.Tensor:
+    """Mean |E[value] - target| / 1000 over coordinate targets, E under the number-token softmax.
+
+    Cross-entropy on a number token gives no signal about *how far* a wrong guess is; the
+    expected value does (the distribution focal-loss idea of box regression). With a small
+    sample budget (a CPU) this is what teaches a from-scratch model to localise at all.
+    """
+    value = coords.value[target]
+    is_coord = value >= 0
+    if not bool(is_coord.any()):
+        return logp.sum() * 0.0
+    probs = torch.softmax(logp[is_coord][:, coords.ids], dim=-1)
+    expected = (probs * coords.grid[None]).sum(-1)
+    scale = float(len(coords.grid) - 1)
+    return ((expected - value[is_coord].float()).abs() / scale).mean()
+
+
 def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-            coords: CoordinateTable | None = None, coord_sigma: float = 0.0) -> tuple[torch.Tensor, dict]:
+            coords: CoordinateTable | None = None, coord_sigma: float = 0.0,
+            coord_l1_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Mean next-token cross-entropy over the answer tokens; the head runs on those positions only.
 
     ``rows``/``cols`` index the positions whose *next* token is an answer token (precomputed by
@@ -72,6 +91,10 @@ def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, rows
             is_coord = (value >= 0).float()
             stats["coord_mae"] = ((guess - value).abs().float() * is_coord).sum() / is_coord.sum().clamp(min=1.0)
     loss = per_token.mean() if target.numel() else hidden.sum() * 0.0
+    if coords is not None and coord_l1_weight > 0 and target.numel():
+        l1 = coordinate_l1(logp, target, coords)
+        stats["coord_l1"] = l1.detach()
+        loss = loss + coord_l1_weight * l1
     return loss, stats
 
 

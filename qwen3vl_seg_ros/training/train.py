@@ -636,7 +636,7 @@ class Trainer:
             if capture.calls != 1:
                 raise RuntimeError(f"the vision tower ran {capture.calls} times in one step")
             loss_lm, stats = lm_loss(hidden, self.model.lm_head, batch.labels, batch.lm_rows, batch.lm_cols,
-                                     self.coords, sigma)
+                                     self.coords, sigma, cfg.loss.coord_l1)
             total = cfg.loss.lm * loss_lm
             stats["lm"] = loss_lm.detach()
             has_objects = batch.object_batch.shape[0] > 0
