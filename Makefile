@@ -13,8 +13,9 @@ test: setup
 lint: setup
 	. ./env.sh && ruff check .
 
+# CPU benchmarks of this machine (GPU ones: see docs/benchmarks.md); not part of the tests.
 bench: setup
-	. ./env.sh && python bench/run_all.py
+	. ./env.sh && python bench/bench_geometry.py && python bench/bench_decoder.py --device cpu
 
 clean:
 	rm -rf .ros build install log .pytest_cache

@@ -6,6 +6,7 @@ training (``train`` split) nor used to pick the model (``val`` split, the end-of
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny_qwen3vl_seg"
 SCENES = 50  # fixed held-out scenes (test split, indices 0..49), 2 queries each
 
+
+def training_size() -> tuple[int, int]:
+    """(width, height) of the synthetic frames the shipped model was trained on (its training_info.json)."""
+    try:
+        data = json.loads((MODEL / "training_info.json").read_text())["data"]  # e.g. "synthetic 256x192"
+        width, height = data.split()[-1].split("x")
+        return int(width), int(height)
+    except (OSError, KeyError, ValueError):
+        return 320, 240
+
 pytestmark = pytest.mark.skipif(
     not (MODEL / "config.json").is_file(),
     reason="models/tiny_qwen3vl_seg is not there yet: train it (python -m qwen3vl_seg_ros.train "
@@ -27,8 +38,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def report() -> dict:
+    width, height = training_size()
     settings = EvalSettings(model=str(MODEL), split="test", scenes=SCENES, queries_per_scene=2, heads=("box",),
-                            workers=1, threads=2, device="cpu")
+                            workers=1, threads=2, device="cpu", width=width, height=height)
     return run_evaluation(settings, log=lambda m: None)
 
 
@@ -62,7 +74,8 @@ def test_the_node_serves_the_shipped_model_over_dds() -> None:
 
     from ros_harness import Client, NodeHarness, Scene, camera_info_msg, image_msg, new_context
 
-    cfg = DataConfig(width=320, height=240).scene_config()
+    width, height = training_size()
+    cfg = DataConfig(width=width, height=height).scene_config()
     cases = []
     for index in range(SCENES, SCENES + 12):  # more test scenes, past the ones above
         for ex in synthetic_examples("test", index, cfg, with_depth=True):
@@ -87,7 +100,7 @@ def test_the_node_serves_the_shipped_model_over_dds() -> None:
             assert result.segmenter == "qwen3vl_seg" and result.query_source == "mask_token"
             obj = result.objects[0]
             assert obj.mask_source == "decoder" and 0 < obj.score <= 1
-            mask = _full_mask(obj, 240, 320)
+            mask = _full_mask(obj, height, width)
             gt = ex.masks.any(0)
             hits += (mask & gt).sum() / (mask | gt).sum() >= 0.5
             assert obj.has_3d, obj.status_3d  # depth was published with the frame

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,13 @@ from qwen3vl_seg_ros.training.collate import (
     target_answer,
 )
 from qwen3vl_seg_ros.training.dataset import DataConfig, SyntheticStream, make_loader, synthetic_examples
-from qwen3vl_seg_ros.training.model_builder import apply_lora, init_number_embeddings, is_lora, merge_lora
+from qwen3vl_seg_ros.training.model_builder import (
+    apply_lora,
+    init_number_embeddings,
+    init_vision_positions,
+    is_lora,
+    merge_lora,
+)
 from qwen3vl_seg_ros.training.train import (
     Trainer,
     _first_samples,
@@ -291,6 +298,27 @@ def test_number_embedding_init_needs_single_number_tokens(trainer: Trainer) -> N
     assert torch.equal(model.get_input_embeddings().weight, before)
 
 
+def test_vision_positions_start_as_sines_of_x_and_y(trainer: Trainer) -> None:
+    """The from-scratch ViT position table: neighbours alike, far cells apart, x and y distinct."""
+    table = trainer.model.model.visual.pos_embed.weight.detach().float()
+    side = math.isqrt(table.shape[0])
+    grid = torch.nn.functional.normalize(table, dim=-1).reshape(side, side, -1)
+    corner = grid[0, 0]
+    assert float(corner @ grid[0, 1]) > float(corner @ grid[0, -1]) + 0.1  # along x
+    assert float(corner @ grid[1, 0]) > float(corner @ grid[-1, 0]) + 0.1  # along y
+    assert not torch.allclose(grid[0, -1], grid[-1, 0])  # x and y are told apart
+    # scaled like the patch embedding's output, not the near-zero default table
+    patch = trainer.model.model.visual.patch_embed.proj.weight.float()
+    expected = patch.std().item() * patch[0].numel() ** 0.5 * 0.5
+    assert 0.5 * expected < table.std().item() < 2.0 * expected
+
+
+def test_vision_position_init_is_skipped_without_a_table(trainer: Trainer) -> None:
+    model = copy.deepcopy(trainer.model)
+    model.model.visual.pos_embed = None
+    assert not init_vision_positions(model)
+
+
 def test_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path: Path, batch) -> None:
     trainer = Trainer(config_from_dict(tiny_config()), tmp_path, log=lambda m: None)
     trainer.setup()
@@ -524,3 +552,30 @@ def test_coordinate_l1_is_the_expected_value_error() -> None:
     target = torch.tensor([10 + 250, 5])
     assert float(coordinate_l1(logp, target, coords)) == pytest.approx(50 / 1000, abs=1e-6)
     assert float(coordinate_l1(logp[1:], target[1:], coords)) == 0.0
+
+
+def test_pointer_loss_picks_the_visual_token_under_the_box_centre() -> None:
+    """One sample, a 2x3 merged grid (4x6 patches); the box centre lies in cell (row 1, col 2)."""
+    from qwen3vl_seg_ros.training.losses import CoordinateTable, pointer_loss
+
+    number_ids = list(range(10, 1011))
+    coords = CoordinateTable(number_ids, vocab_size=1100)
+    image_token = 5
+    # 2 text, 6 image tokens, 1 text, then the answer: "[" x1 y1 x2 y2 "]"
+    input_ids = torch.tensor([[1, 2, 5, 5, 5, 5, 5, 5, 3, 4, 10 + 700, 10 + 600, 10 + 900, 10 + 900, 7]])
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 9:] = input_ids[0, 9:]
+    lm_rows, lm_cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    boxes = torch.tensor([[0.70, 0.60, 0.90, 0.90]])  # centre (0.8, 0.75): col 2 of 3, row 1 of 2
+    grids = torch.tensor([[1, 4, 6]])
+    dim = 8
+    hidden = torch.zeros(1, input_ids.shape[1], dim)
+    hidden[0, 2:8] = torch.eye(dim)[:6]  # visual tokens: one-hot states, cell k -> axis k
+    cell = 1 * 3 + 2
+    hidden[0, 9:13] = torch.eye(dim)[cell]  # the four positions that write the box look like cell 5
+    args = (input_ids, labels, lm_rows, lm_cols, grids, boxes, torch.tensor([0]), coords, image_token, 2)
+    good, stats = pointer_loss(hidden, *args)
+    assert float(stats["pointer_acc"]) == 1.0
+    hidden[0, 9:13] = torch.eye(dim)[0]  # now they look like cell 0: wrong
+    bad, stats = pointer_loss(hidden, *args)
+    assert float(stats["pointer_acc"]) == 0.0 and float(bad) > float(good) + 5.0

@@ -59,7 +59,7 @@ from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutp
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.training.collate import Batch, Collator, concat_batches, pixel_values_from_patches
 from qwen3vl_seg_ros.training.dataset import DataConfig, build_stream, make_loader
-from qwen3vl_seg_ros.training.losses import CoordinateTable, LossWeights, lm_loss, mask_losses
+from qwen3vl_seg_ros.training.losses import CoordinateTable, LossWeights, lm_loss, mask_losses, pointer_loss
 from qwen3vl_seg_ros.training.model_builder import (
     LoraSettings,
     ModelConfig,
@@ -67,6 +67,7 @@ from qwen3vl_seg_ros.training.model_builder import (
     export_model,
     folder_size_mb,
     init_number_embeddings,
+    init_vision_positions,
     is_lora,
     load_base,
     merge_lora,
@@ -470,6 +471,8 @@ class Trainer:
         self.tokenizer = self.processor.tokenizer
         if cfg.model.from_scratch and cfg.model.number_embedding_init and not self.resume:
             init_number_embeddings(self.model, self.tokenizer)
+        if cfg.model.from_scratch and cfg.model.vision_position_init and not self.resume:
+            init_vision_positions(self.model)
         numbers = number_token_ids(self.tokenizer)
         vocab = self.model.get_input_embeddings().weight.shape[0]
         self.coords = CoordinateTable(numbers, vocab, self.device) if numbers else None
@@ -639,6 +642,13 @@ class Trainer:
                                      self.coords, sigma, cfg.loss.coord_l1)
             total = cfg.loss.lm * loss_lm
             stats["lm"] = loss_lm.detach()
+            if cfg.loss.pointer > 0 and self.coords is not None and batch.object_batch.shape[0] > 0:
+                loss_ptr, pstats = pointer_loss(
+                    hidden, batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
+                    batch.image_grid_thw[batch.image_index], batch.object_boxes, batch.object_batch, self.coords,
+                    self.collator.image_token_id, self.collator.merge)
+                total = total + cfg.loss.pointer * loss_ptr
+                stats.update(pstats, pointer=loss_ptr.detach())
             has_objects = batch.object_batch.shape[0] > 0
             if has_objects:
                 unique = capture.features(batch.image_grid_thw)
@@ -821,7 +831,8 @@ class Trainer:
 
     @staticmethod
     def _format(r: dict[str, Any]) -> str:
-        keys = ("loss", "lm", "token_acc", "coord_mae", "mask", "m2_dice", "mask_iou", "iou_loss", "grad_norm")
+        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "mask", "m2_dice", "mask_iou", "iou_loss",
+                "grad_norm")
         parts = " ".join(f"{k} {r[k]:.4f}" for k in keys if k in r)
         return (f"[train] step {r['step']} ({r['stage']}) {parts} | lr {r['lr']:.2e} | "
                 f"{r['samples_per_s']:.1f} samples/s | data wait {100 * r['data_wait']:.0f}% | {r['elapsed_s']:.0f} s")
