@@ -281,6 +281,9 @@ def test_frozen_subscriber_and_frozen_client_never_hold_up_the_node():
             peer = subprocess.Popen([sys.executable, "-c", FROZEN_PEER], stdout=subprocess.PIPE, text=True,
                                     env=dict(os.environ), cwd=ROOT)
             assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+            # freeze it once its 3 requests have reached the node (a request still in flight when its
+            # writer freezes may never arrive); each takes 0.3 s, so most answers meet a frozen client
+            assert wait_for(lambda: s.node._scheduler.pending_count() + s.node._stats["ok"] >= 3, 20)
             peer.send_signal(signal.SIGSTOP)  # its DDS threads stop too: nothing is read or acknowledged
             # its 3 requests are served; the answers go to a frozen client
             assert wait_for(lambda: s.node._stats["ok"] >= 3 and s.node._scheduler.pending_count() == 0, 10)
