@@ -319,19 +319,25 @@ def test_vision_position_init_is_skipped_without_a_table(trainer: Trainer) -> No
     assert not init_vision_positions(model)
 
 
-def test_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path: Path, batch) -> None:
-    trainer = Trainer(config_from_dict(tiny_config()), tmp_path, log=lambda m: None)
-    trainer.setup()
-    trainer._loaded = trainer._rng_restored = False
-    optimizer = trainer._enter_stage(0, load_weights=False)
+def _train_steps(trainer: Trainer, optimizer: torch.optim.Optimizer, batch, steps: int) -> tuple[list, list]:
+    """``steps`` optimiser steps on one batch; the total loss and the loss parts of each."""
     losses, parts = [], []
-    for _ in range(20):
+    for _ in range(steps):
         loss, stats = trainer.forward_losses(batch, 0.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
         parts.append({k: float(v) for k, v in stats.items()})
+    return losses, parts
+
+
+def test_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path: Path, batch) -> None:
+    trainer = Trainer(config_from_dict(tiny_config()), tmp_path, log=lambda m: None)
+    trainer.setup()
+    trainer._loaded = trainer._rng_restored = False
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    losses, parts = _train_steps(trainer, optimizer, batch, 20)
     assert losses[-1] < 0.5 * losses[0], losses
     assert parts[-1]["lm"] < 0.5 * parts[0]["lm"]
     assert parts[-1]["mask"] < parts[0]["mask"], [p["mask"] for p in parts]
@@ -356,13 +362,7 @@ def test_lora_trains_and_merges_exactly(tmp_path: Path, batch) -> None:
                for n, p in trainer.model.named_parameters() if any(p is q for q in g["params"]))
     vision_lr = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert vision_lr["vision/decay"] == pytest.approx(0.01 * vision_lr["llm/decay"])
-    losses = []
-    for _ in range(5):
-        loss, _ = trainer.forward_losses(batch, 0.0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses, _ = _train_steps(trainer, optimizer, batch, 5)
     assert losses[-1] < losses[0]
     for n, p in trainer.model.named_parameters():  # the base weights of the LLM did not move
         key = n.replace(".base_layer", "")

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen3vl_seg_ros.model.cuda_graph import capture_graph
 from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator, GenerationOutput, Generator, _mm_token_type_ids
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ CAPACITY_BUCKET = 1024
 #: Prompts are right-padded to a multiple of this many tokens in graph mode (one graph per length).
 PROMPT_BUCKET = 64
 #: Graph warm-up runs before capture (the first call compiles / loads kernels).
-_WARMUP_RUNS = 2
 #: Environment switch: QWEN3VL_SEG_COMPILE=0 disables torch.compile of the decode step.
 COMPILE_ENV = "QWEN3VL_SEG_COMPILE"
 
@@ -353,17 +353,8 @@ def capacity_for(tokens: int) -> int:
 
 
 def _capture(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Warms ``fn`` up on a side stream, then captures it; returns the graph and its outputs."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(_WARMUP_RUNS):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = fn()
-    return graph, out
+    """Captures ``fn`` (errors from other threads during capture do not abort it)."""
+    return capture_graph(fn, device, capture_error_mode="thread_local")
 
 
 # ---------------------------------------------------------------------------------------------

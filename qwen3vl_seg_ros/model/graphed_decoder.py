@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
+from qwen3vl_seg_ros.model.cuda_graph import capture_graph
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput
 from qwen3vl_seg_ros.model.vision_capture import VisionFeatures
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-_WARMUP_RUNS = 2
 
 
 @dataclass
@@ -105,15 +105,7 @@ class GraphedMaskDecoder:
             return self.decoder(static["image"], features, static["llm_states"], static["boxes"],
                                 valid=static["valid"])
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP_RUNS):
-                run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = run()
+        graph, output = capture_graph(run, device, pool=self._pool)
         entry = _Graph(graph=graph, output=output, **static)
         self._graphs[key] = entry
         while len(self._graphs) > self.max_graphs:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qwen3vl_seg_ros.grounding import SEG_TOKEN
@@ -143,25 +144,20 @@ def init_number_embeddings(model: nn.Module, tokenizer: Any) -> bool:
     if ids is None:
         return False
     weight = model.get_input_embeddings().weight
-    dim = weight.shape[1]
-    half = dim // 2
-    values = torch.arange(1001, dtype=torch.float64)[:, None]
-    wavelengths = torch.exp(torch.linspace(math.log(2000.0), math.log(4.0), half, dtype=torch.float64))
-    angles = 2 * math.pi * values / wavelengths
-    features = torch.cat([angles.sin(), angles.cos()], dim=1)
-    if features.shape[1] < dim:
-        features = torch.cat([features, torch.zeros(1001, dim - features.shape[1], dtype=torch.float64)], dim=1)
+    features = sine_features(torch.arange(1001), weight.shape[1], shortest=4.0)
     scale = weight.float().std().item() / features.std().item()
     weight[torch.tensor(ids)] = (features * scale).to(weight.dtype)
     return True
 
 
-def position_features(values: torch.Tensor, channels: int, shortest: float = 60.0) -> torch.Tensor:
-    """Sine/cosine features ``(N, channels)`` of positions in 0..1000 image units."""
+def sine_features(values: torch.Tensor, channels: int, shortest: float) -> torch.Tensor:
+    """``(N, channels)`` float64 sines and cosines of values in 0..1000 units, wavelengths 2000 down to
+    ``shortest`` (geometric); a last zero column when ``channels`` is odd."""
     half = channels // 2
     wavelengths = torch.exp(torch.linspace(math.log(2000.0), math.log(shortest), half, dtype=torch.float64))
     angles = 2 * math.pi * values.double()[:, None] / wavelengths
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
+    features = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(features, (0, channels - 2 * half))
 
 
 @torch.no_grad()
@@ -193,10 +189,7 @@ def init_vision_positions(model: nn.Module) -> bool:
     y = rows.flatten() * (1000.0 / (side - 1))
     half = dim // 2
     shortest = 2.5 * 1000.0 / (side - 1)
-    features = torch.cat([position_features(x, half - half % 2, shortest),
-                          position_features(y, dim - half - (dim - half) % 2, shortest)], dim=1)
-    if features.shape[1] < dim:
-        features = torch.cat([features, torch.zeros(count, dim - features.shape[1], dtype=torch.float64)], dim=1)
+    features = torch.cat([sine_features(x, half, shortest), sine_features(y, dim - half, shortest)], dim=1)
     proj = visual.patch_embed.proj
     fan_in = proj.weight[0].numel()
     patch_std = proj.weight.float().std().item() * math.sqrt(fan_in) * 0.5  # output std for inputs of std 0.5
