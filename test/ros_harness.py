@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from lifecycle_msgs.msg import State
+from lifecycle_msgs.srv import GetState
 from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
@@ -201,10 +203,27 @@ class Client:
             return list(store)
 
     def wait_connected(self, timeout: float = 10.0) -> None:
+        """Returns once the node is ACTIVE (asked over its lifecycle service) and the topics match."""
+        deadline = time.monotonic() + timeout
         assert wait_for(lambda: self.image_pub.get_subscription_count() > 0
                         and self.command_pub.get_subscription_count() > 0, timeout), "node did not subscribe"
         assert wait_for(lambda: self.node.count_publishers(f"{self.node_fqn}/result") > 0
                         and self.node.count_subscribers(f"{self.node_fqn}/result") > 0, timeout)
+        assert wait_for(lambda: self.lifecycle_state(deadline - time.monotonic()) == State.PRIMARY_STATE_ACTIVE,
+                        max(deadline - time.monotonic(), 1.0)), "node did not become active"
+
+    def lifecycle_state(self, timeout: float = 5.0) -> int | None:
+        """The node's lifecycle state id from ``~/get_state``; None when it does not answer."""
+        client = self.node.create_client(GetState, f"{self.node_fqn}/get_state")
+        try:
+            if not client.wait_for_service(timeout_sec=max(timeout, 0.1)):
+                return None
+            future = client.call_async(GetState.Request())
+            if not wait_for(future.done, max(timeout, 0.5)):
+                return None
+            return future.result().current_state.id
+        finally:
+            self.node.destroy_client(client)
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1.0)

@@ -236,6 +236,9 @@ class SegmentationNode(LifecycleNode):
         group = self._sensor_group
         self._frames.use_depth = bool(self.p("use_depth"))
         self._frames.clear()
+        # Accept requests before the inputs appear on the graph: a client that waits for our
+        # subscriptions (as planners and tests do) must never meet a "not active" refusal.
+        self._scheduler.set_active(True)
         self._subs = [
             self.create_subscription(Image, "image", self._on_image, qos, callback_group=self._image_group),
             self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=group),
@@ -244,7 +247,6 @@ class SegmentationNode(LifecycleNode):
         if self.p("use_depth"):
             self._subs.append(self.create_subscription(Image, "depth", self._on_depth, qos,
                                                        callback_group=self._depth_group))
-        self._scheduler.set_active(True)
         self.get_logger().info(
             f"active: image '{self.resolve_topic_name('image')}', depth "
             f"'{self.resolve_topic_name('depth') if self.p('use_depth') else 'off'}', camera_info "
