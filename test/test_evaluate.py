@@ -120,3 +120,19 @@ def test_command_line(box_model: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "giou" in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["scenes"] == 1 and report["samples"] >= 1
+
+
+def test_frame_size_defaults_to_the_models_training_size(box_model: Path, tmp_path: Path) -> None:
+    """A model is judged at the resolution it was trained at unless told otherwise."""
+    from qwen3vl_seg_ros.model.loading import training_frame_size
+    from qwen3vl_seg_ros.training.evaluate import eval_frame_size
+
+    assert training_frame_size(box_model) is None  # no training record: 320x240, or what was asked
+    assert eval_frame_size(str(box_model), 0, 0) == (320, 240)
+    assert eval_frame_size(str(box_model), 64, 0) == (64, 240)
+    (tmp_path / "training_info.json").write_text(json.dumps({"data": "synthetic 256x192"}))  # older exports
+    assert training_frame_size(tmp_path) == (256, 192)
+    (tmp_path / "training_info.json").write_text(json.dumps({"data": "x", "image_width": 200, "image_height": 150}))
+    assert training_frame_size(tmp_path) == (200, 150)
+    (tmp_path / "training_info.json").write_text("not json")
+    assert training_frame_size(tmp_path) is None

@@ -6,12 +6,12 @@ training (``train`` split) nor used to pick the model (``val`` split, the end-of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from qwen3vl_seg_ros.model.loading import training_frame_size
 from qwen3vl_seg_ros.training.dataset import DataConfig, synthetic_examples
 from qwen3vl_seg_ros.training.evaluate import EvalSettings, run_evaluation
 
@@ -21,13 +21,9 @@ SCENES = 50  # fixed held-out scenes (test split, indices 0..49), 2 queries each
 
 
 def training_size() -> tuple[int, int]:
-    """(width, height) of the synthetic frames the shipped model was trained on (its training_info.json)."""
-    try:
-        data = json.loads((MODEL / "training_info.json").read_text())["data"]  # e.g. "synthetic 256x192"
-        width, height = data.split()[-1].split("x")
-        return int(width), int(height)
-    except (OSError, KeyError, ValueError):
-        return 320, 240
+    """(width, height) of the synthetic frames the shipped model was trained on."""
+    return training_frame_size(MODEL) or (320, 240)
+
 
 pytestmark = pytest.mark.skipif(
     not (MODEL / "config.json").is_file(),

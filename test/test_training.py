@@ -431,6 +431,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 
 def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> None:
+    from qwen3vl_seg_ros.model.loading import training_frame_size
     from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
     from qwen3vl_seg_ros.segmenter import SegmenterOptions
 
@@ -446,7 +447,8 @@ def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> Non
     out = seg.segment(ex.rgb, ex.expression)  # an untrained model: any answer, but the path works
     assert isinstance(out.raw_answer, str)
     info = json.loads((folder / "training_info.json").read_text())
-    assert info["step"] == 4 and info["finished"]
+    assert info["step"] == 4 and info["finished"] and info["base"] == "tiny"
+    assert training_frame_size(folder) == (cfg.data.width, cfg.data.height)  # evaluate's default size
 
 
 def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
@@ -475,9 +477,15 @@ def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
 
 
 def test_configurations(tmp_path: Path) -> None:
-    for name in ("train_tiny.yaml", "train_tiny_cpu_smoke.yaml"):
+    for name in ("train_tiny.yaml", "train_tiny_cpu_smoke.yaml", "train_tiny_cpu.yaml"):
         cfg = load_config(REPO / "config" / name)
         assert cfg.stages and cfg.model.from_scratch
+    for name in ("train_tiny.yaml", "train_tiny_cpu.yaml"):  # both carry the losses against the blind plateau
+        loss = load_config(REPO / "config" / name).loss
+        assert loss.pointer > 0 and loss.coord_l1 > 0
+    round2 = load_config(REPO / "config" / "train_tiny_cpu_round2.yaml")  # continues from the shipped model
+    assert not round2.model.from_scratch and Path(round2.model.base) == Path("models/tiny_qwen3vl_seg")
+    assert round2.data.width == load_config(REPO / "config" / "train_tiny_cpu.yaml").data.width
     real = load_config(REPO / "config" / "train_qwen3vl_lora.yaml", ["data.coco_json=/data/refs.json"])
     assert [s.llm for s in real.stages] == ["lora", "full"] and real.stages[0].lora.r == 32
     assert real.stages[0].vision_lr_scale == 0.01 and real.stages[1].vision_lr_scale == 0.0

@@ -52,6 +52,23 @@ def default_model_folder() -> Path:
     )
 
 
+def training_frame_size(folder: str | Path) -> tuple[int, int] | None:
+    """(width, height) of the frames a checkpoint of ours was trained on, from its training_info.json.
+
+    Why: a small model trained at one resolution is judged fairly only at that resolution, so
+    evaluation defaults to it. Older exports only have ``"data": "synthetic 256x192"``; None when
+    the folder has no such record (a real Qwen3-VL checkpoint).
+    """
+    try:
+        info = json.loads((Path(folder) / "training_info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(info.get("image_width"), int) and isinstance(info.get("image_height"), int):
+        return info["image_width"], info["image_height"]
+    match = re.search(r"(\d+)x(\d+)$", str(info.get("data", "")))
+    return (int(match[1]), int(match[2])) if match else None
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?$")
 
 

@@ -23,6 +23,7 @@ one thread: the tiny model decodes token by token, so many CPU processes beat on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -387,6 +388,20 @@ def _pick_examples(records: list[dict[str, Any]], count: int) -> list[dict[str, 
 # command line
 
 
+def eval_frame_size(model: str, width: int, height: int) -> tuple[int, int]:
+    """The synthetic frame size: what was asked, else the model's training size, else 320x240."""
+    if width > 0 and height > 0:
+        return width, height
+    from qwen3vl_seg_ros.model.loading import resolve_model_folder, training_frame_size
+    from qwen3vl_seg_ros.types import SegmenterError
+
+    trained = None
+    with contextlib.suppress(SegmenterError):
+        trained = training_frame_size(resolve_model_folder(model))
+    default = trained or (320, 240)
+    return (width if width > 0 else default[0]), (height if height > 0 else default[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qwen3vl_seg_ros.evaluate",
@@ -396,8 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--first-scene", type=int, default=0)
     parser.add_argument("--queries-per-scene", type=int, default=0, help="0 = all queries of each scene")
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--width", type=int, default=0,
+                        help="synthetic frame width (default: the model's training width, else 320)")
+    parser.add_argument("--height", type=int, default=0,
+                        help="synthetic frame height (default: the model's training height, else 240)")
     parser.add_argument("--coco", default="", help="COCO-style referring file instead of synthetic scenes")
     parser.add_argument("--coco-image-root", default="")
     parser.add_argument("--coco-split", default="")
@@ -411,9 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=6)
     parser.add_argument("--out", default="", help="report folder (report.json, report.png, samples.jsonl)")
     args = parser.parse_args(argv)
+    width, height = eval_frame_size(args.model, args.width, args.height)
     settings = EvalSettings(
         model=args.model, split=args.split, scenes=args.scenes, first_scene=args.first_scene,
-        queries_per_scene=args.queries_per_scene, width=args.width, height=args.height, coco_json=args.coco,
+        queries_per_scene=args.queries_per_scene, width=width, height=height, coco_json=args.coco,
         coco_image_root=args.coco_image_root, coco_split=args.coco_split, max_samples=args.max_samples,
         device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
         time_limit_s=args.time_limit_s, heads=tuple(h for h in args.heads.split(",") if h), examples=args.examples,

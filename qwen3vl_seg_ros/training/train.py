@@ -586,7 +586,9 @@ class Trainer:
             model = merge_lora(copy.deepcopy(self.peft_model).to("cpu"))
         info = {"trained_with": "qwen3vl_seg_ros.train", "step": self.state.step, "samples": self.state.samples,
                 "stages_done": self.state.stage, "finished": self.state.finished,
-                "data": f"{self.cfg.data.source} {self.cfg.data.width}x{self.cfg.data.height}"}
+                "data": f"{self.cfg.data.source} {self.cfg.data.width}x{self.cfg.data.height}",
+                "image_width": self.cfg.data.width, "image_height": self.cfg.data.height,
+                "base": self.cfg.model.base}
         folder = export_model(model, self.decoder, self.base_folder, self.tokenizer, self.tokenizer_changed,
                               self.run_dir / "model", self.cfg.model.export_dtype, info)
         self.log(f"[train] exported {folder} ({folder_size_mb(folder):.1f} MB of safetensors)")
