@@ -214,20 +214,26 @@ class Client:
 
     def lifecycle_state(self, timeout: float = 5.0) -> int | None:
         """The node's lifecycle state id from ``~/get_state``; None when it does not answer."""
-        client = self.node.create_client(GetState, f"{self.node_fqn}/get_state")
-        try:
-            if not client.wait_for_service(timeout_sec=max(timeout, 0.1)):
-                return None
-            future = client.call_async(GetState.Request())
-            if not wait_for(future.done, max(timeout, 0.5)):
-                return None
-            return future.result().current_state.id
-        finally:
-            self.node.destroy_client(client)
+        response = call_service(self.node, GetState, f"{self.node_fqn}/get_state", GetState.Request(),
+                                service_wait_s=max(timeout, 0.1), answer_wait_s=max(timeout, 0.5))
+        return None if response is None else response.current_state.id
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1.0)
         self.node.destroy_node()
+
+
+def call_service(node: Node, srv_type: Any, name: str, request: Any, service_wait_s: float = 10.0,
+                 answer_wait_s: float = 10.0) -> Any | None:
+    """One call of service ``name`` from ``node`` (spun elsewhere); None when it is missing or silent."""
+    client = node.create_client(srv_type, name)
+    try:
+        if not client.wait_for_service(timeout_sec=service_wait_s):
+            return None
+        future = client.call_async(request)
+        return future.result() if wait_for(future.done, answer_wait_s) else None
+    finally:
+        node.destroy_client(client)
 
 
 def encode(rgb: np.ndarray, encoding: str) -> np.ndarray:

@@ -34,7 +34,7 @@ from qwen3vl_seg_ros.srv import Segment
 
 from helpers import wait_for
 from reliability_helpers import System, namespaced_context
-from ros_harness import DOUBLE, Client, Scene
+from ros_harness import DOUBLE, Client, Scene, call_service
 
 OK, ERROR = SegmentationResult.OK, SegmentationResult.ERROR
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,13 +154,10 @@ def test_stop_with_a_stuck_model_answers_it_and_never_runs_two_inference_threads
 # ---------------------------------------------------------------------------------------------
 # lifecycle transitions under load, over the real lifecycle services
 # ---------------------------------------------------------------------------------------------
-def call_service(node: Node, srv_type, name: str, request, timeout: float = 10.0):
-    client = node.create_client(srv_type, name)
-    assert client.wait_for_service(timeout_sec=timeout), name
-    future = client.call_async(request)
-    assert wait_for(future.done, timeout), f"no answer from {name}"
-    node.destroy_client(client)
-    return future.result()
+def _call(node: Node, srv_type, name: str, request, timeout: float = 10.0):
+    response = call_service(node, srv_type, name, request, service_wait_s=timeout, answer_wait_s=timeout)
+    assert response is not None, f"no answer from {name}"
+    return response
 
 
 @pytest.mark.ros
@@ -184,11 +181,11 @@ def test_deactivate_and_activate_under_load():
             caller.start()
             for _ in range(4):
                 time.sleep(0.4)
-                r = call_service(s.client.node, ChangeState, f"{node_name}/change_state",
+                r = _call(s.client.node, ChangeState, f"{node_name}/change_state",
                                  ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
                 assert r.success
                 time.sleep(0.3)
-                r = call_service(s.client.node, ChangeState, f"{node_name}/change_state",
+                r = _call(s.client.node, ChangeState, f"{node_name}/change_state",
                                  ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
                 assert r.success
             s.client.wait_connected()
@@ -201,7 +198,7 @@ def test_deactivate_and_activate_under_load():
             assert wait_for(lambda: sum(1 for r in s.client.snapshot(s.client.results)
                                         if r.request_id.startswith("cont")) > n_continuous, 5)
         s.client.send_command("")
-        state = call_service(s.client.node, GetState, f"{node_name}/get_state", GetState.Request())
+        state = _call(s.client.node, GetState, f"{node_name}/get_state", GetState.Request())
         assert state.current_state.id == State.PRIMARY_STATE_ACTIVE
         answers = [(rid, f.result().result) for rid, f in futures]
         assert all(r.request_id == rid for rid, r in answers)

@@ -36,9 +36,8 @@ from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.ros.parameters import BY_NAME
 from qwen3vl_seg_ros.types import InputError, SegmenterError
 
-from helpers import wait_for
 from reliability_helpers import System
-from ros_harness import Scene, camera_info_msg, image_msg
+from ros_harness import Scene, call_service, camera_info_msg, image_msg
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qwen3vl_seg_ros"
@@ -94,12 +93,9 @@ def _string_param(name: str, value: str) -> ParameterMsg:
 
 
 def _call(s: System, srv_type, name: str, request):
-    client = s.client.node.create_client(srv_type, name)
-    assert client.wait_for_service(timeout_sec=10.0), name
-    future = client.call_async(request)
-    assert wait_for(future.done, 15), f"no answer from {name}"
-    s.client.node.destroy_client(client)
-    return future.result()
+    response = call_service(s.client.node, srv_type, name, request, service_wait_s=10.0, answer_wait_s=15.0)
+    assert response is not None, f"no answer from {name}"
+    return response
 
 
 @pytest.mark.ros

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen3vl_seg_ros.model.loading import training_frame_size
 from qwen3vl_seg_ros.training.dataset import DataConfig, synthetic_examples
-from qwen3vl_seg_ros.training.evaluate import EvalSettings, run_evaluation
+from qwen3vl_seg_ros.training.evaluate import EvalSettings, eval_frame_size, run_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny_qwen3vl_seg"
@@ -21,8 +20,8 @@ SCENES = 50  # fixed held-out scenes (test split, indices 0..49), 2 queries each
 
 
 def training_size() -> tuple[int, int]:
-    """(width, height) of the synthetic frames the shipped model was trained on."""
-    return training_frame_size(MODEL) or (320, 240)
+    """(width, height) of the synthetic frames the shipped model was trained on (evaluate's default)."""
+    return eval_frame_size(str(MODEL), 0, 0)
 
 
 pytestmark = pytest.mark.skipif(

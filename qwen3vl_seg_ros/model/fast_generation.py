@@ -70,7 +70,6 @@ log = logging.getLogger(__name__)
 CAPACITY_BUCKET = 1024
 #: Prompts are right-padded to a multiple of this many tokens in graph mode (one graph per length).
 PROMPT_BUCKET = 64
-#: Graph warm-up runs before capture (the first call compiles / loads kernels).
 #: Environment switch: QWEN3VL_SEG_COMPILE=0 disables torch.compile of the decode step.
 COMPILE_ENV = "QWEN3VL_SEG_COMPILE"
 
