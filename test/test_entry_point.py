@@ -34,7 +34,7 @@ def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
         assert result.status == SegmentationResult.OK, result.message
         assert result.request_id == "from-process" and result.objects[0].label == "red blob"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -43,3 +43,4 @@ def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
         context.try_shutdown()
     text = log_path.read_text()
     assert "ready: waiting for images and commands" in text, text
+    assert "threads still running" not in text, text  # every thread joined: no hard exit needed

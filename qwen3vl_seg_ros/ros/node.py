@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import signal
 import sys
 import threading
@@ -731,9 +732,15 @@ def main(args: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         stop.set()
 
+    spinning = threading.Event()
+    spinning.set()
+
     def spin() -> None:
+        # spin_once in our own loop, not executor.spin(): shutdown must first see this thread
+        # leave the wait set (executor.shutdown() destroys its guard condition without waiting).
         try:
-            executor.spin()
+            while spinning.is_set() and rclpy.ok():
+                executor.spin_once(timeout_sec=0.1)
         except ExternalShutdownException:
             pass
         except Exception:  # pragma: no cover - logged for the user, then a clean shutdown
@@ -768,11 +775,31 @@ def main(args: list[str] | None = None) -> int:
         code = 1
     finally:
         node._release("node is shutting down")
-        executor.shutdown()
+        spinning.clear()
+        spinner.join(timeout=5.0)
+        executor.shutdown(timeout_sec=5.0)  # waits for callbacks still running in its pool
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
+    _exit_if_threads_linger(code)
     return code
+
+
+def _exit_if_threads_linger(code: int) -> None:
+    """Ends the process at once when a daemon thread is still alive (a model call that ignored
+    the grace period, a stuck middleware wait).
+
+    Python's finaliser stops such a thread with a forced unwind; inside C++ code (torch, rclpy)
+    that aborts the process ("terminate called without an active exception", exit -6), so
+    launch and systemd would report a crash for what was an orderly shutdown.
+    """
+    lingering = [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+    if not lingering:
+        return
+    print(f"qwen3vl_seg: exiting with threads still running: {', '.join(lingering)}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
