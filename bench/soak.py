@@ -258,6 +258,7 @@ class SoakClient:
         from std_msgs.msg import String
 
         from qwen3vl_seg_ros.msg import SegmentationResult
+        from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
         from qwen3vl_seg_ros.srv import Segment
 
         self._segment_type = Segment
@@ -282,14 +283,9 @@ class SoakClient:
                                               qos_profile=QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
         self.executor = MultiThreadedExecutor(num_threads=2, context=context)
         self.executor.add_node(self.node)
-        self._spin = threading.Thread(target=self._spin_forever, daemon=True)
-        self._spin.start()
+        self._spinner = BackgroundSpinner(self.executor, name="soak-spin").start()
         self._stop = threading.Event()
         self._caller: threading.Thread | None = None
-
-    def _spin_forever(self) -> None:
-        with contextlib.suppress(Exception):
-            self.executor.spin()
 
     def _on_result(self, msg: Any) -> None:
         with self.lock:
@@ -363,7 +359,7 @@ class SoakClient:
             return sum(1 for a in self.answers if a.received is None)
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
+        self._spinner.stop(shutdown_timeout=2.0)
         self.node.destroy_node()
 
 

@@ -28,6 +28,7 @@ from visualization_msgs.msg import MarkerArray
 
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.ros.node import SegmentationNode
+from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.srv import Segment
 
 from helpers import wait_for
@@ -117,12 +118,7 @@ class Client:
         self.segment_client = self.node.create_client(Segment, f"{node_fqn}/segment")
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        with contextlib.suppress(Exception):  # the context was shut down
-            self.executor.spin()
+        self._spinner = BackgroundSpinner(self.executor, name="test-client-spin").start()
 
     def _keep(self, store: list) -> Callable[[Any], None]:
         def callback(msg: Any) -> None:
@@ -219,7 +215,7 @@ class Client:
         return None if response is None else response.current_state.id
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=1.0)
+        self._spinner.stop(shutdown_timeout=1.0)
         self.node.destroy_node()
 
 
@@ -260,20 +256,15 @@ class NodeHarness:
         self.node = SegmentationNode(context=context, parameter_overrides=overrides)
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
+        self._spinner = BackgroundSpinner(self.executor, name="test-node-spin").start()
         if autostart:
             self.node.trigger_configure()
             assert self.node._segmenter is not None, f"configure failed: {self.node._configure_error}"
             self.node.trigger_activate()
 
-    def _spin(self) -> None:
-        with contextlib.suppress(Exception):  # the context was shut down
-            self.executor.spin()
-
     def close(self) -> None:
         self.node._release("test finished")
-        self.executor.shutdown(timeout_sec=2.0)
+        self._spinner.stop(shutdown_timeout=2.0)
         self.node.destroy_node()
 
 

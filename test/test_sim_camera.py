@@ -6,7 +6,6 @@ its 3D answers, in the world frame through the camera's static TF, against the s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from pathlib import Path
@@ -37,6 +36,7 @@ from qwen3vl_seg_ros.ros.sim_camera import (
     static_transforms,
     top_z,
 )
+from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.ros.tf import transform_from_msg
 from qwen3vl_seg_ros.training.synthetic import SPLIT_OFFSETS, SceneConfig, generate_sample, split_seed
 
@@ -120,15 +120,10 @@ class Spun:
         self.node = make(self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self._spin, daemon=True)
-        self.thread.start()
-
-    def _spin(self) -> None:
-        with contextlib.suppress(Exception):
-            self.executor.spin()
+        self.spinner = BackgroundSpinner(self.executor, name="sim-camera-test-spin").start()
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=1.0)
+        self.spinner.stop(shutdown_timeout=1.0)
         self.node.destroy_node()
         self.context.try_shutdown()
 

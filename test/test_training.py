@@ -4,6 +4,7 @@ LoRA merges exactly, resuming continues exactly, and the result loads through th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -215,6 +216,18 @@ def test_stream_is_the_same_with_workers(trainer: Trainer) -> None:
         assert torch.equal(item.input_ids, ref.input_ids) and torch.equal(item.object_boxes, ref.object_boxes)
     # train scenes are the train split's, never val/test: item k uses scenes k*stride.. of "train"
     assert stream.split == "train"
+
+
+def test_first_scene_moves_the_stream_past_scenes_already_seen(trainer: Trainer) -> None:
+    """A later training round (data.first_scene) renders new scenes, not round 1's again."""
+    base = SyntheticStream(trainer.collator, 2, trainer.cfg.data, start_item=0, seed=3)
+    later_data = dataclasses.replace(trainer.cfg.data, first_scene=3 * base.stride)
+    later = SyntheticStream(trainer.collator, 2, later_data, start_item=0, seed=3)
+    # item 0 of the later stream shows the scenes of the base stream's item 3, not of its item 0
+    assert torch.equal(later.item(0).decoder_images, base.item(3).decoder_images)
+    assert not torch.equal(later.item(0).decoder_images, base.item(0).decoder_images)
+    with pytest.raises(ValueError, match="first_scene"):
+        dataclasses.replace(trainer.cfg.data, first_scene=-1)
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -68,6 +68,7 @@ from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.ros.conversions import depth_to_raw, image_to_rgb
 from qwen3vl_seg_ros.ros.pointcloud import msg_to_cloud
 from qwen3vl_seg_ros.ros.sim_camera import latched_qos
+from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.srv import Segment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -332,12 +333,7 @@ class DemoClient:
         self.command_pub = self.node.create_publisher(String, "command", 10)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, name="demo-spin", daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        with contextlib.suppress(Exception):  # the context was shut down
-            self.executor.spin()
+        self._spinner = BackgroundSpinner(self.executor, name="demo-spin").start()
 
     def _keep(self, store: deque, msg: Any) -> None:
         with self._cond:
@@ -418,7 +414,7 @@ class DemoClient:
         return None
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=1.0)
+        self._spinner.stop(shutdown_timeout=1.0)
         self.node.destroy_node()
 
 

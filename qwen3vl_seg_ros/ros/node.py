@@ -35,7 +35,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import (
     HistoryPolicy,
@@ -56,6 +56,7 @@ from qwen3vl_seg_ros.ros import conversions
 from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
 from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, safe_text, truncate
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
+from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
 from qwen3vl_seg_ros.ros.three_d import ThreeDStage
 from qwen3vl_seg_ros.segmenter import Segmenter, SegmenterOptions, create_segmenter
@@ -732,26 +733,13 @@ def main(args: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         stop.set()
 
-    spinning = threading.Event()
-    spinning.set()
-
-    def spin() -> None:
-        # spin_once in our own loop, not executor.spin(): shutdown must first see this thread
-        # leave the wait set (executor.shutdown() destroys its guard condition without waiting).
-        try:
-            while spinning.is_set() and rclpy.ok():
-                executor.spin_once(timeout_sec=0.1)
-        except ExternalShutdownException:
-            pass
-        except Exception:  # pragma: no cover - logged for the user, then a clean shutdown
-            node.get_logger().fatal(traceback.format_exc())
-            caught.append("error")
-        finally:
-            stop.set()
+    def on_spin_error(_exc: BaseException) -> None:  # pragma: no cover - logged, then a clean shutdown
+        node.get_logger().fatal(traceback.format_exc())
+        caught.append("error")
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    spinner = threading.Thread(target=spin, name="qwen3vl_seg_executor", daemon=True)
+    spinner = BackgroundSpinner(executor, name="qwen3vl_seg_executor", on_error=on_spin_error)
     code = 0
     try:
         spinner.start()
@@ -761,7 +749,7 @@ def main(args: list[str] | None = None) -> int:
             elif node.trigger_activate() == TransitionCallbackReturn.SUCCESS:
                 node.get_logger().info("ready: waiting for images and commands")
         serving = True
-        while not stop.wait(0.5):
+        while not stop.wait(0.5) and not spinner.done.is_set():
             pass
         if "error" in caught:
             code = 1
@@ -775,9 +763,7 @@ def main(args: list[str] | None = None) -> int:
         code = 1
     finally:
         node._release("node is shutting down")
-        spinning.clear()
-        spinner.join(timeout=5.0)
-        executor.shutdown(timeout_sec=5.0)  # waits for callbacks still running in its pool
+        spinner.stop(timeout=5.0, shutdown_timeout=5.0)
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

@@ -49,12 +49,15 @@ class DataConfig:
     num_workers: int = 0  # data-loader processes (0 = in the training process)
     prefetch_factor: int = 4  # items each worker keeps ready
     micro_batch: int = 0  # samples per item; 0 = the whole step batch in one item
+    first_scene: int = 0  # synthetic: index of the first train scene (a later round starts past the last one's)
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "coco"):
             raise ValueError(f"data.source must be 'synthetic' or 'coco', got {self.source!r}")
         if self.source == "coco" and not self.coco_json:
             raise ValueError("data.source 'coco' needs data.coco_json (a COCO-style referring file)")
+        if self.first_scene < 0:
+            raise ValueError(f"data.first_scene must be >= 0, got {self.first_scene}")
 
     def scene_config(self) -> SceneConfig:
         from qwen3vl_seg_ros.training.synthetic import SceneConfig
@@ -182,13 +185,14 @@ class SyntheticStream(_ItemStream):
         self.queries_per_scene = max(1, int(data.queries_per_scene))
         self.split = split
         self.stride = 2 * self.micro_batch  # scene indices reserved per item
+        self.first_scene = int(data.first_scene)
 
     def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
         out: list[RefExample] = []
         for i in range(self.stride):
             if len(out) == self.micro_batch:
                 return out
-            index = (k * self.stride + i) % 1_000_000_000
+            index = (self.first_scene + k * self.stride + i) % 1_000_000_000
             scene = synthetic_examples(self.split, index, self.scene_cfg)
             out.extend(scene[: min(self.queries_per_scene, self.micro_batch - len(out))])
         if len(out) < self.micro_batch:

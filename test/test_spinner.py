@@ -1,0 +1,70 @@
+"""BackgroundSpinner: callbacks run while it spins, stop() joins its thread, errors reach the owner."""
+
+from __future__ import annotations
+
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from std_msgs.msg import String
+
+from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
+
+from helpers import wait_for
+from ros_harness import new_context
+
+pytestmark = pytest.mark.ros
+
+
+def test_spins_callbacks_and_stop_joins_the_thread():
+    context = new_context()
+    node = rclpy.create_node("spinner_test", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    got: list[str] = []
+    node.create_subscription(String, "spinner_test_topic", lambda m: got.append(m.data), 10)
+    pub = node.create_publisher(String, "spinner_test_topic", 10)
+    spinner = BackgroundSpinner(executor, name="spinner-under-test").start()
+    try:
+        assert wait_for(lambda: (pub.publish(String(data="hello")), bool(got))[1], 5.0)
+        assert got[0] == "hello"
+    finally:
+        joined = spinner.stop(timeout=2.0)
+        node.destroy_node()
+        context.try_shutdown()
+    assert joined and spinner.done.is_set()
+    assert not spinner._thread.is_alive()
+
+
+def test_a_failing_callback_is_handed_to_on_error_and_ends_the_loop():
+    context = new_context()
+    node = rclpy.create_node("spinner_error_test", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    errors: list[BaseException] = []
+
+    def boom() -> None:
+        raise RuntimeError("callback failed")
+
+    node.create_timer(0.01, boom)
+    spinner = BackgroundSpinner(executor, on_error=errors.append).start()
+    try:
+        assert spinner.done.wait(5.0), "the loop kept going after an error"
+    finally:
+        spinner.stop(timeout=2.0)
+        node.destroy_node()
+        context.try_shutdown()
+    assert len(errors) == 1 and "callback failed" in str(errors[0])
+
+
+def test_a_shut_down_context_ends_the_loop_without_an_error():
+    context = new_context()
+    node = rclpy.create_node("spinner_shutdown_test", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    errors: list[BaseException] = []
+    spinner = BackgroundSpinner(executor, on_error=errors.append).start()
+    node.destroy_node()
+    context.try_shutdown()
+    assert spinner.done.wait(5.0)
+    spinner.stop(timeout=2.0)
+    assert errors == []
