@@ -11,6 +11,7 @@ active exception", exit code -6). Here the thread runs its own ``spin_once`` loo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from rclpy.executors import Executor, ExternalShutdownException
@@ -64,5 +65,21 @@ class BackgroundSpinner:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         joined = not self._thread.is_alive()
+        self._wait_for_handlers(shutdown_timeout)
         self.executor.shutdown(timeout_sec=shutdown_timeout)
         return joined
+
+    def _wait_for_handlers(self, timeout: float) -> None:
+        """Lets callbacks still running in a MultiThreadedExecutor's pool finish first.
+
+        ``Executor.shutdown()`` destroys the executor's guard condition without waiting for them
+        (the race of ros2/rclpy#968), and each one ends by triggering that guard condition: it
+        then fails with InvalidHandle, printed at exit as "The following exception was never
+        retrieved: cannot use Destroyable...". rclpy keeps those tasks in ``_futures``; a
+        SingleThreadedExecutor runs callbacks on the (now joined) spinning thread and has none.
+        """
+        pending = list(getattr(self.executor, "_futures", ()))
+        deadline = time.monotonic() + timeout
+        for task in pending:
+            while not task.done() and time.monotonic() < deadline:
+                time.sleep(0.005)
