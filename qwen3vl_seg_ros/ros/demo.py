@@ -324,9 +324,12 @@ class DemoClient:
         frames = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE)
         sub(Image, "image", lambda m: self._keep(self.images, m), frames)
         sub(Image, "depth", lambda m: self._keep(self.depths, m), frames)
-        sub(SegmentationResult, f"{NODE}/result", lambda m: self._record(self.results, m), reliable)
-        sub(Image, f"{NODE}/overlay", lambda m: self._record(self.overlays, m), reliable)
-        sub(Image, f"{NODE}/mask", lambda m: self._record(self.masks, m), reliable)
+        # the node's outputs: _wait_until_ready waits until each is matched with its publisher
+        self.output_subs = [
+            sub(SegmentationResult, f"{NODE}/result", lambda m: self._record(self.results, m), reliable),
+            sub(Image, f"{NODE}/overlay", lambda m: self._record(self.overlays, m), reliable),
+            sub(Image, f"{NODE}/mask", lambda m: self._record(self.masks, m), reliable),
+        ]
         sub(DiagnosticArray, "/diagnostics", self._on_diagnostics, reliable)
         self.segment_client = self.node.create_client(Segment, f"{NODE}/segment")
         self.next_scene_client = self.node.create_client(Trigger, f"{CAMERA}/next_scene")
@@ -522,6 +525,13 @@ def _wait_until_ready(node: Child, client: DemoClient, deadline: float, model_te
     while not client.segment_client.wait_for_service(timeout_sec=0.2):
         if time.monotonic() > deadline:
             raise DemoTimeoutError("~/segment did not appear")
+    # Discovery of the node's output publishers can lag the service under load; a first answer
+    # published before they match our subscriptions would come without its overlay and mask.
+    while not all(s.get_publisher_count() > 0 for s in client.output_subs):
+        if time.monotonic() > deadline:
+            missing = [s.topic_name for s in client.output_subs if s.get_publisher_count() == 0]
+            raise DemoTimeoutError(f"no publisher matched on {', '.join(missing)}")
+        time.sleep(0.05)
     print(f"[demo] node ready after {time.monotonic() - t0:.1f} s", flush=True)
 
 
@@ -685,7 +695,9 @@ def _readme_images(rows: list[Row], work: Path, out: Path, scene_frames: dict[in
     candidates = [r for r in rows if r.status == "OK" and "overlay" in r.files and "cloud" in r.files
                   and r.scene in scene_frames]
     if not candidates:
-        raise RuntimeError("no OK answer with an overlay and 3D to make the README images from")
+        seen = "; ".join(f"{r.command!r}: {r.status}, files {sorted(r.files)}, camera frame "
+                         f"{'kept' if r.scene in scene_frames else 'missing'}" for r in rows)
+        raise RuntimeError(f"no OK answer with an overlay and 3D to make the README images from ({seen})")
 
     def quality(r: Row) -> tuple[float, int, int]:
         distinct = len({o.get("gt_id", o["id"]) for o in r.objects if o["has_3d"]})
@@ -802,6 +814,22 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _scene_frame(client: DemoClient, stamp: int, wait_until: float) -> tuple[Image, Image] | None:
+    """The newest colour and depth frames of the scene from ``stamp`` on, as the demo received them.
+
+    Waits a little: a command answered at once can come before the demo's own subscriptions got
+    a frame of a new scene (the node's may match the camera first under load).
+    """
+    def newest() -> tuple[Image, Image] | None:
+        frames = [m for m in client.images if _stamp_ns(m.header.stamp) >= stamp]
+        depths = [m for m in client.depths if _stamp_ns(m.header.stamp) >= stamp]
+        return (frames[-1], depths[-1]) if frames and depths else None
+
+    with contextlib.suppress(DemoTimeoutError):
+        return client.wait(newest, wait_until, "a camera frame of the scene")
+    return None
+
+
 def _drive(args: argparse.Namespace, client: DemoClient, work: Path, final_out: Path, deadline: float) -> int:
     rows: list[Row] = []
     scenes: dict[int, dict[str, Any]] = {}
@@ -833,11 +861,9 @@ def _drive(args: argparse.Namespace, client: DemoClient, work: Path, final_out: 
             print(f"[demo]   '{row.command}' -> {row.status}, {len(row.objects)} object(s){latency}", flush=True)
             if query["type"] in ("referring", "custom") and last_query is None:
                 last_query = query["expression"]
-        with client._cond:
-            frames = [m for m in client.images if _stamp_ns(m.header.stamp) >= stamp]
-            depths = [m for m in client.depths if _stamp_ns(m.header.stamp) >= stamp]
-        if frames and depths:
-            scene_frames[number] = (frames[-1], depths[-1])
+        pair = _scene_frame(client, stamp, min(deadline, time.monotonic() + 3.0))
+        if pair is not None:
+            scene_frames[number] = pair
 
     continuous = None
     if args.continuous_s > 0 and rows:
