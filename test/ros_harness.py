@@ -232,6 +232,14 @@ def call_service(node: Node, srv_type: Any, name: str, request: Any, service_wai
         node.destroy_client(client)
 
 
+def must_call_service(node: Node, srv_type: Any, name: str, request: Any, service_wait_s: float = 10.0,
+                      answer_wait_s: float = 10.0) -> Any:
+    """:func:`call_service` for tests that need the answer: a missing or silent service fails."""
+    response = call_service(node, srv_type, name, request, service_wait_s, answer_wait_s)
+    assert response is not None, f"no answer from {name}"
+    return response
+
+
 def encode(rgb: np.ndarray, encoding: str) -> np.ndarray:
     if encoding == "rgb8":
         return rgb

@@ -34,7 +34,7 @@ from qwen3vl_seg_ros.srv import Segment
 
 from helpers import wait_for
 from reliability_helpers import System, namespaced_context
-from ros_harness import DOUBLE, Client, Scene, call_service
+from ros_harness import DOUBLE, Client, Scene, must_call_service
 
 OK, ERROR = SegmentationResult.OK, SegmentationResult.ERROR
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,12 +154,6 @@ def test_stop_with_a_stuck_model_answers_it_and_never_runs_two_inference_threads
 # ---------------------------------------------------------------------------------------------
 # lifecycle transitions under load, over the real lifecycle services
 # ---------------------------------------------------------------------------------------------
-def _call(node: Node, srv_type, name: str, request, timeout: float = 10.0):
-    response = call_service(node, srv_type, name, request, service_wait_s=timeout, answer_wait_s=timeout)
-    assert response is not None, f"no answer from {name}"
-    return response
-
-
 @pytest.mark.ros
 def test_deactivate_and_activate_under_load():
     s = System("faults_lifecycle", {"max_rate_hz": 10.0})
@@ -181,12 +175,12 @@ def test_deactivate_and_activate_under_load():
             caller.start()
             for _ in range(4):
                 time.sleep(0.4)
-                r = _call(s.client.node, ChangeState, f"{node_name}/change_state",
-                                 ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+                r = must_call_service(s.client.node, ChangeState, f"{node_name}/change_state",
+                                      ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
                 assert r.success
                 time.sleep(0.3)
-                r = _call(s.client.node, ChangeState, f"{node_name}/change_state",
-                                 ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
+                r = must_call_service(s.client.node, ChangeState, f"{node_name}/change_state",
+                                      ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
                 assert r.success
             s.client.wait_connected()
             n_continuous = sum(1 for r in s.client.snapshot(s.client.results) if r.request_id.startswith("cont"))
@@ -198,7 +192,7 @@ def test_deactivate_and_activate_under_load():
             assert wait_for(lambda: sum(1 for r in s.client.snapshot(s.client.results)
                                         if r.request_id.startswith("cont")) > n_continuous, 5)
         s.client.send_command("")
-        state = _call(s.client.node, GetState, f"{node_name}/get_state", GetState.Request())
+        state = must_call_service(s.client.node, GetState, f"{node_name}/get_state", GetState.Request())
         assert state.current_state.id == State.PRIMARY_STATE_ACTIVE
         answers = [(rid, f.result().result) for rid, f in futures]
         assert all(r.request_id == rid for rid, r in answers)

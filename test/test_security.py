@@ -37,7 +37,7 @@ from qwen3vl_seg_ros.ros.parameters import BY_NAME
 from qwen3vl_seg_ros.types import InputError, SegmenterError
 
 from reliability_helpers import System
-from ros_harness import Scene, call_service, camera_info_msg, image_msg
+from ros_harness import Scene, camera_info_msg, image_msg, must_call_service
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qwen3vl_seg_ros"
@@ -92,12 +92,6 @@ def _string_param(name: str, value: str) -> ParameterMsg:
     return ParameterMsg(name=name, value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value))
 
 
-def _call(s: System, srv_type, name: str, request):
-    response = call_service(s.client.node, srv_type, name, request, service_wait_s=10.0, answer_wait_s=15.0)
-    assert response is not None, f"no answer from {name}"
-    return response
-
-
 @pytest.mark.ros
 def test_strings_from_topics_and_services_are_never_opened_imported_or_run(system, tmp_path):
     """Python's audit hooks see every open, import, exec and subprocess of the process; strings
@@ -132,15 +126,18 @@ def test_strings_from_topics_and_services_are_never_opened_imported_or_run(syste
         client.send_command("")
         # the parameters that name files or code are read-only: the parameter service refuses them
         names = ("model", "decoder", "segmenter", "compile_cache_dir")
-        answer = _call(system, SetParameters, f"{NODE}/set_parameters",
-                       SetParameters.Request(parameters=[_string_param(n, paths[k]) for k, n in enumerate(names)]))
+        answer = must_call_service(
+            system.client.node, SetParameters, f"{NODE}/set_parameters",
+            SetParameters.Request(parameters=[_string_param(n, paths[k]) for k, n in enumerate(names)]),
+            answer_wait_s=15.0)
         assert [r.successful for r in answer.results] == [False] * len(names)
         assert all("read-only" in r.reason for r in answer.results), [r.reason for r in answer.results]
         # ... so configuring again through the lifecycle service loads what the launch said
         for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
                            Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            assert _call(system, ChangeState, f"{NODE}/change_state",
-                         ChangeState.Request(transition=Transition(id=transition))).success
+            assert must_call_service(system.client.node, ChangeState, f"{NODE}/change_state",
+                                     ChangeState.Request(transition=Transition(id=transition)),
+                                     answer_wait_s=15.0).success
         assert system.node._segmenter.name == "color_blob_double"
         system.client.wait_connected()
         system.client.publish_frame(scene)

@@ -52,10 +52,11 @@ def test_quality_on_held_out_scenes(report: dict) -> None:
 
     The shipped model was trained for three rounds (about 3.6 hours in all) on 2 CPU cores and
     localises poorly (issue #5 stays open; docs/training.md, "The shipped model"): on these 100
-    samples gIoU 0.335 (box-as-mask 0.215), box accuracy 0.12, against the targets 0.85 / 0.95 /
-    0.9 (round 2: 0.318). The floors sit below that with room for float noise but above round 1 (gIoU ~0.2), so
-    a broken export, loader or decoder, or a worse model, fails here (an untrained model scores
-    ~0); the comparison with the box-as-mask on the same boxes says the decoder works.
+    samples gIoU 0.335 (round 2: 0.318; box-as-mask 0.215), box accuracy 0.12, against the
+    targets 0.85 / 0.95 / 0.9. The floors sit below that with room for float noise but above
+    round 1 (gIoU ~0.2), so a broken export, loader or decoder, or a worse model, fails here (an
+    untrained model scores ~0); the comparison with the box-as-mask on the same boxes says the
+    decoder works.
     """
     decoder = report["methods"]["decoder"]["overall"]
     assert report["complete"] and report["samples"] >= 90

@@ -8,7 +8,7 @@ import time
 import pytest
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.executors import Executor, MultiThreadedExecutor, SingleThreadedExecutor
 from std_msgs.msg import String
 
 from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
@@ -19,11 +19,17 @@ from ros_harness import new_context
 pytestmark = pytest.mark.ros
 
 
-def test_spins_callbacks_and_stop_joins_the_thread():
+def node_on(executor_type: type[Executor], name: str, **executor_args):
+    """A fresh context with one node added to a new executor of ``executor_type``."""
     context = new_context()
-    node = rclpy.create_node("spinner_test", context=context)
-    executor = SingleThreadedExecutor(context=context)
+    node = rclpy.create_node(name, context=context)
+    executor = executor_type(context=context, **executor_args)
     executor.add_node(node)
+    return context, node, executor
+
+
+def test_spins_callbacks_and_stop_joins_the_thread():
+    context, node, executor = node_on(SingleThreadedExecutor, "spinner_test")
     got: list[str] = []
     node.create_subscription(String, "spinner_test_topic", lambda m: got.append(m.data), 10)
     pub = node.create_publisher(String, "spinner_test_topic", 10)
@@ -40,10 +46,7 @@ def test_spins_callbacks_and_stop_joins_the_thread():
 
 
 def test_a_failing_callback_is_handed_to_on_error_and_ends_the_loop():
-    context = new_context()
-    node = rclpy.create_node("spinner_error_test", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
+    context, node, executor = node_on(SingleThreadedExecutor, "spinner_error_test")
     errors: list[BaseException] = []
 
     def boom() -> None:
@@ -61,10 +64,7 @@ def test_a_failing_callback_is_handed_to_on_error_and_ends_the_loop():
 
 
 def test_a_shut_down_context_ends_the_loop_without_an_error():
-    context = new_context()
-    node = rclpy.create_node("spinner_shutdown_test", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
+    context, node, executor = node_on(SingleThreadedExecutor, "spinner_shutdown_test")
     errors: list[BaseException] = []
     spinner = BackgroundSpinner(executor, on_error=errors.append).start()
     node.destroy_node()
@@ -79,10 +79,8 @@ def test_stop_lets_queued_pool_callbacks_finish_cleanly():
     """Callbacks dispatched to a MultiThreadedExecutor's pool before stop() run to the end
     without an InvalidHandle (rclpy's shutdown alone destroys the guard condition that a
     queued handler triggers once it has taken its message)."""
-    context = new_context()
-    node = rclpy.create_node("spinner_pool_test", context=context)
-    executor = MultiThreadedExecutor(num_threads=1, context=context)  # one pool thread: the 2nd waits
-    executor.add_node(node)
+    # one pool thread: the second handler waits behind the first
+    context, node, executor = node_on(MultiThreadedExecutor, "spinner_pool_test", num_threads=1)
     started = threading.Event()
     finished: list[str] = []
 
