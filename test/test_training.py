@@ -462,6 +462,13 @@ def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> Non
     info = json.loads((folder / "training_info.json").read_text())
     assert info["step"] == 4 and info["finished"] and info["base"] == "tiny"
     assert training_frame_size(folder) == (cfg.data.width, cfg.data.height)  # evaluate's default size
+    assert "base_training" not in info  # from scratch: no history before this run
+    # a round continued from this export carries the first round's history in its own export
+    again = config_from_dict(tiny_config(model={**tiny_config()["model"], "base": str(folder)}))
+    second = Trainer(again, tmp_path / "round2", log=lambda m: None, stop_at_step=1).run()
+    info2 = json.loads((Path(second["model"]) / "training_info.json").read_text())
+    assert info2["base"] == str(folder) and info2["step"] == 1
+    assert info2["base_training"] == info
 
 
 def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
@@ -496,9 +503,19 @@ def test_configurations(tmp_path: Path) -> None:
     for name in ("train_tiny.yaml", "train_tiny_cpu.yaml"):  # both carry the losses against the blind plateau
         loss = load_config(REPO / "config" / name).loss
         assert loss.pointer > 0 and loss.coord_l1 > 0
-    round2 = load_config(REPO / "config" / "train_tiny_cpu_round2.yaml")  # continues from the shipped model
-    assert not round2.model.from_scratch and Path(round2.model.base) == Path("models/tiny_qwen3vl_seg")
-    assert round2.data.width == load_config(REPO / "config" / "train_tiny_cpu.yaml").data.width
+    for name in ("train_tiny_cpu_round2.yaml", "train_tiny_cpu_round3.yaml", "train_tiny_gpu_round4.yaml"):
+        later = load_config(REPO / "config" / name)  # each continues from the shipped model, at its size
+        assert not later.model.from_scratch and Path(later.model.base) == Path("models/tiny_qwen3vl_seg")
+        assert later.data.width == load_config(REPO / "config" / "train_tiny_cpu.yaml").data.width
+        assert later.optim.batch_size % later.data.micro_batch == 0
+    # YAML 1.1 reads 4e-4 and 1e2 as strings; in a file or a --set they are numbers
+    numbers = load_config(REPO / "config" / "train_tiny.yaml", ["stages.0.lr=4e-4", "run.log_every=1e2"])
+    assert numbers.stages[0].lr == pytest.approx(4e-4) and numbers.run.log_every == 100
+    assert isinstance(numbers.run.log_every, int)
+    with pytest.raises(ValueError, match=r"stages\[0\]\.lr: expected a number, got 'fast'"):
+        load_config(REPO / "config" / "train_tiny.yaml", ["stages.0.lr=fast"])
+    with pytest.raises(ValueError, match=r"run\.log_every: expected a whole number"):
+        load_config(REPO / "config" / "train_tiny.yaml", ["run.log_every=2.5"])
     real = load_config(REPO / "config" / "train_qwen3vl_lora.yaml", ["data.coco_json=/data/refs.json"])
     assert [s.llm for s in real.stages] == ["lora", "full"] and real.stages[0].lora.r == 32
     assert real.stages[0].vision_lr_scale == 0.01 and real.stages[1].vision_lr_scale == 0.0

@@ -199,7 +199,29 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    return cls(**data)
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return cls(**{k: _number(v, str(types[k]), f"{where}.{k}") for k, v in data.items()})
+
+
+def _number(value: Any, type_name: str, where: str) -> Any:
+    """A number field's value as a number.
+
+    PyYAML follows YAML 1.1, which reads ``4e-4`` and ``1e3`` (no dot) as strings; in a file or a
+    ``--set`` they mean numbers, so they are taken as such, and a word where a number belongs (or
+    a fraction where a count belongs) is refused here with the key's name rather than as a
+    TypeError deep in training.
+    """
+    if type_name not in ("float", "int") or not isinstance(value, (str, float)):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if type_name == "float":
+        return number
+    if not number.is_integer():
+        raise ValueError(f"{where}: expected a whole number, got {value!r}")
+    return int(number)
 
 
 def set_dotted(data: dict, assignment: str) -> None:
@@ -466,6 +488,7 @@ class Trainer:
                 self.log(f"[train] warning: resuming with a configuration that differs in {changed}")
         saved_config.write_text(json.dumps(resolved, indent=2) + "\n")
         self.base_folder = prepare_base(cfg.model, self.run_dir, cfg.run.seed)
+        self.base_info = self._base_lineage()
         torch.manual_seed(cfg.run.seed + 1)  # decoder init, independent of how the base was made
         self.model, self.processor, self.decoder, self.tokenizer_changed = load_base(cfg.model, self.base_folder)
         self.tokenizer = self.processor.tokenizer
@@ -576,6 +599,21 @@ class Trainer:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
+    def _base_lineage(self) -> dict | None:
+        """The base checkpoint's own ``training_info``, kept in the run folder.
+
+        A model trained in rounds is usually continued from, and then copied over, the same
+        folder (the shipped model), so its history would be lost with each round; kept at the
+        run's start, it goes into the export and the whole chain of rounds travels with the model.
+        """
+        kept = self.run_dir / "base_training_info.json"
+        if not kept.is_file():
+            source = Path(self.cfg.model.base) / "training_info.json"
+            if self.cfg.model.from_scratch or not source.is_file():
+                return None
+            kept.write_text(source.read_text())
+        return json.loads(kept.read_text())
+
     def export(self) -> Path:
         """Writes ``model/``: the production-loadable folder (LoRA merged on a CPU copy if active)."""
         import copy
@@ -589,6 +627,8 @@ class Trainer:
                 "data": f"{self.cfg.data.source} {self.cfg.data.width}x{self.cfg.data.height}",
                 "image_width": self.cfg.data.width, "image_height": self.cfg.data.height,
                 "base": self.cfg.model.base}
+        if self.base_info:
+            info["base_training"] = self.base_info
         folder = export_model(model, self.decoder, self.base_folder, self.tokenizer, self.tokenizer_changed,
                               self.run_dir / "model", self.cfg.model.export_dtype, info)
         self.log(f"[train] exported {folder} ({folder_size_mb(folder):.1f} MB of safetensors)")
