@@ -592,6 +592,82 @@ def test_coordinate_l1_is_the_expected_value_error() -> None:
     assert float(coordinate_l1(logp[1:], target[1:], coords)) == 0.0
 
 
+def _pointer_loss_per_sample(hidden, input_ids, labels, lm_rows, lm_cols, sample_grids, object_boxes, object_batch,
+                             coords, image_token_id, merge, scale=10.0):
+    """Reference: the pointer loss written as a loop over samples (how it was first written)."""
+    import torch.nn.functional as F
+
+    target = labels[lm_rows, lm_cols + 1]
+    is_coord = coords.value[target] >= 0
+    rows, cols = lm_rows[is_coord], lm_cols[is_coord]
+    losses, hits = [], []
+    for b in torch.unique(object_batch).tolist():
+        positions = torch.sort(cols[rows == b]).values
+        boxes = object_boxes[object_batch == b]
+        count = min(positions.numel() // 4, boxes.shape[0])
+        if count == 0:
+            continue
+        image = torch.nonzero(input_ids[b] == image_token_id, as_tuple=True)[0]
+        gh, gw = int(sample_grids[b, 1]) // merge, int(sample_grids[b, 2]) // merge
+        if image.numel() != int(sample_grids[b, 0]) * gh * gw:
+            continue
+        cx = ((boxes[:count, 0] + boxes[:count, 2]) / 2 * gw).long().clamp(0, gw - 1)
+        cy = ((boxes[:count, 1] + boxes[:count, 3]) / 2 * gh).long().clamp(0, gh - 1)
+        cells = (cy * gw + cx).repeat_interleave(4)
+        q = F.normalize(hidden[b, positions[: count * 4]].float(), dim=-1)
+        k = F.normalize(hidden[b, image].float(), dim=-1)
+        logits = scale * q @ k.T
+        losses.append(F.cross_entropy(logits, cells, reduction="none"))
+        hits.append((logits.argmax(-1) == cells).float())
+    return torch.cat(losses).mean(), torch.cat(hits).mean()
+
+
+def test_pointer_loss_on_a_batch_equals_the_per_sample_loss(trainer: Trainer) -> None:
+    """The batched pointer loss gives the per-sample loop's loss, hit rate and gradients on a real
+    collated batch (one- and several-object answers, no-target samples), and on the same batch
+    made awkward: an answer writing more boxes than its sample has objects, a sample whose visual
+    tokens are cut short, one with a smaller image (fewer visual tokens), objects not grouped by
+    sample."""
+    from qwen3vl_seg_ros.training.losses import pointer_loss
+
+    cfg = trainer.cfg.data.scene_config()
+    examples = [ex for i in range(16) for ex in synthetic_examples("train", 10 + i, cfg)]
+    b = trainer.collator(examples, np.random.default_rng(1))
+    counts = torch.bincount(b.object_batch, minlength=b.size)
+    assert (counts == 0).any() and (counts > 1).any() and (counts == 1).sum() >= 2, counts
+    image_token, merge = trainer.collator.image_token_id, trainer.collator.merge
+    grids = b.image_grid_thw[b.image_index]
+    real = (b.input_ids, b.labels, b.lm_rows, b.lm_cols, grids, b.object_boxes, b.object_batch,
+            trainer.coords, image_token, merge)
+
+    several = int(torch.nonzero(counts > 1)[0])
+    keep = torch.arange(b.object_batch.numel()) != int(torch.nonzero(b.object_batch == several)[-1])
+    boxes, owners = b.object_boxes[keep], b.object_batch[keep]
+    order = torch.sort(-owners, stable=True).indices  # samples' objects in reverse sample order
+    boxes, owners = boxes[order], owners[order]
+    input_ids, grids = b.input_ids.clone(), grids.clone()
+    cut, small = (int(i) for i in torch.nonzero(counts == 1)[:2, 0])
+    input_ids[cut, torch.nonzero(input_ids[cut] == image_token)[0]] = trainer.collator.pad_id
+    grids[small, 1] -= merge  # one merged row fewer: its last row of visual tokens is text now
+    row = int(grids[small, 2]) // merge
+    input_ids[small, torch.nonzero(input_ids[small] == image_token)[-row:, 0]] = trainer.collator.pad_id
+    awkward = (input_ids, b.labels, b.lm_rows, b.lm_cols, grids, boxes, owners, trainer.coords, image_token, merge)
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(b.size, b.input_ids.shape[1], 24, generator=generator)
+    for args in (real, awkward):
+        ours_h, ref_h = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+        loss, stats = pointer_loss(ours_h, *args)
+        ref_loss, ref_acc = _pointer_loss_per_sample(ref_h, *args)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        assert float(stats["pointer_acc"]) == pytest.approx(float(ref_acc))
+        loss.backward()
+        ref_loss.backward()
+        torch.testing.assert_close(ours_h.grad, ref_h.grad, rtol=1e-4, atol=1e-7)
+        cut_used = bool(ours_h.grad[cut].abs().sum() > 0)
+        assert cut_used == (args is real)  # a sample with its visual tokens cut short is left out
+
+
 def test_pointer_loss_picks_the_visual_token_under_the_box_centre() -> None:
     """One sample, a 2x3 merged grid (4x6 patches); the box centre lies in cell (row 1, col 2)."""
     from qwen3vl_seg_ros.training.losses import CoordinateTable, pointer_loss

@@ -114,33 +114,85 @@ def pointer_loss(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
     over the visual tokens). It adds no parameters, so nothing changes at inference.
     ``sample_grids`` is ``(B, 3)`` (t, h, w patches of each sample's image); boxes are relative
     (0..1) in answer order. Returns the loss and its hit rate (``pointer_acc``; chance ~1/tokens).
+
+    The whole batch is handled at once, with no loop over samples: the per-sample version issued
+    ~200 small operations and several host syncs per sample, 58k of a batch-256 step's 111k
+    operations (counted on the CPU), and a model this small spends its GPU step launching them.
     """
+    zero = hidden.sum() * 0.0
     target = labels[lm_rows, lm_cols + 1]
     is_coord = coords.value[target] >= 0
     rows, cols = lm_rows[is_coord], lm_cols[is_coord]
-    losses, hits = [], []
-    for b in torch.unique(object_batch).tolist():
-        positions = torch.sort(cols[rows == b]).values
-        boxes = object_boxes[object_batch == b]
-        count = min(positions.numel() // 4, boxes.shape[0])
-        if count == 0:
-            continue
-        queries = positions[: count * 4]
-        image = torch.nonzero(input_ids[b] == image_token_id, as_tuple=True)[0]
-        gh, gw = int(sample_grids[b, 1]) // merge, int(sample_grids[b, 2]) // merge
-        if image.numel() != int(sample_grids[b, 0]) * gh * gw:
-            continue
-        cx = ((boxes[:count, 0] + boxes[:count, 2]) / 2 * gw).long().clamp(0, gw - 1)
-        cy = ((boxes[:count, 1] + boxes[:count, 3]) / 2 * gh).long().clamp(0, gh - 1)
-        cells = (cy * gw + cx).repeat_interleave(4)
-        q = F.normalize(hidden[b, queries].float(), dim=-1)
-        k = F.normalize(hidden[b, image].float(), dim=-1)
-        logits = scale * q @ k.T
-        losses.append(F.cross_entropy(logits, cells, reduction="none"))
-        hits.append((logits.argmax(-1) == cells).float())
-    if not losses:
-        return hidden.sum() * 0.0, {}
-    return torch.cat(losses).mean(), {"pointer_acc": torch.cat(hits).mean().detach()}
+    if rows.numel() == 0 or object_batch.numel() == 0:
+        return zero, {}
+    batch, length = input_ids.shape
+    rows, cols, box = _coordinate_groups(rows, cols, batch, length)
+    cells, grid_ok = _centre_cells(object_boxes, object_batch, sample_grids, input_ids, image_token_id, merge)
+    per_sample = torch.bincount(rows, minlength=batch)
+    objects = torch.bincount(object_batch, minlength=batch)
+    # the first min(boxes written, boxes there) groups of four, in samples whose image fills its grid
+    keep = (box < torch.minimum(per_sample // 4, objects)[rows]) & grid_ok[rows]
+    rows, cols, box = rows[keep], cols[keep], box[keep]
+    if rows.numel() == 0:
+        return zero, {}
+    answer_order = torch.sort(object_batch, stable=True).indices  # each sample's objects, in answer order
+    first_object = torch.cumsum(objects, 0) - objects
+    cells = cells[answer_order[first_object[rows] + box]]
+    logits = _visual_token_logits(hidden, rows, cols, input_ids == image_token_id, scale)
+    loss = F.cross_entropy(logits, cells)
+    return loss, {"pointer_acc": (logits.argmax(-1) == cells).float().mean().detach()}
+
+
+def _coordinate_groups(rows: torch.Tensor, cols: torch.Tensor, batch: int,
+                       length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coordinate positions sorted by sample then position, and which box each writes
+    (the k-th group of four positions of a sample writes its k-th box)."""
+    order = torch.argsort(rows * length + cols)
+    rows, cols = rows[order], cols[order]
+    per_sample = torch.bincount(rows, minlength=batch)
+    rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(per_sample, 0) - per_sample)[rows]
+    return rows, cols, torch.div(rank, 4, rounding_mode="floor")
+
+
+def _centre_cells(object_boxes: torch.Tensor, object_batch: torch.Tensor, sample_grids: torch.Tensor,
+                  input_ids: torch.Tensor, image_token_id: int,
+                  merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each object's merged visual-token cell under its box centre, and per sample whether its
+    visual tokens fill its grid (a truncated sequence does not: its objects are left out)."""
+    gh = torch.div(sample_grids[:, 1], merge, rounding_mode="floor")
+    gw = torch.div(sample_grids[:, 2], merge, rounding_mode="floor")
+    grid_ok = (input_ids == image_token_id).sum(1) == sample_grids[:, 0] * gh * gw
+    oh, ow = gh[object_batch], gw[object_batch]
+    cx = torch.minimum(((object_boxes[:, 0] + object_boxes[:, 2]) / 2 * ow).long().clamp(min=0), ow - 1)
+    cy = torch.minimum(((object_boxes[:, 1] + object_boxes[:, 3]) / 2 * oh).long().clamp(min=0), oh - 1)
+    return cy * ow + cx, grid_ok
+
+
+def _visual_token_logits(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, is_image: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Scaled cosine of each query position's state with every visual token of its own sample:
+    ``(N, T)``, padded to the most visual tokens of a sample with -inf.
+
+    One batched product over the samples that have queries, each padded to the most queries of
+    a sample, so memory stays (samples x queries x tokens) rather than (queries x tokens x width).
+    """
+    samples, slot_sample = torch.unique_consecutive(rows, return_inverse=True)
+    count = torch.bincount(slot_sample)
+    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(count, 0) - count)[slot_sample]
+    is_image = is_image[samples]
+    n_image = is_image.sum(1)
+    width = int(n_image.max())
+    token_slot = torch.cumsum(is_image, 1) - 1
+    s_idx, l_idx = torch.nonzero(is_image, as_tuple=True)
+    positions = torch.zeros(samples.numel(), width, dtype=torch.long, device=rows.device)
+    positions[s_idx, token_slot[s_idx, l_idx]] = l_idx
+    keys = F.normalize(hidden[samples[:, None], positions].float(), dim=-1)  # (S, T, D)
+    queries = F.normalize(hidden[rows, cols].float(), dim=-1)  # (N, D)
+    padded = queries.new_zeros(samples.numel(), int(count.max()), queries.shape[-1])
+    padded = padded.index_put((slot_sample, slot), queries)
+    logits = scale * torch.bmm(padded, keys.transpose(1, 2))[slot_sample, slot]  # (N, T)
+    valid = torch.arange(width, device=rows.device)[None, :] < n_image[slot_sample, None]
+    return logits.masked_fill(~valid, float("-inf"))
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
