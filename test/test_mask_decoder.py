@@ -85,6 +85,27 @@ def test_objects_are_decoded_independently_of_their_batch_position() -> None:
     assert not torch.allclose(together[2], alone[0], atol=1e-4)
 
 
+def test_several_frames_decode_as_each_frame_alone() -> None:
+    """A training batch (several frames, objects gathered per frame) gives every object the
+    masks and IoU it gets when its frame is decoded alone (the one-frame inference path)."""
+    config = tiny_config()
+    decoder = BoxGuidedMaskDecoder(config).eval()
+    data = inputs(config, frames=3, objects=6, seed=4)
+    data["batch_index"] = torch.tensor([0, 0, 1, 2, 2, 2])
+    with torch.no_grad():
+        together = decoder(**data)
+        for frame in range(3):
+            mine = data["batch_index"] == frame
+            alone = decoder(images=data["images"][frame:frame + 1],
+                            vision=VisionFeatures([m[frame:frame + 1] for m in data["vision"].vit_maps],
+                                                  data["vision"].merged_map[frame:frame + 1]),
+                            llm_states=data["llm_states"][mine], boxes=data["boxes"][mine],
+                            batch_index=torch.zeros(int(mine.sum()), dtype=torch.long))
+            for ours, ref in zip(together.mask_logits, alone.mask_logits):
+                torch.testing.assert_close(ours[mine], ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(together.iou[mine], alone.iou, rtol=1e-4, atol=1e-5)
+
+
 def test_backward_reaches_every_component() -> None:
     config = tiny_config()
     decoder = BoxGuidedMaskDecoder(config).train()

@@ -44,9 +44,16 @@ def gather_frames(per_frame: torch.Tensor, batch_index: torch.Tensor) -> torch.T
 
 def masked_mean(weights: torch.Tensor, features: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
     """Weighted mean of each object's frame features: weights ``(N, h, w)``, features
-    ``(B, C, h, w)`` -> ``(N, C)``."""
-    sums = torch.einsum("nhw,bchw->nbc", weights, features)
-    pooled = gather_frames(sums, batch_index)
+    ``(B, C, h, w)`` -> ``(N, C)``.
+
+    One frame (inference) is one product over it. With several frames (training batches) each
+    object's own frame is gathered first: products of every object with every frame would grow
+    with objects x frames, in memory and work, and made training split its batches into chunks.
+    """
+    if features.shape[0] == 1:
+        pooled = gather_frames(torch.einsum("nhw,bchw->nbc", weights, features), batch_index)
+    else:
+        pooled = torch.einsum("nhw,nchw->nc", weights, features[batch_index])
     return pooled / weights.flatten(1).sum(-1, keepdim=True).clamp(min=1e-6)
 
 
@@ -64,9 +71,11 @@ class DynamicMaskHead(nn.Module):
                 prior: torch.Tensor) -> torch.Tensor:
         params = self.kernel(queries)
         weight, bias = params[:, :-1], params[:, -1]
-        per_frame = torch.einsum("nc,bchw->nbhw", weight, pixel)
-        logits = gather_frames(per_frame, batch_index) + bias[:, None, None]
-        return logits + self.prior_scale * prior
+        if pixel.shape[0] == 1:  # one frame: one product (see masked_mean for several)
+            logits = gather_frames(torch.einsum("nc,bchw->nbhw", weight, pixel), batch_index)
+        else:
+            logits = torch.einsum("nc,nchw->nhw", weight, pixel[batch_index])
+        return logits + bias[:, None, None] + self.prior_scale * prior
 
 
 class MaskRefinement(nn.Module):

