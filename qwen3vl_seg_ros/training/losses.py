@@ -126,9 +126,9 @@ def pointer_loss(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
     if rows.numel() == 0 or object_batch.numel() == 0:
         return zero, {}
     batch, length = input_ids.shape
-    rows, cols, box = _coordinate_groups(rows, cols, batch, length)
-    cells, grid_ok = _centre_cells(object_boxes, object_batch, sample_grids, input_ids, image_token_id, merge)
-    per_sample = torch.bincount(rows, minlength=batch)
+    rows, cols, box, per_sample = _coordinate_groups(rows, cols, batch, length)
+    is_image = input_ids == image_token_id
+    cells, grid_ok = _centre_cells(object_boxes, object_batch, sample_grids, is_image, merge)
     objects = torch.bincount(object_batch, minlength=batch)
     # the first min(boxes written, boxes there) groups of four, in samples whose image fills its grid
     keep = (box < torch.minimum(per_sample // 4, objects)[rows]) & grid_ok[rows]
@@ -136,32 +136,40 @@ def pointer_loss(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
     if rows.numel() == 0:
         return zero, {}
     answer_order = torch.sort(object_batch, stable=True).indices  # each sample's objects, in answer order
-    first_object = torch.cumsum(objects, 0) - objects
-    cells = cells[answer_order[first_object[rows] + box]]
-    logits = _visual_token_logits(hidden, rows, cols, input_ids == image_token_id, scale)
+    cells = cells[answer_order[_group_starts(objects)[rows] + box]]
+    logits = _visual_token_logits(hidden, rows, cols, is_image, scale)
     loss = F.cross_entropy(logits, cells)
     return loss, {"pointer_acc": (logits.argmax(-1) == cells).float().mean().detach()}
 
 
+def _group_starts(counts: torch.Tensor) -> torch.Tensor:
+    """Where each group begins in a tensor sorted by group, from the groups' sizes."""
+    return torch.cumsum(counts, 0) - counts
+
+
+def _rank_in_group(groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Position of each element within its group (``groups`` sorted, ``counts`` their sizes)."""
+    return torch.arange(groups.numel(), device=groups.device) - _group_starts(counts)[groups]
+
+
 def _coordinate_groups(rows: torch.Tensor, cols: torch.Tensor, batch: int,
-                       length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The coordinate positions sorted by sample then position, and which box each writes
-    (the k-th group of four positions of a sample writes its k-th box)."""
+                       length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coordinate positions sorted by sample then position, which box each writes (the k-th
+    group of four positions of a sample writes its k-th box), and how many each sample has."""
     order = torch.argsort(rows * length + cols)
     rows, cols = rows[order], cols[order]
     per_sample = torch.bincount(rows, minlength=batch)
-    rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(per_sample, 0) - per_sample)[rows]
-    return rows, cols, torch.div(rank, 4, rounding_mode="floor")
+    box = torch.div(_rank_in_group(rows, per_sample), 4, rounding_mode="floor")
+    return rows, cols, box, per_sample
 
 
 def _centre_cells(object_boxes: torch.Tensor, object_batch: torch.Tensor, sample_grids: torch.Tensor,
-                  input_ids: torch.Tensor, image_token_id: int,
-                  merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  is_image: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each object's merged visual-token cell under its box centre, and per sample whether its
     visual tokens fill its grid (a truncated sequence does not: its objects are left out)."""
     gh = torch.div(sample_grids[:, 1], merge, rounding_mode="floor")
     gw = torch.div(sample_grids[:, 2], merge, rounding_mode="floor")
-    grid_ok = (input_ids == image_token_id).sum(1) == sample_grids[:, 0] * gh * gw
+    grid_ok = is_image.sum(1) == sample_grids[:, 0] * gh * gw
     oh, ow = gh[object_batch], gw[object_batch]
     cx = torch.minimum(((object_boxes[:, 0] + object_boxes[:, 2]) / 2 * ow).long().clamp(min=0), ow - 1)
     cy = torch.minimum(((object_boxes[:, 1] + object_boxes[:, 3]) / 2 * oh).long().clamp(min=0), oh - 1)
@@ -178,7 +186,7 @@ def _visual_token_logits(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.T
     """
     samples, slot_sample = torch.unique_consecutive(rows, return_inverse=True)
     count = torch.bincount(slot_sample)
-    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(count, 0) - count)[slot_sample]
+    slot = _rank_in_group(slot_sample, count)
     is_image = is_image[samples]
     n_image = is_image.sum(1)
     width = int(n_image.max())
