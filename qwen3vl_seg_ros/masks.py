@@ -33,7 +33,8 @@ class MaskEstimate:
 
     mask: np.ndarray  # (H, W) bool
     score: float  # 0..1
-    source: str  # "grabcut", "depth" or "box"
+    source: str  # "decoder", "grabcut", "depth" or "box"
+    box: np.ndarray | None = None  # (4,) the box the mask refined (decoder passes); None: the given box stands
 
 
 def box_pixels(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:

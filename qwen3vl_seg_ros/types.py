@@ -42,9 +42,14 @@ class Instance:
     box_score: float = 0.0  # grounding confidence in [0, 1]
     mask_score: float = 0.0  # mask confidence (IoU head or heuristic) in [0, 1]
     mask_source: str = "box"  # one of MASK_SOURCES
+    # The grounding model's own box; ``box`` differs from it when the decoder refined the box
+    # from the mask (``box_refine_passes``). None: the same as ``box``.
+    model_box: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+        self.model_box = self.box.copy() if self.model_box is None else \
+            np.asarray(self.model_box, dtype=np.float32).reshape(4)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 The checkpoint is built in the test, saved, and loaded by the node through the production path
 (``segmenter: qwen3vl_seg``, ``model: <folder>``): processor, Qwen3-VL, decoder checkpoint. It is
 fitted to always answer one red cube at relative box [300, 350, 600, 750] with a ``<|seg|>``
-token, so the result's box is known; the mask comes from the (untrained) decoder.
+token, so the result's box is known (with ``box_refine_passes`` 0); the mask comes from the
+(untrained) decoder.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def checkpoint(tmp_path_factory) -> str:
 def test_real_segmenter_answers_over_dds(checkpoint: str) -> None:
     context = new_context("real_model")
     harness = NodeHarness(context, {"segmenter": "qwen3vl_seg", "model": checkpoint, "device": "cpu",
-                                    "score_threshold": 0.0, "min_points": 20})
+                                    "score_threshold": 0.0, "min_points": 20, "box_refine_passes": 0})
     client = Client(context, node_fqn="/real_model/qwen3vl_seg")
     try:
         client.wait_connected()
@@ -49,6 +50,29 @@ def test_real_segmenter_answers_over_dds(checkpoint: str) -> None:
         assert obj.score == pytest.approx(obj.box_score * obj.mask_score, rel=1e-5)
         assert obj.mask.encoding == "mono8" and (obj.mask.width, obj.mask.height) == (obj.box.width, obj.box.height)
         assert result.header.frame_id == "camera_optical"
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
+
+
+def test_refined_box_is_the_mask_box_over_dds(checkpoint: str) -> None:
+    """With the default box refinement the box on the wire is the mask's: the mask image (cropped
+    to the box) has foreground in its first and last row and column."""
+    context = new_context("real_model_refine")
+    harness = NodeHarness(context, {"segmenter": "qwen3vl_seg", "model": checkpoint, "device": "cpu",
+                                    "score_threshold": 0.0})
+    client = Client(context, node_fqn="/real_model_refine/qwen3vl_seg")
+    try:
+        assert harness.node.get_parameter("box_refine_passes").value > 0
+        client.wait_connected()
+        client.publish_frame(Scene(), wait_node=harness.node)
+        result = client.call("the red cube", timeout_s=30.0).result
+        assert result.status == SegmentationResult.OK, result.message
+        (obj,) = result.objects
+        mask = np.frombuffer(bytes(obj.mask.data), np.uint8).reshape(obj.mask.height, obj.mask.step)[:, :obj.mask.width]
+        inside = mask > 0  # (the tiny checkpoint is built from fixed seeds: its mask here is not empty)
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
     finally:
         client.close()
         harness.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, format_answer, parse_answer
 from qwen3vl_seg_ros.model import loading
 from qwen3vl_seg_ros.model.generation import GenerationOutput, Generator
-from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, query_tokens, token_text
+from qwen3vl_seg_ros.model.mask_decoder import upsample_logits
+from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, mask_boxes, query_tokens, token_text
 from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint, build_tokenizer
 from qwen3vl_seg_ros.segmenter import SegmenterOptions, load_segmenter_class
 from qwen3vl_seg_ros.types import InputError, SegmenterError
@@ -50,14 +52,62 @@ def test_segment_with_decoder_and_mask_tokens(seg: Qwen3VLSeg) -> None:
     assert out.query_source == "mask_token"
     assert out.raw_answer == format_answer(ANSWER, mask_token=False)
     assert [i.label for i in out.instances] == ["red cube", "blue ball"]
-    np.testing.assert_allclose(np.stack([i.box for i in out.instances]), expected_boxes(), atol=1e-4)
+    np.testing.assert_allclose(np.stack([i.model_box for i in out.instances]), expected_boxes(), atol=1e-4)
     for inst in out.instances:
+        assert seg.options.box_refine_passes > 0  # the default: the reported box is the final mask's
+        if inst.mask.any():
+            np.testing.assert_array_equal(inst.box, mask_box(inst.mask))
         assert inst.mask_source == "decoder"
         assert inst.mask.shape == (H, W) and inst.mask.dtype == bool
         assert 0 < inst.box_score <= 1 and 0 <= inst.mask_score <= 1
         assert inst.score == pytest.approx(inst.box_score * inst.mask_score)
     assert out.instances[0].mask_score != out.instances[1].mask_score  # from the IoU head, per object
     assert set(out.timings_ms) == {"grounding", "mask"}
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def test_mask_boxes_and_empty_masks_keep_their_box() -> None:
+    masks = np.zeros((3, 6, 8), bool)
+    masks[0, 1:4, 2:5] = True
+    masks[2, 5, 7] = True
+    fallback = torch.tensor([[0.0, 0.0, 8.0, 6.0], [1.5, 1.5, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]])
+    got = mask_boxes(torch.from_numpy(masks), fallback)
+    assert got.tolist() == [[2, 1, 5, 4], [1.5, 1.5, 3.0, 4.0], [7, 5, 8, 6]]
+
+
+@pytest.mark.parametrize("passes", [0, 1, 3])
+def test_box_refinement_runs_the_decoder_on_its_own_masks(seg_folder: Path, passes: int) -> None:
+    """Each extra decoder pass gets the boxes of the previous pass's masks; the result's box is
+    the final mask's box and ``model_box`` the grounding model's."""
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", box_refine_passes=passes))
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+    decoder = seg.run_decoder
+
+    def recording(image_t, vision, queries, boxes):
+        out = decoder(image_t, vision, queries, boxes)
+        masks = upsample_logits(out.final_logits, H, W) > 0
+        calls.append((boxes.numpy() * np.array([W, H, W, H], np.float32), masks.numpy()))
+        return out
+
+    seg.run_decoder = recording
+    out = seg.segment(image(), "the red cube and the blue ball")
+    assert len(calls) == 1 + passes
+    np.testing.assert_allclose(calls[0][0], expected_boxes(), atol=1e-3)
+    for (given, masks), (boxes, _) in itertools.pairwise(calls):
+        for k, mask in enumerate(masks):
+            np.testing.assert_allclose(boxes[k], mask_box(mask) if mask.any() else given[k], atol=1e-3)
+    last_boxes, last_masks = calls[-1]
+    for k, inst in enumerate(out.instances):
+        np.testing.assert_array_equal(inst.mask, last_masks[k])
+        np.testing.assert_allclose(inst.model_box, expected_boxes()[k], atol=1e-4)
+        if passes == 0:
+            np.testing.assert_allclose(inst.box, inst.model_box, atol=1e-3)
+        else:
+            np.testing.assert_allclose(inst.box, mask_box(inst.mask) if inst.mask.any() else last_boxes[k], atol=1e-3)
 
 
 def test_one_vision_pass_per_frame(seg: Qwen3VLSeg) -> None:

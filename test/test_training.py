@@ -146,6 +146,19 @@ def test_answers_order_objects_and_jitter_boxes() -> None:
     assert np.array_equal(jitter_boxes(rel, np.random.default_rng(0), 0.0), rel)
 
 
+def test_boxes_draw_one_of_several_jitter_scales() -> None:
+    rel = np.repeat(np.array([[400.0, 400.0, 600.0, 600.0]]), 4000, axis=0)
+    moved = jitter_boxes(rel, np.random.default_rng(1), [0.0, 0.3])
+    still = np.all(moved == rel, axis=1)
+    assert 0.4 < still.mean() < 0.6  # half the boxes drew scale 0
+    spread = (moved[~still] - rel[~still]).std(axis=0)
+    np.testing.assert_allclose(spread, 60.0, rtol=0.15)  # the others 30 % of the 200-unit side
+    with pytest.raises(ValueError, match="box_jitter"):
+        DataConfig(box_jitter=[0.05, -0.1])
+    with pytest.raises(ValueError, match="box_jitter"):
+        DataConfig(box_jitter="wide")
+
+
 def test_language_loss_scores_answer_tokens_and_coordinates() -> None:
     from qwen3vl_seg_ros.training.losses import CoordinateTable, lm_loss
 

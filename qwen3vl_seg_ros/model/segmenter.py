@@ -257,7 +257,7 @@ class Qwen3VLSeg(Segmenter):
             box = [width / 4, height / 4, 3 * width / 4, 3 * height / 4]
             boxes = np.tile(np.array([box], dtype=np.float32), (count, 1))
             queries = torch.zeros(count, hidden, device=self.device, dtype=self.dtype)
-            self._decoder_masks(image, vision, queries, boxes)
+            self._decoder_masks(image, vision, queries, boxes, self.options.box_refine_passes)
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -312,8 +312,9 @@ class Qwen3VLSeg(Segmenter):
         for obj, estimate in zip(parsed.objects, estimates):
             bscore = box_score(grounding.text, grounding.generated.token_probs, obj.coord_span)
             output.instances.append(Instance(
-                box=obj.box, label=obj.label or default_label, score=bscore * estimate.score,
-                mask=estimate.mask, box_score=bscore, mask_score=estimate.score, mask_source=estimate.source,
+                box=obj.box if estimate.box is None else estimate.box, label=obj.label or default_label,
+                score=bscore * estimate.score, mask=estimate.mask, box_score=bscore, mask_score=estimate.score,
+                mask_source=estimate.source, model_box=obj.box,
             ))
         output.timings_ms["mask"] = _ms(t1)
         return output
@@ -343,11 +344,14 @@ class Qwen3VLSeg(Segmenter):
         if not from_seg and self.seg_token_id is not None:
             output.warnings.append("some objects had no mask token; their query is the last JSON token")
         vision = grounding.capture.features(grounding.grid_thw)
-        masks, scores = self._decoder_masks(rgb, vision, queries, parsed.boxes)
+        masks, scores, boxes = self._decoder_masks(rgb, vision, queries, parsed.boxes,
+                                                   self.options.box_refine_passes)
         for obj, mask in zip(parsed.objects, masks):
             if not mask.any():
                 output.warnings.append(f"the decoder's mask for object '{obj.label}' is empty")
-        return [MaskEstimate(m, score, "decoder") for m, score in zip(masks, scores)]
+        refined = self.options.box_refine_passes > 0
+        return [MaskEstimate(m, score, "decoder", box if refined else None)
+                for m, score, box in zip(masks, scores, boxes)]
 
     def _queries(self, tt: TokenText, token_ids: list[int], parsed: ParsedAnswer,
                  generated: GenerationOutput) -> tuple[torch.Tensor, bool]:
@@ -358,21 +362,46 @@ class Qwen3VLSeg(Segmenter):
 
     @torch.inference_mode()
     def _decoder_masks(self, rgb: np.ndarray, vision: VisionFeatures, queries: torch.Tensor,
-                       boxes: np.ndarray) -> tuple[np.ndarray, list[float]]:
-        """All masks of a frame in one decoder batch, at the original resolution."""
+                       boxes: np.ndarray, refine_passes: int = 0) -> tuple[np.ndarray, list[float], np.ndarray]:
+        """All masks of a frame in one decoder batch, at the original resolution, and their boxes.
+
+        With ``refine_passes`` > 0 the decoder runs again that many times, each on the boxes of
+        its previous masks, and each object's box becomes its final mask's box: a grounding
+        model's box can be loose or shifted, and the mask has seen the pixels. An empty mask keeps
+        the box it was given. With 0 the boxes are returned as given.
+        """
         height, width = rgb.shape[:2]
         image = _decoder_image(rgb, self.decoder.config.max_image_side).to(self.device)
         scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
-        norm_boxes = torch.as_tensor(boxes, dtype=torch.float32, device=self.device) / scale
-        out = self.run_decoder(image, vision, queries.to(self.dtype), norm_boxes)
-        masks = (upsample_logits(out.final_logits, height, width) > 0).cpu().numpy()
-        return masks, [float(v) for v in out.iou.float().clamp(0, 1).cpu()]
+        box_px = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device)
+        queries = queries.to(self.dtype)
+        for _ in range(1 + max(0, refine_passes)):
+            out = self.run_decoder(image, vision, queries, box_px / scale)
+            mask_t = upsample_logits(out.final_logits, height, width) > 0
+            if refine_passes > 0:
+                box_px = mask_boxes(mask_t, box_px)
+        scores = [float(v) for v in out.iou.float().clamp(0, 1).cpu()]
+        return mask_t.cpu().numpy(), scores, box_px.cpu().numpy()
 
 
 def _valid_mask_head(head: str) -> str:
     if head not in MASK_HEADS:
         raise SegmenterError(f"mask_head '{head}' is unknown; use one of {', '.join(MASK_HEADS)}")
     return head
+
+
+def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool masks -> (N, 4) float xyxy boxes in pixel edges; an empty mask keeps its
+    ``fallback`` box. Stays on the masks' device (no copy to the host per pass)."""
+    height, width = masks.shape[-2:]
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    ys = torch.arange(height, device=masks.device)
+    xs = torch.arange(width, device=masks.device)
+    boxes = torch.stack([
+        torch.where(cols, xs, width).amin(dim=1), torch.where(rows, ys, height).amin(dim=1),
+        torch.where(cols, xs, -1).amax(dim=1) + 1, torch.where(rows, ys, -1).amax(dim=1) + 1,
+    ], dim=1).to(fallback.dtype)
+    return torch.where(rows.any(dim=1, keepdim=True), boxes, fallback)
 
 
 def _ms(since: float) -> float:

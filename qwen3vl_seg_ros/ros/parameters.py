@@ -52,6 +52,10 @@ PARAMETERS: tuple[Param, ...] = (
           "Mask head: 'auto' (decoder when present, else depth foreground when depth is valid, else "
           "GrabCut), 'decoder', 'grabcut', 'depth' or 'box'.", CONFIGURE,
           choices=("auto", "decoder", "grabcut", "depth", "box")),
+    Param("box_refine_passes", 2,
+          "Mask decoder runs after the first, each on the box of its previous mask; each object's box is "
+          "then its final mask's box (the model's own box stays in model_answer). 0: boxes as the model "
+          "gave them. Each pass is one more decoder call for all objects of the frame.", CONFIGURE, 0, 10),
     Param("local_files_only", True,
           "Never download: load the model from the local disk / Hugging Face cache only.", CONFIGURE,
           read_only=True),

@@ -162,22 +162,38 @@ def target_answer(boxes: np.ndarray, labels: Sequence[str], width: int, height: 
     return format_answer(objects, mask_token=True), order
 
 
-def jitter_boxes(rel: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
+def jitter_boxes(rel: np.ndarray, rng: np.random.Generator, scale: float | Sequence[float]) -> np.ndarray:
     """Moves each edge of 0..1000 boxes by a normal step of ``scale`` times the box side.
 
     Predicted boxes are never exact; a decoder trained on perturbed boxes relies on the image
-    for the edges instead of copying the box.
+    for the edges instead of copying the box. With several scales each box draws one of them:
+    a small model's boxes are sometimes close and sometimes far off, and the decoder (run again
+    on its own mask's box at inference) must both keep a good box and pull in a poor one.
     """
     rel = np.asarray(rel, dtype=np.float64).reshape(-1, 4)
-    if scale <= 0 or rel.size == 0:
+    scales = np.atleast_1d(np.asarray(scale, dtype=np.float64))
+    if scales.max(initial=0.0) <= 0 or rel.size == 0:
         return rel
     side = np.concatenate([rel[:, 2:] - rel[:, :2]] * 2, axis=1)
-    moved = rel + rng.normal(0.0, scale, rel.shape) * np.maximum(side, 1.0)
+    sigma = scales[0] if len(scales) == 1 else rng.choice(scales, size=(len(rel), 1))
+    moved = rel + rng.normal(0.0, 1.0, rel.shape) * sigma * np.maximum(side, 1.0)
     moved = np.clip(moved, 0.0, 1000.0)
     x1, y1 = np.minimum(moved[:, 0], moved[:, 2]), np.minimum(moved[:, 1], moved[:, 3])
     x2, y2 = np.maximum(moved[:, 0], moved[:, 2]), np.maximum(moved[:, 1], moved[:, 3])
     out = np.stack([x1, y1, np.maximum(x2, x1 + 1.0), np.maximum(y2, y1 + 1.0)], axis=1)
     return np.clip(out, 0.0, 1000.0)
+
+
+def box_jitter_scales(value: float | Sequence[float]) -> tuple[float, ...]:
+    """``data.box_jitter`` as a tuple of scales, refusing what cannot be one."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        scales = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.box_jitter must be a number or a list of numbers, got {value!r}") from None
+    if not scales or any(not np.isfinite(v) or v < 0 for v in scales):
+        raise ValueError(f"data.box_jitter must hold numbers >= 0, got {value!r}")
+    return scales
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +314,16 @@ class Collator:
     """Builds :class:`Batch` es from :class:`RefExample` s with a Qwen3-VL processor.
 
     ``max_image_side`` is the decoder's (``MaskDecoderConfig.max_image_side``); ``box_jitter``
-    the relative edge noise of the decoder's input boxes (0 = the exact ground-truth boxes).
+    the relative edge noise of the decoder's input boxes (0 = the exact ground-truth boxes), or
+    several such scales, one drawn per box.
     """
 
-    def __init__(self, processor: object, max_image_side: int, box_jitter: float = 0.0) -> None:
+    def __init__(self, processor: object, max_image_side: int, box_jitter: float | Sequence[float] = 0.0) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer  # type: ignore[attr-defined]
         self.image_processor = processor.image_processor  # type: ignore[attr-defined]
         self.max_image_side = int(max_image_side)
-        self.box_jitter = float(box_jitter)
+        self.box_jitter = box_jitter_scales(box_jitter)
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         ids = self.tokenizer.convert_tokens_to_ids

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qwen3vl_seg_ros.training.collate import Batch, Collator, RefExample
+from qwen3vl_seg_ros.training.collate import Batch, Collator, RefExample, box_jitter_scales
 
 if TYPE_CHECKING:
     from qwen3vl_seg_ros.training.coco import RefDataset, RefSample
@@ -45,7 +45,7 @@ class DataConfig:
     coco_json: str = ""  # coco: the annotation file
     coco_image_root: str = ""  # coco: folder the file names are relative to ("" = the JSON's folder)
     coco_split: str = ""  # coco: keep only refs of this split ("" = all)
-    box_jitter: float = 0.05  # edge noise of the decoder's input boxes, fraction of the box side
+    box_jitter: float | list[float] = 0.05  # decoder input boxes' edge noise, fraction of the side (list: per box)
     num_workers: int = 0  # data-loader processes (0 = in the training process)
     prefetch_factor: int = 4  # items each worker keeps ready
     micro_batch: int = 0  # samples per item; 0 = the whole step batch in one item
@@ -58,6 +58,7 @@ class DataConfig:
             raise ValueError("data.source 'coco' needs data.coco_json (a COCO-style referring file)")
         if self.first_scene < 0:
             raise ValueError(f"data.first_scene must be >= 0, got {self.first_scene}")
+        box_jitter_scales(self.box_jitter)
 
     def scene_config(self) -> SceneConfig:
         from qwen3vl_seg_ros.training.synthetic import SceneConfig

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
 #: The node's default ``score_threshold`` (config/params.yaml); ``decoder@score`` applies it.
 NODE_SCORE_THRESHOLD = 0.3
 METHODS = ("decoder", "box", "grabcut", "depth", "decoder@score")
@@ -64,6 +66,7 @@ class EvalSettings:
     examples: int = 6  # samples drawn in the figure
     out: str = ""  # report folder ("" = no files)
     score_threshold: float = NODE_SCORE_THRESHOLD
+    box_refine_passes: int = SegmenterOptions.box_refine_passes  # as the node's parameter of that name
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,10 +94,10 @@ def _init_worker(settings: EvalSettings) -> None:
     import torch
 
     from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
-    from qwen3vl_seg_ros.segmenter import SegmenterOptions
 
     torch.set_num_threads(max(1, settings.threads))
-    options = SegmenterOptions(model=settings.model, device=settings.device, dtype=settings.dtype)
+    options = SegmenterOptions(model=settings.model, device=settings.device, dtype=settings.dtype,
+                               box_refine_passes=settings.box_refine_passes)
     _WORKER["settings"] = settings
     _WORKER["seg"] = Qwen3VLSeg.from_options(options)
     _WORKER["dataset"] = None
@@ -132,6 +135,8 @@ def _evaluate_task(task: tuple[str, int]) -> list[dict[str, Any]]:
         shape = ex.rgb.shape[:2]
         inst = result.instances
         boxes = np.stack([i.box for i in inst]) if inst else np.zeros((0, 4), np.float32)
+        # the weight-free heads (and the box score's hits) take the grounding model's own boxes
+        model_boxes = np.stack([i.model_box for i in inst]) if inst else np.zeros((0, 4), np.float32)
         masks: dict[str, np.ndarray] = {}
         empty = np.zeros((0, *shape), bool)
         masks["decoder"] = np.stack([i.mask if i.mask is not None else box_mask(shape, i.box) for i in inst]) \
@@ -140,24 +145,26 @@ def _evaluate_task(task: tuple[str, int]) -> list[dict[str, Any]]:
             if head == "depth" and ex.depth is None:
                 continue
             made = [box_mask(shape, b) if head == "box" else weight_free_mask(head, ex.rgb, b, ex.depth).mask
-                    for b in boxes]
+                    for b in model_boxes]
             masks[head] = np.stack(made) if made else empty
         keep = np.array([i.score >= settings.score_threshold for i in inst], bool)
-        results = {name: asdict(evaluate_sample(boxes, m, ex.boxes, ex.masks, ex.query_type))
+        results = {name: asdict(evaluate_sample(boxes if name == "decoder" else model_boxes, m, ex.boxes, ex.masks,
+                                                ex.query_type))
                    for name, m in masks.items()}
         results["decoder@score"] = asdict(evaluate_sample(boxes[keep], masks["decoder"][keep], ex.boxes, ex.masks,
                                                           ex.query_type))
         # box scores of predictions that hit a target (IoU > 0.5) and of those that do not
         from qwen3vl_seg_ros.training.metrics import box_iou_matrix
 
-        iou = box_iou_matrix(boxes, ex.boxes)
+        iou = box_iou_matrix(model_boxes, ex.boxes)
         hit = iou.max(axis=1) > 0.5 if iou.size else np.zeros(len(inst), bool)
         out.append({
             "task": list(task), "query": q, "expression": ex.expression, "query_type": ex.query_type,
             "answer": result.raw_answer, "ms": ms, "timings_ms": result.timings_ms, "results": results,
             "box_scores": [float(i.box_score) for i in inst], "mask_scores": [float(i.mask_score) for i in inst],
             "scores": [float(i.score) for i in inst], "hit": hit.tolist(),
-            "pred_boxes": boxes.tolist(), "gt_boxes": np.asarray(ex.boxes).tolist(),
+            "pred_boxes": boxes.tolist(), "model_boxes": model_boxes.tolist(),
+            "gt_boxes": np.asarray(ex.boxes).tolist(),
             "pred_mask": np.packbits(masks["decoder"].any(0) if len(inst) else np.zeros(shape, bool)),
         })
     return out
@@ -426,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-limit-s", type=float, default=0.0)
     parser.add_argument("--heads", default="box,grabcut,depth", help="weight-free heads compared on the same boxes")
     parser.add_argument("--examples", type=int, default=6)
+    parser.add_argument("--box-refine-passes", type=int, default=SegmenterOptions.box_refine_passes,
+                        help="decoder passes on its own mask's box, as the node's parameter (0 = the model's boxes)")
     parser.add_argument("--out", default="", help="report folder (report.json, report.png, samples.jsonl)")
     args = parser.parse_args(argv)
     width, height = eval_frame_size(args.model, args.width, args.height)
@@ -435,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         coco_image_root=args.coco_image_root, coco_split=args.coco_split, max_samples=args.max_samples,
         device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
         time_limit_s=args.time_limit_s, heads=tuple(h for h in args.heads.split(",") if h), examples=args.examples,
-        out=args.out)
+        out=args.out, box_refine_passes=args.box_refine_passes)
     run_evaluation(settings)
     return 0
 
