@@ -34,7 +34,7 @@ class SegmenterOptions:
     local_files_only: bool = True  # never reach the network unless asked to
     max_new_tokens: int = 256
     max_objects: int = 50
-    box_refine_passes: int = 2  # more decoder runs, each on its previous mask's box (which becomes the box)
+    box_refine_passes: int = 1  # more decoder runs, each on its previous mask's box (which becomes the box)
     fast_decode: bool = True  # static KV cache + CUDA graphs on GPU
     compile_cache_dir: str = ""  # persistent compilation cache ("" = default location)
     image_max_pixels: int = 0  # processor resize limit; 0 = the checkpoint's default

@@ -31,6 +31,16 @@ def test_params_yaml_is_the_generated_one():
     assert (ROOT / "config" / "params.yaml").read_text() == params_yaml()
 
 
+def test_evaluation_and_node_share_their_defaults():
+    """``evaluate`` reports what the node serves: its score threshold and box refinement."""
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+    from qwen3vl_seg_ros.training.evaluate import NODE_SCORE_THRESHOLD
+
+    defaults = {p.name: p.default for p in PARAMETERS}
+    assert defaults["score_threshold"] == NODE_SCORE_THRESHOLD
+    assert SegmenterOptions().box_refine_passes == defaults["box_refine_passes"]
+
+
 def test_every_parameter_has_a_description_and_valid_default():
     for p in PARAMETERS:
         assert len(p.description) > 20, p.name

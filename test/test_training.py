@@ -478,9 +478,11 @@ def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> Non
     assert "base_training" not in info  # from scratch: no history before this run
     # a round continued from this export carries the first round's history in its own export
     again = config_from_dict(tiny_config(model={**tiny_config()["model"], "base": str(folder)}))
-    second = Trainer(again, tmp_path / "round2", log=lambda m: None, stop_at_step=1).run()
+    command = "python -m qwen3vl_seg_ros.train round2.yaml --out round2"
+    second = Trainer(again, tmp_path / "round2", log=lambda m: None, stop_at_step=1, command=command).run()
     info2 = json.loads((Path(second["model"]) / "training_info.json").read_text())
     assert info2["base"] == str(folder) and info2["step"] == 1
+    assert info2["config"] == command and "config" not in info  # the command line, when there was one
     assert info2["base_training"] == info
 
 

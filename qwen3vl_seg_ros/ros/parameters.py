@@ -52,7 +52,7 @@ PARAMETERS: tuple[Param, ...] = (
           "Mask head: 'auto' (decoder when present, else depth foreground when depth is valid, else "
           "GrabCut), 'decoder', 'grabcut', 'depth' or 'box'.", CONFIGURE,
           choices=("auto", "decoder", "grabcut", "depth", "box")),
-    Param("box_refine_passes", 2,
+    Param("box_refine_passes", 1,
           "Mask decoder runs after the first, each on the box of its previous mask; each object's box is "
           "then its final mask's box (the model's own box stays in model_answer). 0: boxes as the model "
           "gave them. Each pass is one more decoder call for all objects of the frame.", CONFIGURE, 0, 10),
@@ -93,7 +93,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("publish_markers", True, "Publish ~/markers (oriented boxes, labels, centroids for RViz).", RUNTIME),
     Param("diagnostics_period_s", 1.0, "Period of /diagnostics status messages (s).", CONFIGURE, 0.1, 60.0),
     # --- commands (runtime) ---
-    Param("score_threshold", 0.3, "Objects with a lower score are dropped.", RUNTIME, 0.0, 1.0),
+    Param("score_threshold", 0.2, "Objects with a lower score are dropped.", RUNTIME, 0.0, 1.0),
     Param("max_objects", 50, "At most this many objects per result (highest scores kept).", RUNTIME, 1, 10000),
     Param("max_rate_hz", 5.0, "Continuous mode runs at most this often (0 = as fast as possible).",
           RUNTIME, 0.0, 1000.0),

@@ -38,7 +38,7 @@ import numpy as np
 from qwen3vl_seg_ros.segmenter import SegmenterOptions
 
 #: The node's default ``score_threshold`` (config/params.yaml); ``decoder@score`` applies it.
-NODE_SCORE_THRESHOLD = 0.3
+NODE_SCORE_THRESHOLD = 0.2
 METHODS = ("decoder", "box", "grabcut", "depth", "decoder@score")
 
 

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -429,8 +430,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False,
                  time_budget_s: float | None = None, final_eval: bool = True,
-                 log: Any = None, stop_at_step: int | None = None) -> None:
+                 log: Any = None, stop_at_step: int | None = None, command: str = "") -> None:
         self.cfg = config
+        self.command = command  # the command line, recorded in the export (a round is rerun from it)
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.time_budget_s = time_budget_s
@@ -628,6 +630,8 @@ class Trainer:
                 "data": f"{self.cfg.data.source} {self.cfg.data.width}x{self.cfg.data.height}",
                 "image_width": self.cfg.data.width, "image_height": self.cfg.data.height,
                 "base": self.cfg.model.base}
+        if self.command:
+            info["config"] = self.command
         if self.base_info:
             info["base_training"] = self.base_info
         folder = export_model(model, self.decoder, self.base_folder, self.tokenizer, self.tokenizer_changed,
@@ -959,8 +963,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train_time_s is not None:
         overrides.append(f"run.train_time_s={args.train_time_s}")
     config = load_config(args.config, overrides)
+    command = "python -m qwen3vl_seg_ros.train " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
     trainer = Trainer(config, args.out, resume=args.resume, time_budget_s=args.time_budget_s,
-                      final_eval=not args.no_eval, stop_at_step=args.stop_at_step)
+                      final_eval=not args.no_eval, stop_at_step=args.stop_at_step, command=command)
     trainer.run()
     return 0
 
