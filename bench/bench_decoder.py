@@ -10,11 +10,14 @@ processor and ViT give for it (a 30x40 patch grid, four captured ViT blocks of w
 merged tokens of width 2560), 2560-wide LLM query states, and 1 or 10 boxes (``--boxes``).
 Latency does not depend on weight values, so random weights measure the real cost.
 
-Two stages are timed per case (median, p90, min over ``--repeat`` runs after ``--warmup``):
+Three stages are timed per case (median, p90, min over ``--repeat`` runs after ``--warmup``):
 
 * ``decoder``: the decoder forward (memory, queries, pixel fusion, two masks, IoU head);
-* ``masks``: what the segmenter does per frame after generation: image to tensor and device,
-  the decoder forward, upsampling to the full image, thresholding, copy of the masks to host.
+* ``masks``: the segmenter's mask stage after generation (``model.segmenter.decode_masks``):
+  image to tensor and device, the decoder forward, upsampling to the full image, thresholding,
+  copy of the masks, scores and boxes to host, with ``box_refine_passes`` 0;
+* ``masks+1``: the same with one refinement pass (the node's default ``box_refine_passes`` 1:
+  a second decoder run on the boxes of the first masks).
 
 each run eagerly and, on a GPU, by CUDA-graph replay (``GraphedMaskDecoder``, what the
 segmenter uses on a GPU with ``fast_decode``).
@@ -40,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
 from qwen3vl_seg_ros.model.graphed_decoder import GraphedMaskDecoder
-from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, upsample_logits
+from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder
+from qwen3vl_seg_ros.model.segmenter import decode_masks
 from qwen3vl_seg_ros.model.tiny import reference_qwen3vl_config
 from qwen3vl_seg_ros.model.vision_capture import VisionFeatures
 
@@ -132,16 +136,13 @@ def bench_case(decoder: BoxGuidedMaskDecoder, args: argparse.Namespace, boxes: i
     def forward(run: callable) -> None:
         run(image, vision, queries, norm_boxes)
 
-    def masks(run: callable) -> None:
-        img = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device).float() / 255.0
-        out = run(img, vision, queries, torch.as_tensor(box_px, device=device) / scale)
-        (upsample_logits(out.final_logits, height, width) > 0).cpu().numpy()
-        out.iou.float().cpu()
+    def masks(run: callable, refine_passes: int = 0) -> None:
+        decode_masks(run, rgb, vision, queries, box_px, decoder.config.max_image_side, refine_passes)
 
     result = {}
     with torch.inference_mode():
         for mode, run in runners.items():
-            for stage, fn in (("decoder", forward), ("masks", masks)):
+            for stage, fn in (("decoder", forward), ("masks", masks), ("masks+1", lambda r: masks(r, 1))):
                 runs = time_runs(lambda fn=fn, run=run: fn(run), device, warmup, repeat)
                 result[f"{stage} ({mode})"] = {
                     "median_ms": statistics.median(runs), "p90_ms": float(np.percentile(runs, 90)),

@@ -17,6 +17,7 @@ from qwen3vl_seg_ros.model.mask_decoder import upsample_logits
 from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, mask_boxes, query_tokens, token_text
 from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint, build_tokenizer
 from qwen3vl_seg_ros.segmenter import SegmenterOptions, load_segmenter_class
+from qwen3vl_seg_ros.training.coco import mask_box  # numpy reference for the segmenter's torch mask_boxes
 from qwen3vl_seg_ros.types import InputError, SegmenterError
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
@@ -63,11 +64,6 @@ def test_segment_with_decoder_and_mask_tokens(seg: Qwen3VLSeg) -> None:
         assert inst.score == pytest.approx(inst.box_score * inst.mask_score)
     assert out.instances[0].mask_score != out.instances[1].mask_score  # from the IoU head, per object
     assert set(out.timings_ms) == {"grounding", "mask"}
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
 def test_mask_boxes_and_empty_masks_keep_their_box() -> None:

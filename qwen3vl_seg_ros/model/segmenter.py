@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from qwen3vl_seg_ros.model.loading import (
     resolve_dtype,
     resolve_model_folder,
 )
-from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, upsample_logits
+from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput, upsample_logits
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.segmenter import ProgressFn, Segmenter, SegmenterOptions
 from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
@@ -349,9 +350,7 @@ class Qwen3VLSeg(Segmenter):
         for obj, mask in zip(parsed.objects, masks):
             if not mask.any():
                 output.warnings.append(f"the decoder's mask for object '{obj.label}' is empty")
-        refined = self.options.box_refine_passes > 0
-        return [MaskEstimate(m, score, "decoder", box if refined else None)
-                for m, score, box in zip(masks, scores, boxes)]
+        return [MaskEstimate(m, score, "decoder", box) for m, score, box in zip(masks, scores, boxes)]
 
     def _queries(self, tt: TokenText, token_ids: list[int], parsed: ParsedAnswer,
                  generated: GenerationOutput) -> tuple[torch.Tensor, bool]:
@@ -360,28 +359,37 @@ class Qwen3VLSeg(Segmenter):
         index = [min(i, last) for i in index]
         return generated.hidden_states[torch.as_tensor(index, device=generated.hidden_states.device)], from_seg
 
-    @torch.inference_mode()
     def _decoder_masks(self, rgb: np.ndarray, vision: VisionFeatures, queries: torch.Tensor,
                        boxes: np.ndarray, refine_passes: int = 0) -> tuple[np.ndarray, list[float], np.ndarray]:
-        """All masks of a frame in one decoder batch, at the original resolution, and their boxes.
+        """:func:`decode_masks` with this segmenter's decoder (CUDA graphs on a GPU)."""
+        return decode_masks(self.run_decoder, rgb, vision, queries.to(self.dtype), boxes,
+                            self.decoder.config.max_image_side, refine_passes)
 
-        With ``refine_passes`` > 0 the decoder runs again that many times, each on the boxes of
-        its previous masks, and each object's box becomes its final mask's box: a grounding
-        model's box can be loose or shifted, and the mask has seen the pixels. An empty mask keeps
-        the box it was given. With 0 the boxes are returned as given.
-        """
-        height, width = rgb.shape[:2]
-        image = _decoder_image(rgb, self.decoder.config.max_image_side).to(self.device)
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
-        box_px = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device)
-        queries = queries.to(self.dtype)
-        for _ in range(1 + max(0, refine_passes)):
-            out = self.run_decoder(image, vision, queries, box_px / scale)
-            mask_t = upsample_logits(out.final_logits, height, width) > 0
-            if refine_passes > 0:
-                box_px = mask_boxes(mask_t, box_px)
-        scores = [float(v) for v in out.iou.float().clamp(0, 1).cpu()]
-        return mask_t.cpu().numpy(), scores, box_px.cpu().numpy()
+
+@torch.inference_mode()
+def decode_masks(run_decoder: Callable[..., DecoderOutput], rgb: np.ndarray, vision: VisionFeatures,
+                 queries: torch.Tensor, boxes: np.ndarray, max_image_side: int,
+                 refine_passes: int = 0) -> tuple[np.ndarray, list[float], np.ndarray]:
+    """The mask stage: all masks of a frame in one decoder batch, at the original resolution,
+    their IoU-head scores and their boxes (``bench/bench_decoder.py`` times this same function).
+
+    With ``refine_passes`` > 0 the decoder runs again that many times, each on the boxes of its
+    previous masks, and each object's box becomes its final mask's box: a grounding model's box
+    can be loose or shifted, and the mask has seen the pixels. An empty mask keeps the box it was
+    given. With 0 the boxes are returned as given.
+    """
+    device = queries.device
+    height, width = rgb.shape[:2]
+    image = _decoder_image(rgb, max_image_side).to(device)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+    box_px = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=device)
+    for _ in range(1 + max(0, refine_passes)):
+        out = run_decoder(image, vision, queries, box_px / scale)
+        mask_t = upsample_logits(out.final_logits, height, width) > 0
+        if refine_passes > 0:
+            box_px = mask_boxes(mask_t, box_px)
+    scores = [float(v) for v in out.iou.float().clamp(0, 1).cpu()]
+    return mask_t.cpu().numpy(), scores, box_px.cpu().numpy()
 
 
 def _valid_mask_head(head: str) -> str:
