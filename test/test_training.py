@@ -211,7 +211,8 @@ def _first_samples_tail(batch):
         image_index=batch.image_index[2:] - 1, decoder_images=batch.decoder_images[1:],
         object_boxes=batch.object_boxes[keep_obj], object_batch=batch.object_batch[keep_obj] - 2,
         object_seg_positions=batch.object_seg_positions[keep_obj], object_masks=batch.object_masks[keep_obj],
-        num_targets=batch.num_targets[2:], query_types=batch.query_types[2:], object_counts=batch.object_counts[2:])
+        num_targets=batch.num_targets[2:], query_types=batch.query_types[2:], object_counts=batch.object_counts[2:],
+        token_attributes=batch.token_attributes[batch.token_attributes.shape[0] // 2:])
 
 
 def test_stream_is_the_same_with_workers(trainer: Trainer) -> None:
@@ -518,7 +519,9 @@ def test_configurations(tmp_path: Path) -> None:
     for name in ("train_tiny.yaml", "train_tiny_cpu.yaml"):  # both carry the losses against the blind plateau
         loss = load_config(REPO / "config" / name).loss
         assert loss.pointer > 0 and loss.coord_l1 > 0
-    for name in ("train_tiny_cpu_round2.yaml", "train_tiny_cpu_round3.yaml", "train_tiny_gpu_round4.yaml"):
+    assert load_config(REPO / "config" / "train_tiny_cpu_round9.yaml").loss.attribute > 0
+    for name in ("train_tiny_cpu_round2.yaml", "train_tiny_cpu_round3.yaml", "train_tiny_gpu_round4.yaml",
+                 "train_tiny_cpu_round7.yaml", "train_tiny_cpu_round9.yaml"):
         later = load_config(REPO / "config" / name)  # each continues from the shipped model, at its size
         assert not later.model.from_scratch and Path(later.model.base) == Path("models/tiny_qwen3vl_seg")
         assert later.data.width == load_config(REPO / "config" / "train_tiny_cpu.yaml").data.width
@@ -708,3 +711,91 @@ def test_pointer_loss_picks_the_visual_token_under_the_box_centre() -> None:
     hidden[0, 9:13] = torch.eye(dim)[0]  # now they look like cell 0: wrong
     bad, stats = pointer_loss(hidden, *args)
     assert float(stats["pointer_acc"]) == 0.0 and float(bad) > float(good) + 5.0
+
+
+# ------------------------------------------------------------------------------- attribute loss
+
+
+def test_token_attributes_of_a_hand_made_instance_map() -> None:
+    """A 2x3 grid of merged tokens, 32x32 pixels each; coverage decides which object a token has."""
+    from qwen3vl_seg_ros.training.collate import token_attributes
+
+    ids = np.zeros((64, 96), np.uint8)
+    ids[0:32, 0:32] = 1  # token (0, 0): all of it is object 1
+    ids[32:64, 32:48] = 2  # token (1, 1): half of it is object 2 ...
+    ids[32:40, 48:64] = 3  # ... and an eighth object 3 (the most covering wins)
+    ids[32:44, 64:96] = 3  # token (1, 2): 12/32 = 37.5 % object 3
+    ids[0:4, 32:64] = 2  # token (0, 1): 4/32 = 12.5 % object 2, below a quarter
+    ids[0:32, 64:96] = 4  # token (0, 2): object 4, whose label names no shape of the group
+    labels = ["blue mug", "red ball", "green cube", "pink thing"]
+    groups = (("red", "green", "blue", "pink"), ("cube", "ball", "can", "mug"))
+    got = token_attributes(ids, labels, (2, 3), groups)
+    expected = np.array([[2, 3], [-1, -1], [3, -1],
+                         [-1, -1], [0, 1], [1, 0]])
+    assert got.tolist() == expected.tolist()
+    assert token_attributes(ids, [], (2, 3), groups).tolist() == [[-1, -1]] * 6
+    assert token_attributes(ids, labels, (2, 3), groups, min_cover=0.1)[1].tolist() == [0, 1]
+
+
+def test_attribute_loss_picks_the_words_of_the_object() -> None:
+    from qwen3vl_seg_ros.training.losses import attribute_loss
+
+    axes = torch.eye(8)
+    colours, shapes = axes[:3], axes[3:5]  # word embeddings: 3 colour words, 2 shape words
+    targets = torch.tensor([[0, 1], [2, 0], [-1, -1], [1, -1]])
+    merged = torch.stack([colours[0] + shapes[1], colours[2] + shapes[0], axes[7], colours[1]])
+    good, stats = attribute_loss(merged, targets, [colours, shapes])
+    assert float(stats["attr_acc"]) == 1.0
+    # by hand: cosine 1/sqrt(2) with each of its own words, 0 with the others (scale 10)
+    hit = 10 / math.sqrt(2)
+    colour_ce = -math.log(math.exp(hit) / (math.exp(hit) + 2))
+    shape_ce = -math.log(math.exp(hit) / (math.exp(hit) + 1))
+    colour_last = -math.log(math.exp(10) / (math.exp(10) + 2))  # token 3 is exactly its colour word
+    expected = ((2 * colour_ce + colour_last) / 3 + shape_ce) / 2
+    assert float(good) == pytest.approx(expected, rel=1e-4)
+    merged[2] = torch.randn(8)  # a token on no object changes nothing
+    assert float(attribute_loss(merged, targets, [colours, shapes])[0]) == pytest.approx(float(good))
+    swapped = torch.stack([colours[1] + shapes[0], colours[0] + shapes[1], axes[7], colours[2]])
+    bad, stats = attribute_loss(swapped, targets, [colours, shapes])
+    assert float(stats["attr_acc"]) == 0.0 and float(bad) > float(good) + 3.0
+    none, stats = attribute_loss(merged, torch.full((4, 2), -1), [colours, shapes])
+    assert float(none) == 0.0 and float(stats["attr_acc"]) == 0.0
+
+
+def test_attribute_loss_trains_the_vision_tower(tmp_path: Path) -> None:
+    """With ``loss.attribute`` the batch labels each visual token and a few steps on a fixed
+    batch lower the loss through the vision tower; without it the batch carries no labels."""
+    from qwen3vl_seg_ros.training.collate import token_attributes
+    from qwen3vl_seg_ros.training.expressions import COLOURS, SHAPES
+    from qwen3vl_seg_ros.training.train import attribute_word_ids
+
+    trainer = Trainer(config_from_dict(tiny_config(loss={"attribute": 1.0})), tmp_path, log=lambda m: None)
+    trainer.setup()
+    examples = synthetic_examples("train", 0, trainer.cfg.data.scene_config())
+    examples += synthetic_examples("train", 1, trainer.cfg.data.scene_config())
+    batch = trainer.collator(examples, np.random.default_rng(0))
+    grid = batch.image_grid_thw[0].tolist()
+    hw = (grid[1] // 2, grid[2] // 2)
+    per_image = hw[0] * hw[1]
+    assert batch.token_attributes.shape == (2 * per_image, 2)
+    ids, labels = examples[0].instances
+    assert batch.token_attributes[:per_image].tolist() == token_attributes(ids, labels, hw, (COLOURS, SHAPES)).tolist()
+    assert (batch.token_attributes >= 0).any()
+    joined = concat_batches([_first_samples(batch, 2), _first_samples_tail(batch)], trainer.collator.pad_id)
+    assert torch.equal(joined.token_attributes, batch.token_attributes)
+    unlabelled = trainer.collator([dataclasses.replace(e, instances=None) for e in examples])
+    assert (unlabelled.token_attributes == -1).all()
+
+    trainer._loaded = trainer._rng_restored = False
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    loss, stats = trainer.forward_losses(batch, 0.0)
+    loss.backward()
+    assert "attr_acc" in stats and float(stats["attribute"]) > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.model.visual.parameters())
+    _, parts = _train_steps(trainer, optimizer, batch, 15)
+    assert parts[-1]["attribute"] < parts[0]["attribute"], [p["attribute"] for p in parts]
+    with pytest.raises(ValueError, match="one known token"):
+        attribute_word_ids(trainer.tokenizer, ("blue", "zqxjvw"))
+    plain = Trainer(config_from_dict(tiny_config()), tmp_path / "plain", log=lambda m: None)
+    plain.setup()
+    assert plain.collator(examples).token_attributes.shape == (2 * per_image, 0)

@@ -61,6 +61,9 @@ class RefExample:
     image_key: object = None
     depth: np.ndarray | None = None  # (H, W) float32 metres, NaN = none; evaluation's depth head only
     intrinsics: CameraIntrinsics | None = None  # of the camera that took ``rgb``, when known
+    # every object of the image, for the attribute loss: instance ids (H, W), 0 = none, and the
+    # label of id k at index k - 1 ("blue mug"); None when unknown (COCO-style data)
+    instances: tuple[np.ndarray, list[str]] | None = None
 
 
 @dataclass
@@ -84,6 +87,9 @@ class Batch:
     num_targets: torch.Tensor  # (B,) int64
     query_types: list[str] = field(default_factory=list)
     object_counts: list[int] = field(default_factory=list)  # objects per sample, on the host (no device sync)
+    # (T, G) int64: per merged visual token of each distinct image (raster order, images in
+    # order), the class in each attribute group of the object covering it; -1 = none or unknown
+    token_attributes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 0), dtype=torch.long))
 
     @property
     def size(self) -> int:
@@ -137,6 +143,7 @@ def concat_batches(batches: Sequence[Batch], pad_id: int) -> Batch:
         num_targets=torch.cat([b.num_targets for b in batches]),
         query_types=[q for b in batches for q in b.query_types],
         object_counts=[c for b in batches for c in b.object_counts],
+        token_attributes=torch.cat([b.token_attributes for b in batches]),
     )
 
 
@@ -194,6 +201,35 @@ def box_jitter_scales(value: float | Sequence[float]) -> tuple[float, ...]:
     if not scales or any(not np.isfinite(v) or v < 0 for v in scales):
         raise ValueError(f"data.box_jitter must hold numbers >= 0, got {value!r}")
     return scales
+
+
+# ---------------------------------------------------------------------------------------------
+# per visual token: what object is there
+
+
+def token_attributes(instance_ids: np.ndarray, labels: Sequence[str], grid_hw: tuple[int, int],
+                     groups: Sequence[Sequence[str]], min_cover: float = 0.25) -> np.ndarray:
+    """``(h * w, G)``: per merged visual token (raster order), each group's class of its object.
+
+    A token's object is the instance covering most of its share of the image, if it covers at
+    least ``min_cover`` of it; the class in group ``g`` is the index in ``groups[g]`` of the
+    word of the object's label found there ("blue mug" -> "blue" among the colours). -1 where
+    no object covers the token or its label has no word of the group. The instance map is
+    resampled to 8x8 cells per token (nearest), enough to tell a quarter's coverage.
+    """
+    h, w = grid_hw
+    out = np.full((h * w, len(groups)), -1, dtype=np.int64)
+    if not len(labels) or not len(groups):
+        return out
+    cells = cv2.resize(np.asarray(instance_ids, np.uint8), (w * 8, h * 8), interpolation=cv2.INTER_NEAREST)
+    blocks = cells.reshape(h, 8, w, 8).transpose(0, 2, 1, 3).reshape(h * w, 64)
+    counts = np.stack([(blocks == k).sum(1) for k in range(1, len(labels) + 1)], axis=1)  # (T, N)
+    best = counts.argmax(1)
+    covered = counts[np.arange(len(best)), best] >= min_cover * 64
+    classes = np.array([[next((i for i, word in enumerate(group) if word in label.split()), -1) for group in groups]
+                        for label in labels], dtype=np.int64)  # (N, G)
+    out[covered] = classes[best[covered]]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,11 +351,15 @@ class Collator:
 
     ``max_image_side`` is the decoder's (``MaskDecoderConfig.max_image_side``); ``box_jitter``
     the relative edge noise of the decoder's input boxes (0 = the exact ground-truth boxes), or
-    several such scales, one drawn per box.
+    several such scales, one drawn per box. ``attribute_groups`` (such as the colour words and
+    the shape words) give each visual token its object's classes (:func:`token_attributes`)
+    for the attribute loss; empty, the batch carries none.
     """
 
-    def __init__(self, processor: object, max_image_side: int, box_jitter: float | Sequence[float] = 0.0) -> None:
+    def __init__(self, processor: object, max_image_side: int, box_jitter: float | Sequence[float] = 0.0,
+                 attribute_groups: Sequence[Sequence[str]] = ()) -> None:
         self.processor = processor
+        self.attribute_groups = tuple(tuple(g) for g in attribute_groups)
         self.tokenizer = processor.tokenizer  # type: ignore[attr-defined]
         self.image_processor = processor.image_processor  # type: ignore[attr-defined]
         self.max_image_side = int(max_image_side)
@@ -362,7 +402,7 @@ class Collator:
     def __call__(self, examples: Sequence[RefExample], rng: np.random.Generator | None = None) -> Batch:
         rng = rng or np.random.default_rng(0)
         images: dict[object, int] = {}
-        patches, grids, dec_images, image_index = [], [], [], []
+        patches, grids, dec_images, image_index, attributes = [], [], [], [], []
         sequences, positions, label_rows = [], [], []
         boxes, owners, seg_positions, masks, counts = [], [], [], [], []
         for b, ex in enumerate(examples):
@@ -373,6 +413,7 @@ class Collator:
                 patches.append(sample_patches)
                 grids.append(grid)
                 dec_images.append(decoder_image_uint8(ex.rgb, self.max_image_side))
+                attributes.append(self.image_attributes(ex, grid))
             u = images[key]
             image_index.append(u)
             grid, dec_image = grids[u], dec_images[u]
@@ -431,4 +472,14 @@ class Collator:
             num_targets=torch.tensor(counts, dtype=torch.long),
             query_types=[ex.query_type for ex in examples],
             object_counts=counts,
+            token_attributes=torch.from_numpy(np.concatenate(attributes)),
         )
+
+    def image_attributes(self, example: RefExample, grid_thw: torch.Tensor) -> np.ndarray:
+        """``(tokens, G)`` attribute classes of one image's merged visual tokens (-1 = none)."""
+        t, gh, gw = (int(v) for v in grid_thw)
+        hw = (gh // self.merge, gw // self.merge)
+        if example.instances is None or not self.attribute_groups:
+            return np.full((t * hw[0] * hw[1], len(self.attribute_groups)), -1, dtype=np.int64)
+        ids, labels = example.instances
+        return np.tile(token_attributes(ids, labels, hw, self.attribute_groups), (t, 1))

@@ -29,6 +29,7 @@ class LossWeights:
     iou: float = 1.0  # IoU head
     coord_l1: float = 0.0  # L1 of the expected coordinate value (0..1 units) at coordinate tokens
     pointer: float = 0.0  # auxiliary: the coordinate positions' states point at the target's visual token
+    attribute: float = 0.0  # auxiliary: visual tokens resemble their object's colour and shape words
 
 
 class CoordinateTable:
@@ -140,6 +141,38 @@ def pointer_loss(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
     logits = _visual_token_logits(hidden, rows, cols, is_image, scale)
     loss = F.cross_entropy(logits, cells)
     return loss, {"pointer_acc": (logits.argmax(-1) == cells).float().mean().detach()}
+
+
+def attribute_loss(merged: torch.Tensor, targets: torch.Tensor, word_embeddings: list[torch.Tensor],
+                   scale: float = 10.0) -> tuple[torch.Tensor, dict]:
+    """Auxiliary grounding loss: a visual token on an object must resemble the words that name it.
+
+    Why: the commands pick objects by colour and shape words, and the language model can only
+    match a word with a visual token that holds what the word means. In the shipped tiny
+    model after seven rounds a linear probe read the colour of the object under a merged token
+    in 75 % of held-out tokens (the ViT's first block: 92 %; raw pixel statistics: 92 %) and
+    its shape at chance: the tokens the language model reads had lost much of what tells the
+    objects apart. Here each merged token covered by an object (``targets`` ``(T, G)``, class
+    per attribute group, -1 = none) is compared, by scaled cosine, with the input embeddings of
+    the group's words (``word_embeddings[g]`` ``(n_g, D)``, the same vectors the command's words
+    enter the model as) and must pick its object's word (cross-entropy). No parameters: nothing
+    changes at inference. Returns the mean over the groups and ``attr_acc`` (hit rate).
+    """
+    tokens = F.normalize(merged.float(), dim=-1)
+    total, hits, count = merged.sum() * 0.0, merged.new_zeros((), dtype=torch.float32), 0
+    valid_all = merged.new_zeros((), dtype=torch.float32)
+    for g, words in enumerate(word_embeddings):
+        target = targets[:, g]
+        logits = scale * tokens @ F.normalize(words.float(), dim=-1).T
+        valid = (target >= 0).float()
+        n = valid.sum().clamp(min=1.0)
+        total = total + F.cross_entropy(logits, target.clamp(min=0), reduction="none").mul(valid).sum() / n
+        hits = hits + ((logits.argmax(-1) == target).float() * valid).sum()
+        valid_all = valid_all + valid.sum()
+        count += 1
+    if count == 0:
+        return total, {}
+    return total / count, {"attr_acc": (hits / valid_all.clamp(min=1.0)).detach()}
 
 
 def _group_starts(counts: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,15 @@ from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutp
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.training.collate import Batch, Collator, concat_batches, pixel_values_from_patches
 from qwen3vl_seg_ros.training.dataset import DataConfig, build_stream, make_loader
-from qwen3vl_seg_ros.training.losses import CoordinateTable, LossWeights, lm_loss, mask_losses, pointer_loss
+from qwen3vl_seg_ros.training.expressions import COLOURS, SHAPES
+from qwen3vl_seg_ros.training.losses import (
+    CoordinateTable,
+    LossWeights,
+    attribute_loss,
+    lm_loss,
+    mask_losses,
+    pointer_loss,
+)
 from qwen3vl_seg_ros.training.model_builder import (
     LoraSettings,
     ModelConfig,
@@ -331,6 +339,25 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 # the step
 
 
+#: The word groups of the attribute loss: an object's colour and its shape, as its label names them.
+ATTRIBUTE_GROUPS = (COLOURS, SHAPES)
+
+
+def attribute_word_ids(tokenizer: object, words: tuple[str, ...]) -> list[int]:
+    """The token of each word as a command has it (after a space), else bare; one known token each."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    ids = []
+    for word in words:
+        for form in (" " + word, word):
+            tokens = tokenizer(form, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+            if len(tokens) == 1 and tokens[0] != unknown:
+                ids.append(int(tokens[0]))
+                break
+        else:
+            raise ValueError(f"loss.attribute needs each attribute word to be one known token; {word!r} is not")
+    return ids
+
+
 def multimodal_forward(model: nn.Module, batch: Batch, pixel_values: torch.Tensor) -> torch.Tensor:
     """Qwen3-VL's forward for still images, with one vision pass per *distinct* image of the batch.
 
@@ -422,7 +449,13 @@ def _first_samples(batch: Batch, count: int) -> Batch:
         object_seg_positions=batch.object_seg_positions[objects], object_masks=batch.object_masks[objects],
         num_targets=batch.num_targets[:count], query_types=batch.query_types[:count],
         object_counts=batch.object_counts[:count],
+        token_attributes=_per_image(batch.token_attributes, int(batch.image_grid_thw.shape[0]))[used].flatten(0, 1),
     )
+
+
+def _per_image(rows: torch.Tensor, images: int) -> torch.Tensor:
+    """``(T, G)`` rows of equally many per image as ``(images, T / images, G)``."""
+    return rows.reshape(images, rows.shape[0] // max(images, 1), rows.shape[-1])
 
 
 class Trainer:
@@ -502,7 +535,9 @@ class Trainer:
         numbers = number_token_ids(self.tokenizer)
         vocab = self.model.get_input_embeddings().weight.shape[0]
         self.coords = CoordinateTable(numbers, vocab, self.device) if numbers else None
-        self.collator = Collator(self.processor, self.decoder.config.max_image_side, cfg.data.box_jitter)
+        groups = ATTRIBUTE_GROUPS if cfg.loss.attribute > 0 else ()
+        self.attribute_ids = [torch.tensor(attribute_word_ids(self.tokenizer, g), device=self.device) for g in groups]
+        self.collator = Collator(self.processor, self.decoder.config.max_image_side, cfg.data.box_jitter, groups)
         micro = cfg.data.micro_batch or cfg.optim.batch_size
         if cfg.optim.batch_size % micro:
             raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not a multiple of data.micro_batch {micro}")
@@ -697,8 +732,17 @@ class Trainer:
                 total = total + cfg.loss.pointer * loss_ptr
                 stats.update(pstats, pointer=loss_ptr.detach())
             has_objects = batch.object_batch.shape[0] > 0
-            if has_objects:
+            with_attributes = bool(self.attribute_ids) and vision_trainable and batch.token_attributes.numel() > 0
+            if has_objects or with_attributes:
                 unique = capture.features(batch.image_grid_thw)
+            if with_attributes:
+                merged = unique.merged_map.permute(0, 2, 3, 1).reshape(-1, unique.merged_map.shape[1])
+                table = self.model.get_input_embeddings().weight
+                loss_attr, astats = attribute_loss(merged, batch.token_attributes,
+                                                   [table[ids] for ids in self.attribute_ids])
+                total = total + cfg.loss.attribute * loss_attr
+                stats.update(astats, attribute=loss_attr.detach())
+            if has_objects:
                 index = batch.image_index
                 vision = VisionFeatures([m[index] for m in unique.vit_maps], unique.merged_map[index])
                 queries = hidden[batch.object_batch, batch.object_seg_positions]
@@ -878,8 +922,8 @@ class Trainer:
 
     @staticmethod
     def _format(r: dict[str, Any]) -> str:
-        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "mask", "m2_dice", "mask_iou", "iou_loss",
-                "grad_norm")
+        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "attr_acc", "mask", "m2_dice", "mask_iou",
+                "iou_loss", "grad_norm")
         parts = " ".join(f"{k} {r[k]:.4f}" for k in keys if k in r)
         return (f"[train] step {r['step']} ({r['stage']}) {parts} | lr {r['lr']:.2e} | "
                 f"{r['samples_per_s']:.1f} samples/s | data wait {100 * r['data_wait']:.0f}% | {r['elapsed_s']:.0f} s")
