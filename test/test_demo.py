@@ -104,13 +104,21 @@ def scene_with_a_checkable_command() -> int:
     raise AssertionError("no test scene where the double can answer a demo command exactly")
 
 
+def _default_sigint() -> None:
+    """In the demo's child process before it runs: SIGINT back to its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class DemoProcess:
     """The demo as a child process; records its own children's pids while it runs."""
 
     def __init__(self, args: list[str]) -> None:
         env = dict(os.environ)  # conftest put test/ on PYTHONPATH and chose our ROS_DOMAIN_ID
+        # Ctrl-C as at a terminal: a test runner started in the background (``nohup ... &``) has
+        # SIGINT ignored, and its children would inherit that and never see the test's SIGINT
         self.proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_seg_ros.ros.demo", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_default_sigint)
         self.children: set[int] = set()
         self.stdout: list[str] = []
         self._watch = threading.Thread(target=self._watch_children, daemon=True)
