@@ -137,3 +137,35 @@ def test_frame_size_defaults_to_the_models_training_size(box_model: Path, tmp_pa
     assert training_frame_size(tmp_path) == (200, 150)
     (tmp_path / "training_info.json").write_text("not json")
     assert training_frame_size(tmp_path) is None
+
+
+def test_grounding_statistics_by_hand(box_report: tuple[dict, Path]) -> None:
+    from qwen3vl_seg_ros.training.evaluate import grounding_statistics
+
+    def record(gt: list, model: list, reported: list) -> dict:
+        return {"gt_boxes": gt, "model_boxes": model, "pred_boxes": reported}
+
+    target = [10, 10, 30, 30]
+    records = [
+        record([target], [[14, 10, 34, 30]], [[10, 10, 30, 30]]),  # model 4 px off (IoU 320/480), refined exact
+        record([target], [[60, 60, 80, 80]], [[62, 60, 82, 80]]),  # another object: 70.7 / 72.1 px off, IoU 0
+        record([target], [[10, 10, 30, 90]], [[10, 10, 30, 50]]),  # centre 30 / 10 px below; IoU 0.25 / 0.5
+        record([target], [], []),  # target left unanswered
+        record([target, [50, 50, 60, 60]], [[10, 10, 30, 30]], [[10, 10, 30, 30]]),  # two targets: not counted
+        record([], [[0, 0, 5, 5]], [[0, 0, 5, 5]]),  # no target, answered
+        record([], [], []),  # no target, nothing answered
+    ]
+    g = grounding_statistics(records)
+    assert g["single_target_samples"] == 3
+    assert g["model_box"]["median_centre_error_px"] == pytest.approx(30.0)
+    assert g["model_box"]["within_10px"] == pytest.approx(1 / 3)
+    assert g["model_box"]["iou_above_0.5"] == pytest.approx(1 / 3)
+    assert g["reported_box"]["median_centre_error_px"] == pytest.approx(10.0)
+    assert g["reported_box"]["within_10px"] == pytest.approx(1 / 3)  # 10 px is not within 10
+    assert g["reported_box"]["iou_above_0.5"] == pytest.approx(1 / 3)  # nor is 0.5 above 0.5
+    assert g["targets_unanswered"] == pytest.approx(1 / 5) and g["no_target_answered"] == pytest.approx(1 / 2)
+    assert grounding_statistics([]) == {"single_target_samples": 0, "targets_unanswered": None,
+                                        "no_target_answered": None}
+    report, _ = box_report  # the fixed-box model: its report carries the same section
+    assert report["grounding"] == grounding_statistics(
+        [json.loads(line) for line in (box_report[1] / "samples.jsonl").read_text().splitlines()])

@@ -235,6 +235,35 @@ def score_statistics(records: list[dict[str, Any]], threshold: float) -> dict[st
     return {"threshold": threshold, "hits": stats(hits), "misses": stats(misses)}
 
 
+def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the answers are on the right object, apart from how well they are drawn.
+
+    On samples with one target and at least one answer, the first answer's box (the model's own,
+    and the reported one after ``box_refine_passes``) against the target: median centre error
+    in pixels, share within 10 pixels, share with IoU > 0.5. A refined box is either on its
+    object or on another one, so its IoU > 0.5 share is the grounding rate. Also how often a
+    target is left unanswered and a command with no target gets an answer.
+    """
+    from qwen3vl_seg_ros.training.metrics import box_iou_matrix
+
+    single = [r for r in records if len(r["gt_boxes"]) == 1 and r["pred_boxes"]]
+    out: dict[str, Any] = {"single_target_samples": len(single)}
+    for key, name in (("model_boxes", "model_box"), ("pred_boxes", "reported_box")):
+        if not single:
+            break
+        pred = np.array([r[key][0] for r in single], dtype=np.float64)
+        gt = np.array([r["gt_boxes"][0] for r in single], dtype=np.float64)
+        centre_error = np.hypot(*((pred[:, :2] + pred[:, 2:]) / 2 - (gt[:, :2] + gt[:, 2:]) / 2).T)
+        iou = np.array([box_iou_matrix(p, g)[0, 0] for p, g in zip(pred, gt)])
+        out[name] = {"median_centre_error_px": float(np.median(centre_error)),
+                     "within_10px": float((centre_error < 10).mean()), "iou_above_0.5": float((iou > 0.5).mean())}
+    targets = [r for r in records if r["gt_boxes"]]
+    empty = [r for r in records if not r["gt_boxes"]]
+    out["targets_unanswered"] = float(np.mean([not r["pred_boxes"] for r in targets])) if targets else None
+    out["no_target_answered"] = float(np.mean([bool(r["pred_boxes"]) for r in empty])) if empty else None
+    return out
+
+
 def timing_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
     ms = np.array([r["ms"] for r in records], dtype=np.float64)
     if not ms.size:
@@ -273,6 +302,7 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
         "wall_s": round(time.monotonic() - t0, 1),
         "methods": methods,
         "scores": score_statistics(records, settings.score_threshold),
+        "grounding": grounding_statistics(records),
         "timing": timing_statistics(records),
     }
     if settings.out:
@@ -303,6 +333,12 @@ def format_report(report: dict[str, Any]) -> str:
     for qtype, m in dec.items():
         lines.append(f"[eval] decoder {qtype:<10} n={m['num_samples']:<5} gIoU {m['giou']:.4f}"
                      + (f"  box_acc {m['box_acc@0.5']:.4f}" if m.get("box_acc@0.5") is not None else ""))
+    g = report.get("grounding", {})
+    if g.get("reported_box"):
+        model, ours = g["model_box"], g["reported_box"]
+        lines.append(f"[eval] single targets (n={g['single_target_samples']}): box IoU > 0.5 "
+                     f"{ours['iou_above_0.5']:.3f} (model's box {model['iou_above_0.5']:.3f}), median centre error "
+                     f"{ours['median_centre_error_px']:.1f} px ({model['median_centre_error_px']:.1f})")
     t = report.get("timing", {})
     if t:
         lines.append(f"[eval] ms per command: median {t['ms_per_command_median']:.0f}, "
