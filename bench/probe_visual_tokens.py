@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen3vl_seg_ros.training.collate import token_attributes
-from qwen3vl_seg_ros.training.dataset import object_label
+from qwen3vl_seg_ros.training.dataset import scene_instances
 from qwen3vl_seg_ros.training.expressions import COLOURS, SHAPES
 
 GROUPS = {"colour": COLOURS, "shape": SHAPES}
@@ -107,8 +107,7 @@ def collect(model: torch.nn.Module, processor: object, split: str, scenes: int, 
             out = visual(inputs["pixel_values"].to(visual.dtype), grid_thw=inputs["image_grid_thw"], return_dict=True)
         _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
         hw = (gh // merge, gw // merge)
-        names = [object_label(o.colour, o.shape, "object") for o in scene.objects]
-        labels.append(token_attributes(scene.instance_ids, names, hw, tuple(GROUPS.values())))
+        labels.append(token_attributes(*scene_instances(scene), hw, tuple(GROUPS.values())))
         features.setdefault("merged", []).append(out.pooler_output.float().numpy())
         for k, block in enumerate(out.deepstack_features or []):
             features.setdefault(f"deepstack_{k}", []).append(block.float().numpy())

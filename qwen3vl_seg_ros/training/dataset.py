@@ -77,14 +77,19 @@ def object_label(colour: str | None, shape: str | None, fallback: str) -> str:
     return " ".join(words) if words else fallback
 
 
+def scene_instances(scene: Scene) -> tuple[np.ndarray, list[str]]:
+    """Every object of a scene as ``RefExample.instances``: the instance-id map and each id's label."""
+    return scene.instance_ids, [object_label(o.colour, o.shape, "object") for o in scene.objects]
+
+
 def scene_examples(scene: Scene, queries: list, image_key: object = None, with_depth: bool = False) -> list[RefExample]:
     """The referring samples of one synthetic scene, one per query."""
     masks, boxes = scene.masks(), scene.boxes()
-    everything = (scene.instance_ids, [object_label(o.colour, o.shape, "object") for o in scene.objects])
+    everything = scene_instances(scene)
     out = []
     for q in queries:
         index = [i - 1 for i in q.target_ids]
-        labels = [object_label(scene.objects[i].colour, scene.objects[i].shape, "object") for i in index]
+        labels = [everything[1][i] for i in index]
         out.append(RefExample(scene.rgb, q.expression, q.query_type, boxes[index].reshape(-1, 4), masks[index],
                               labels, image_key=image_key, depth=scene.depth if with_depth else None,
                               intrinsics=scene.intrinsics, instances=everything))

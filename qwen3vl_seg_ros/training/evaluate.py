@@ -248,13 +248,13 @@ def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
 
     single = [r for r in records if len(r["gt_boxes"]) == 1 and r["pred_boxes"]]
     out: dict[str, Any] = {"single_target_samples": len(single)}
+    gt = np.array([r["gt_boxes"][0] for r in single], dtype=np.float64).reshape(-1, 4)
     for key, name in (("model_boxes", "model_box"), ("pred_boxes", "reported_box")):
         if not single:
             break
         pred = np.array([r[key][0] for r in single], dtype=np.float64)
-        gt = np.array([r["gt_boxes"][0] for r in single], dtype=np.float64)
         centre_error = np.hypot(*((pred[:, :2] + pred[:, 2:]) / 2 - (gt[:, :2] + gt[:, 2:]) / 2).T)
-        iou = np.array([box_iou_matrix(p, g)[0, 0] for p, g in zip(pred, gt)])
+        iou = np.diag(box_iou_matrix(pred, gt))
         out[name] = {"median_centre_error_px": float(np.median(centre_error)),
                      "within_10px": float((centre_error < 10).mean()), "iou_above_0.5": float((iou > 0.5).mean())}
     targets = [r for r in records if r["gt_boxes"]]

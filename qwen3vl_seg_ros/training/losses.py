@@ -160,21 +160,19 @@ def attribute_loss(merged: torch.Tensor, targets: torch.Tensor, word_embeddings:
     grounding unchanged (docs/training.md). No parameters: nothing
     changes at inference. Returns the mean over the groups and ``attr_acc`` (hit rate).
     """
+    if not word_embeddings:
+        return merged.sum() * 0.0, {}
     tokens = F.normalize(merged.float(), dim=-1)
-    total, hits, count = merged.sum() * 0.0, merged.new_zeros((), dtype=torch.float32), 0
-    valid_all = merged.new_zeros((), dtype=torch.float32)
+    total = hits = labelled = merged.new_zeros((), dtype=torch.float32)
     for g, words in enumerate(word_embeddings):
         target = targets[:, g]
         logits = scale * tokens @ F.normalize(words.float(), dim=-1).T
         valid = (target >= 0).float()
-        n = valid.sum().clamp(min=1.0)
-        total = total + F.cross_entropy(logits, target.clamp(min=0), reduction="none").mul(valid).sum() / n
+        ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+        total = total + (ce * valid).sum() / valid.sum().clamp(min=1.0)
         hits = hits + ((logits.argmax(-1) == target).float() * valid).sum()
-        valid_all = valid_all + valid.sum()
-        count += 1
-    if count == 0:
-        return total, {}
-    return total / count, {"attr_acc": (hits / valid_all.clamp(min=1.0)).detach()}
+        labelled = labelled + valid.sum()
+    return total / len(word_embeddings), {"attr_acc": (hits / labelled.clamp(min=1.0)).detach()}
 
 
 def _group_starts(counts: torch.Tensor) -> torch.Tensor:
