@@ -64,6 +64,7 @@ def test_box_head_metrics_match_a_hand_computation(box_report: tuple[dict, Path]
     ious = []
     for ex, r in zip(exs, records):
         assert r["expression"] == ex.expression
+        assert all(box in r["scene_boxes"] for box in np.asarray(ex.boxes).tolist())  # targets among the objects
         pred = np.zeros((H, W), bool)
         for bx in r["model_boxes"]:
             x1, y1, x2, y2 = int(np.floor(bx[0])), int(np.floor(bx[1])), int(np.ceil(bx[2])), int(np.ceil(bx[3]))
@@ -142,10 +143,12 @@ def test_frame_size_defaults_to_the_models_training_size(box_model: Path, tmp_pa
 def test_grounding_statistics_by_hand(box_report: tuple[dict, Path]) -> None:
     from qwen3vl_seg_ros.training.evaluate import grounding_statistics
 
-    def record(gt: list, model: list, reported: list) -> dict:
-        return {"gt_boxes": gt, "model_boxes": model, "pred_boxes": reported}
-
     target = [10, 10, 30, 30]
+    scene = [target, [60, 60, 80, 80]]
+
+    def record(gt: list, model: list, reported: list) -> dict:
+        return {"gt_boxes": gt, "model_boxes": model, "pred_boxes": reported, "scene_boxes": scene}
+
     records = [
         record([target], [[14, 10, 34, 30]], [[10, 10, 30, 30]]),  # model 4 px off (IoU 320/480), refined exact
         record([target], [[60, 60, 80, 80]], [[62, 60, 82, 80]]),  # another object: 70.7 / 72.1 px off, IoU 0
@@ -164,6 +167,16 @@ def test_grounding_statistics_by_hand(box_report: tuple[dict, Path]) -> None:
     assert g["reported_box"]["within_10px"] == pytest.approx(1 / 3)  # 10 px is not within 10
     assert g["reported_box"]["iou_above_0.5"] == pytest.approx(1 / 3)  # nor is 0.5 above 0.5
     assert g["targets_unanswered"] == pytest.approx(1 / 5) and g["no_target_answered"] == pytest.approx(1 / 2)
+    for name in ("model_box", "reported_box"):  # the misses: the second on the other object, the third on none
+        assert g[name]["samples_with_scene"] == 3
+        assert g[name]["on_another_object"] == pytest.approx(1 / 3) and g[name]["on_no_object"] == pytest.approx(1 / 3)
+    records[2]["scene_boxes"] = None  # a COCO-style sample: no scene, left out of the split
+    partial = grounding_statistics(records)["reported_box"]
+    assert partial["samples_with_scene"] == 2 and partial["on_another_object"] == pytest.approx(1 / 2)
+    assert partial["on_no_object"] == 0.0
+    for r in records:
+        r["scene_boxes"] = None
+    assert "on_another_object" not in grounding_statistics(records)["reported_box"]
     assert grounding_statistics([]) == {"single_target_samples": 0, "targets_unanswered": None,
                                         "no_target_answered": None}
     report, _ = box_report  # the fixed-box model: its report carries the same section

@@ -164,10 +164,25 @@ def _evaluate_task(task: tuple[str, int]) -> list[dict[str, Any]]:
             "box_scores": [float(i.box_score) for i in inst], "mask_scores": [float(i.mask_score) for i in inst],
             "scores": [float(i.score) for i in inst], "hit": hit.tolist(),
             "pred_boxes": boxes.tolist(), "model_boxes": model_boxes.tolist(),
-            "gt_boxes": np.asarray(ex.boxes).tolist(),
+            "gt_boxes": np.asarray(ex.boxes).tolist(), "scene_boxes": scene_boxes(ex),
             "pred_mask": np.packbits(masks["decoder"].any(0) if len(inst) else np.zeros(shape, bool)),
         })
     return out
+
+
+def scene_boxes(example: Any) -> list[list[float]] | None:
+    """Every object's box in the frame, targets or not (from the instance map), where it is known.
+
+    Why: a miss on a single target is either a box on another object (grounding) or a box on
+    nothing (drawing); only the scene's other objects tell them apart. COCO-style samples have no
+    instance map: None.
+    """
+    from qwen3vl_seg_ros.training.coco import mask_box
+
+    if example.instances is None:
+        return None
+    ids, labels = example.instances
+    return [mask_box(ids == k).tolist() for k in range(1, len(labels) + 1)]
 
 
 def _iterate(settings: EvalSettings, tasks: list[tuple[str, int]], deadline: float | None,
@@ -241,8 +256,11 @@ def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
     On samples with one target and at least one answer, the first answer's box (the model's own,
     and the reported one after ``box_refine_passes``) against the target: median centre error
     in pixels, share within 10 pixels, share with IoU > 0.5. A refined box is either on its
-    object or on another one, so its IoU > 0.5 share is the grounding rate. Also how often a
-    target is left unanswered and a command with no target gets an answer.
+    object or on another one, so its IoU > 0.5 share is the grounding rate. Where the samples
+    know their scene's objects (``scene_boxes``), the misses are split: ``on_another_object``
+    (IoU > 0.5 with an object that is not the target) and ``on_no_object`` (with none), as
+    shares of those samples. Also how often a target is left unanswered and a command with no
+    target gets an answer.
     """
     from qwen3vl_seg_ros.training.metrics import box_iou_matrix
 
@@ -257,11 +275,32 @@ def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
         iou = np.diag(box_iou_matrix(pred, gt))
         out[name] = {"median_centre_error_px": float(np.median(centre_error)),
                      "within_10px": float((centre_error < 10).mean()), "iou_above_0.5": float((iou > 0.5).mean())}
+        out[name].update(_misses(single, key))
     targets = [r for r in records if r["gt_boxes"]]
     empty = [r for r in records if not r["gt_boxes"]]
     out["targets_unanswered"] = float(np.mean([not r["pred_boxes"] for r in targets])) if targets else None
     out["no_target_answered"] = float(np.mean([bool(r["pred_boxes"]) for r in empty])) if empty else None
     return out
+
+
+def _misses(single: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Of the single-target samples that know their scene's objects: first box on another object / on none."""
+    from qwen3vl_seg_ros.training.metrics import box_iou_matrix
+
+    known = [r for r in single if r.get("scene_boxes")]
+    if not known:
+        return {}
+    other = none = 0
+    for r in known:
+        box = np.array(r[key][:1], dtype=np.float64).reshape(-1, 4)
+        if box_iou_matrix(box, np.array(r["gt_boxes"], dtype=np.float64)).max() > 0.5:
+            continue
+        if box_iou_matrix(box, np.array(r["scene_boxes"], dtype=np.float64).reshape(-1, 4)).max() > 0.5:
+            other += 1
+        else:
+            none += 1
+    return {"samples_with_scene": len(known), "on_another_object": other / len(known),
+            "on_no_object": none / len(known)}
 
 
 def timing_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -338,7 +377,9 @@ def format_report(report: dict[str, Any]) -> str:
         model, ours = g["model_box"], g["reported_box"]
         lines.append(f"[eval] single targets (n={g['single_target_samples']}): box IoU > 0.5 "
                      f"{ours['iou_above_0.5']:.3f} (model's box {model['iou_above_0.5']:.3f}), median centre error "
-                     f"{ours['median_centre_error_px']:.1f} px ({model['median_centre_error_px']:.1f})")
+                     f"{ours['median_centre_error_px']:.1f} px ({model['median_centre_error_px']:.1f})"
+                     + (f", on another object {ours['on_another_object']:.3f}, on none {ours['on_no_object']:.3f}"
+                        if "on_another_object" in ours else ""))
     t = report.get("timing", {})
     if t:
         lines.append(f"[eval] ms per command: median {t['ms_per_command_median']:.0f}, "
