@@ -487,6 +487,53 @@ def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> Non
     assert info2["base_training"] == info
 
 
+def test_grown_language_model_starts_as_the_identity(trainer: Trainer) -> None:
+    """New layers add nothing until trained, yet receive a gradient; the configuration grows with them."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwen3vl_seg_ros.training.model_builder import grow_text_layers
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(trainer.base_folder, dtype=torch.float32).eval()
+    before = len(model.model.language_model.layers)
+    ids = torch.tensor([[5, 17, 40, 3, 99, 12]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    grow_text_layers(model, 2)
+    layers = model.model.language_model.layers
+    assert len(layers) == before + 2 == model.config.text_config.num_hidden_layers
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(before + 2))
+    assert layers[-1].mlp.up_proj.weight.std() > 0  # initialised, only the output projections are zero
+    grown = model(input_ids=ids).logits
+    torch.testing.assert_close(grown, reference, rtol=0, atol=1e-6)
+    grown.logsumexp(-1).sum().backward()
+    assert layers[-1].self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="grow_text_layers"):
+        config_from_dict(tiny_config(model={**tiny_config()["model"], "grow_text_layers": -1}))
+
+
+def test_grown_model_resumes_exports_and_loads(tmp_path: Path) -> None:
+    """A run that grows its base resumes onto the grown shape and exports a deeper ordinary Qwen3-VL."""
+    from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
+    cfg = config_from_dict(tiny_config(model={**tiny_config()["model"], "grow_text_layers": 1}))
+    assert Trainer(cfg, tmp_path / "run", log=lambda m: None, stop_at_step=2).run()["finished"] is False
+    summary = Trainer(cfg, tmp_path / "run", resume=True, log=lambda m: None).run()
+    assert summary["finished"] and summary["step"] == 4
+    folder = Path(summary["model"])
+    base_config = json.loads((tmp_path / "run" / "base" / "config.json").read_text())
+    base_layers = base_config["text_config"]["num_hidden_layers"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == base_layers + 1
+    weights = load_file(str(folder / "model.safetensors"))
+    assert any(f"layers.{base_layers}.mlp.down_proj" in k for k in weights)
+    assert weights[next(k for k in weights if f"layers.{base_layers}.mlp.down_proj" in k)].abs().sum() > 0  # trained
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu", max_new_tokens=8))
+    ex = synthetic_examples("val", 0, DataConfig(width=W, height=H).scene_config())[0]
+    assert isinstance(seg.segment(ex.rgb, ex.expression).raw_answer, str)
+
+
 def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
     """The user-data path: a COCO-style referring file, its images resized to the training size."""
     from qwen3vl_seg_ros.training.coco import CocoRefWriter

@@ -46,6 +46,7 @@ class ModelConfig:
     number_embedding_init: bool = True  # tiny: number tokens start with embeddings smooth in their value
     vision_position_init: bool = True  # tiny: the ViT's learned positions start as 2-D sines of the image x, y
     export_dtype: str = "fp32"  # dtype of the exported Qwen3-VL weights ("bf16" halves the folder)
+    grow_text_layers: int = 0  # language-model layers appended to the base, each starting as the identity
     local_files_only: bool = True  # hub ids: only the local cache
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"model.export_dtype must be one of {sorted(_DTYPES)}, got {self.export_dtype!r}")
         self.decoder = dict(self.decoder)
         self.decoder.setdefault("size", "tiny")
+        if self.grow_text_layers < 0:
+            raise ValueError(f"model.grow_text_layers must be 0 or more, got {self.grow_text_layers}")
 
     @property
     def from_scratch(self) -> bool:
@@ -117,8 +120,39 @@ def load_base(cfg: ModelConfig, base_folder: Path) -> tuple[nn.Module, Any, BoxG
     model = Qwen3VLForConditionalGeneration.from_pretrained(
         base_folder, dtype=torch.float32, local_files_only=True, use_safetensors=True)
     changed = ensure_seg_token(model, processor.tokenizer)
+    grow_text_layers(model, cfg.grow_text_layers)
     decoder = build_decoder(cfg, base_folder, model)
     return model, processor, decoder, changed
+
+
+def grow_text_layers(model: nn.Module, count: int) -> None:
+    """Appends ``count`` decoder layers to the language model, each the identity at first.
+
+    Why: from round 3 on, five rounds of fresh data (CPU and GPU, up to 6e-4) left the tiny
+    model's training token accuracy at 0.68-0.70 and its pointer accuracy at 0.72-0.80, and
+    after round 9 a fifth of the single targets named by colour were answered with an object of
+    another colour although the visual tokens held the colour: the three-layer language model
+    looks saturated. Growing it keeps what it learnt: a new layer's attention output and MLP
+    down projections start at zero, so it adds nothing to the residual stream until training
+    moves them (block expansion, as LLaMA Pro grows a trained model). The configuration's layer
+    count grows with it, so the export loads as an ordinary deeper Qwen3-VL.
+    """
+    if count <= 0:
+        return
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
+
+    language_model = model.model.language_model
+    config = language_model.config
+    if getattr(config, "layer_types", None):
+        raise ValueError("model.grow_text_layers supports full-attention models without per-layer types")
+    for _ in range(count):
+        layer = Qwen3VLTextDecoderLayer(config, len(language_model.layers))
+        layer.apply(model._init_weights)
+        nn.init.zeros_(layer.self_attn.o_proj.weight)
+        nn.init.zeros_(layer.mlp.down_proj.weight)
+        language_model.layers.append(layer.to(next(language_model.parameters()).dtype))
+    config.num_hidden_layers = len(language_model.layers)
+    model.config.text_config.num_hidden_layers = config.num_hidden_layers
 
 
 def number_token_ids(tokenizer: Any, limit: int = 1000) -> list[int] | None:
