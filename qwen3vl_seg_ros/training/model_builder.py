@@ -128,14 +128,15 @@ def load_base(cfg: ModelConfig, base_folder: Path) -> tuple[nn.Module, Any, BoxG
 def grow_text_layers(model: nn.Module, count: int) -> None:
     """Appends ``count`` decoder layers to the language model, each the identity at first.
 
-    Why: from round 3 on, five rounds of fresh data (CPU and GPU, up to 6e-4) left the tiny
-    model's training token accuracy at 0.68-0.70 and its pointer accuracy at 0.72-0.80, and
-    after round 9 a fifth of the single targets named by colour were answered with an object of
-    another colour although the visual tokens held the colour: the three-layer language model
-    looks saturated. Growing it keeps what it learnt: a new layer's attention output and MLP
-    down projections start at zero, so it adds nothing to the residual stream until training
-    moves them (block expansion, as LLaMA Pro grows a trained model). The configuration's layer
-    count grows with it, so the export loads as an ordinary deeper Qwen3-VL.
+    Why: a trained model that looks too small should not have to start again from scratch. From
+    round 3 on, five rounds of fresh data left the tiny model's training token accuracy at
+    0.68-0.70, and after round 9 a fifth of the single targets named by colour were answered
+    with an object of another colour, although the visual tokens held the colour. Growing keeps
+    what the model learnt: a new layer's attention output and MLP down projections start at
+    zero, so it adds nothing to the residual stream until training moves them (block expansion,
+    as LLaMA Pro grows a trained model). The configuration's layer count grows with it, so the
+    export loads as an ordinary deeper Qwen3-VL. Round 10 grew the tiny model from 3 to 5
+    layers; in 59k samples it did not ground better (docs/training.md).
     """
     if count <= 0:
         return
