@@ -123,16 +123,13 @@ def token_crops(rgb: np.ndarray, classes: np.ndarray, grid_hw: tuple[int, int], 
 class TokenEncoder:
     """The checkpoint's processor and vision tower: frames in, merged tokens ``(N, h * w, D)`` out."""
 
-    def __init__(self, model_dir: Path, scale: int, reinit: bool) -> None:
+    def __init__(self, model_dir: Path, scale: int, reinit: bool, frame_pixels: int) -> None:
         from qwen3vl_seg_ros.model.loading import load_processor, load_qwen3vl
 
         self.scale = scale
-        processor = load_processor(model_dir)
-        self.image_processor = processor.image_processor
-        if scale > 1:  # let the upsampled frames through unresized
-            size = self.image_processor.size
-            limit = size.get("longest_edge") if isinstance(size, dict) else size.longest_edge
-            self.image_processor.size = {"shortest_edge": 4096, "longest_edge": int(limit) * scale * scale}
+        # upsampled frames must go through unresized: raise the processor's limit to their size
+        limit = frame_pixels * scale * scale if scale > 1 else 0
+        self.image_processor = load_processor(model_dir, image_max_pixels=limit).image_processor
         self.visual = load_qwen3vl(model_dir, torch.device("cpu"), torch.float32).model.visual
         if reinit:
             for module in self.visual.modules():
@@ -259,7 +256,7 @@ def majority(classes: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    encoder = TokenEncoder(Path(args.model), args.scale, args.reinit)
+    encoder = TokenEncoder(Path(args.model), args.scale, args.reinit, args.width * args.height)
     grid_hw = encoder.grid(args.height, args.width)
     size = (args.width, args.height)
     train = render_scenes("train", args.first_scene, args.train_scenes, size, grid_hw, args.workers)

@@ -275,7 +275,7 @@ def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
         iou = np.diag(box_iou_matrix(pred, gt))
         out[name] = {"median_centre_error_px": float(np.median(centre_error)),
                      "within_10px": float((centre_error < 10).mean()), "iou_above_0.5": float((iou > 0.5).mean())}
-        out[name].update(_misses(single, key))
+        out[name].update(_misses(single, key, iou > 0.5))
     targets = [r for r in records if r["gt_boxes"]]
     empty = [r for r in records if not r["gt_boxes"]]
     out["targets_unanswered"] = float(np.mean([not r["pred_boxes"] for r in targets])) if targets else None
@@ -283,18 +283,21 @@ def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _misses(single: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Of the single-target samples that know their scene's objects: first box on another object / on none."""
+def _misses(single: list[dict[str, Any]], key: str, on_target: np.ndarray) -> dict[str, float]:
+    """Of the single-target samples that know their scene's objects: first box on another object / on none.
+
+    ``on_target`` says per sample of ``single`` whether its first box has IoU > 0.5 with the target.
+    """
     from qwen3vl_seg_ros.training.metrics import box_iou_matrix
 
-    known = [r for r in single if r.get("scene_boxes")]
+    known = [(r, hit) for r, hit in zip(single, on_target) if r.get("scene_boxes")]
     if not known:
         return {}
     other = none = 0
-    for r in known:
-        box = np.array(r[key][:1], dtype=np.float64).reshape(-1, 4)
-        if box_iou_matrix(box, np.array(r["gt_boxes"], dtype=np.float64)).max() > 0.5:
+    for r, hit in known:
+        if hit:
             continue
+        box = np.array(r[key][:1], dtype=np.float64).reshape(-1, 4)
         if box_iou_matrix(box, np.array(r["scene_boxes"], dtype=np.float64).reshape(-1, 4)).max() > 0.5:
             other += 1
         else:

@@ -152,8 +152,7 @@ def grow_text_layers(model: nn.Module, count: int) -> None:
         nn.init.zeros_(layer.self_attn.o_proj.weight)
         nn.init.zeros_(layer.mlp.down_proj.weight)
         language_model.layers.append(layer.to(next(language_model.parameters()).dtype))
-    config.num_hidden_layers = len(language_model.layers)
-    model.config.text_config.num_hidden_layers = config.num_hidden_layers
+    config.num_hidden_layers = len(language_model.layers)  # the model's text_config: the export's
 
 
 def number_token_ids(tokenizer: Any, limit: int = 1000) -> list[int] | None:
