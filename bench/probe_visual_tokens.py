@@ -11,9 +11,11 @@ token holds "blue" and "mug". Each merged token gets its object's colour and sha
 the attribute loss labels it (:func:`~qwen3vl_seg_ros.training.collate.token_attributes`: the
 object covering most of the token, at least a quarter), and a linear classifier (softmax
 regression, features standardised) is fitted on the tokens of the first 75 % of the scenes and
-scored on the rest. Probed features: ``merged`` (the tokens the language model reads), the ViT's
-``deepstack`` blocks (added to its first layers), and ``pixels`` (mean, spread and centre colour
-of the token's image region: what a model gets for free). ``majority`` is the most frequent
+scored on the rest; the same for the row and the column of the tokens on objects
+(:func:`~qwen3vl_seg_ros.training.collate.token_places`: the place the language model must read
+off the token it attends to). Probed features: ``merged`` (the tokens the language model reads),
+the ViT's ``deepstack`` blocks (added to its first layers), and ``pixels`` (mean, spread and
+centre colour of the token's image region: what a model gets for free). ``majority`` is the most frequent
 class of the held-out tokens.
 """
 
@@ -30,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen3vl_seg_ros.training.collate import token_attributes
+from qwen3vl_seg_ros.training.collate import token_attributes, token_places
 from qwen3vl_seg_ros.training.dataset import scene_instances
 from qwen3vl_seg_ros.training.expressions import COLOURS, SHAPES
 
@@ -90,8 +92,8 @@ def pixel_features(rgb: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
 
 
 def collect(model: torch.nn.Module, processor: object, split: str, scenes: int, width: int, height: int
-            ) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
-    """Features of every merged token of each scene, and its (colour, shape) classes."""
+            ) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray], tuple[int, int]]:
+    """Features of every merged token of each scene, its (colour, shape, row, column) classes, the grid."""
     from qwen3vl_seg_ros.training.dataset import DataConfig
     from qwen3vl_seg_ros.training.synthetic import generate_sample, split_seed
 
@@ -107,12 +109,12 @@ def collect(model: torch.nn.Module, processor: object, split: str, scenes: int, 
             out = visual(inputs["pixel_values"].to(visual.dtype), grid_thw=inputs["image_grid_thw"], return_dict=True)
         _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
         hw = (gh // merge, gw // merge)
-        labels.append(token_attributes(*scene_instances(scene), hw, tuple(GROUPS.values())))
+        labels.append(token_places(token_attributes(*scene_instances(scene), hw, tuple(GROUPS.values())), hw))
         features.setdefault("merged", []).append(out.pooler_output.float().numpy())
         for k, block in enumerate(out.deepstack_features or []):
             features.setdefault(f"deepstack_{k}", []).append(block.float().numpy())
         features.setdefault("pixels", []).append(pixel_features(scene.rgb, hw))
-    return features, labels
+    return features, labels, hw
 
 
 def _rows(per_scene: list[np.ndarray], labels: list[np.ndarray], group: int, part: slice
@@ -123,15 +125,18 @@ def _rows(per_scene: list[np.ndarray], labels: list[np.ndarray], group: int, par
     return x[y >= 0], y[y >= 0]
 
 
-def probe_all(features: dict[str, list[np.ndarray]], labels: list[np.ndarray], steps: int) -> dict[str, dict]:
-    """Every feature x attribute group: fitted on the first 75 % of the scenes, scored on the rest."""
+def probe_all(features: dict[str, list[np.ndarray]], labels: list[np.ndarray], steps: int,
+              grid_hw: tuple[int, int]) -> dict[str, dict]:
+    """Every feature x group (attributes, then the row and column of tokens on objects): fitted on the
+    first 75 % of the scenes, scored on the rest."""
     split = max(1, int(len(labels) * 0.75))
+    sizes = {**{group: len(words) for group, words in GROUPS.items()}, "row": grid_hw[0], "col": grid_hw[1]}
     results: dict[str, dict] = {}
     for name, per_scene in features.items():
-        for g, (group, words) in enumerate(GROUPS.items()):
+        for g, (group, classes) in enumerate(sizes.items()):
             xtr, ytr = _rows(per_scene, labels, g, slice(0, split))
             xte, yte = _rows(per_scene, labels, g, slice(split, None))
-            results[f"{name}/{group}"] = linear_probe(xtr, ytr, xte, yte, len(words), steps)
+            results[f"{name}/{group}"] = linear_probe(xtr, ytr, xte, yte, classes, steps)
     return results
 
 
@@ -141,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     processor = load_processor(Path(args.model))
     model = load_qwen3vl(Path(args.model), torch.device("cpu"), torch.float32)
-    features, labels = collect(model, processor, args.split, args.scenes, args.width, args.height)
-    results = probe_all(features, labels, args.steps)
+    features, labels, grid_hw = collect(model, processor, args.split, args.scenes, args.width, args.height)
+    results = probe_all(features, labels, args.steps, grid_hw)
     print(f"| features / attribute | train acc | held-out acc | majority | held-out tokens |  ({args.model}, "
           f"{args.split} scenes 0..{args.scenes - 1})")
     print("|---|---:|---:|---:|---:|")

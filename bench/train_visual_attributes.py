@@ -22,7 +22,9 @@ one token tell.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import shutil
 import sys
 import time
 from multiprocessing import Pool
@@ -37,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen3vl_seg_ros.training.collate import token_attributes
+from qwen3vl_seg_ros.training.collate import token_attributes, token_places
 from qwen3vl_seg_ros.training.dataset import DataConfig, scene_instances
 from qwen3vl_seg_ros.training.expressions import COLOURS, SHAPES
 from qwen3vl_seg_ros.training.synthetic import generate_sample, split_seed
@@ -64,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cnn-epochs", type=int, default=0, help="also train the token-crop CNN")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--position", action="store_true",
+                        help="also heads for the row and column of each token on an object")
+    parser.add_argument("--keep", type=float, default=0.0,
+                        help="weight of the pull towards the starting tower's outputs (relative squared error)")
+    parser.add_argument("--save-model", default="", help="write a copy of --model with the trained tower here")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -150,9 +157,19 @@ class TokenEncoder:
         return out, (gh // merge, gw // merge)
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        return self.outputs(rgb)[0]
+
+    def outputs(self, rgb: np.ndarray, visual: nn.Module | None = None) -> list[torch.Tensor]:
+        """What the language model receives: the merged tokens ``(N, h * w, D)``, then each deepstack feature."""
         inputs, (h, w) = self.inputs(rgb)
-        out = self.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True)
-        return out.pooler_output.reshape(len(rgb), h * w, -1)
+        out = (visual or self.visual)(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True)
+        return [t.reshape(len(rgb), h * w, -1) for t in (out.pooler_output, *(out.deepstack_features or ()))]
+
+
+def drift(new: list[torch.Tensor], old: list[torch.Tensor]) -> torch.Tensor:
+    """Mean relative squared change of each token of each output, ``|new - old|^2 / |old|^2``."""
+    return torch.stack([((n - o).square().sum(-1) / o.square().sum(-1).clamp_min(1e-6)).mean()
+                        for n, o in zip(new, old)]).mean()
 
 
 def head_loss(heads: nn.ModuleList, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -167,7 +184,7 @@ def head_loss(heads: nn.ModuleList, tokens: torch.Tensor, classes: torch.Tensor)
 
 
 def head_accuracy(encoder: TokenEncoder, heads: nn.ModuleList, rgb: np.ndarray, classes: np.ndarray,
-                  chunk: int = 50) -> dict[str, float]:
+                  chunk: int = 50, names: tuple[str, ...] = tuple(GROUPS)) -> dict[str, float]:
     """Held-out accuracy of each group's head."""
     encoder.visual.eval()
     with torch.no_grad():
@@ -175,7 +192,7 @@ def head_accuracy(encoder: TokenEncoder, heads: nn.ModuleList, rgb: np.ndarray, 
     encoder.visual.train()
     flat, labels = tokens.reshape(-1, tokens.shape[-1]), torch.tensor(classes.reshape(-1, classes.shape[-1]))
     out = {}
-    for g, (name, head) in enumerate(zip(GROUPS, heads)):
+    for g, (name, head) in enumerate(zip(names, heads)):
         keep = labels[:, g] >= 0
         with torch.no_grad():
             out[name] = float((head(flat[keep]).argmax(-1) == labels[keep, g]).float().mean())
@@ -186,14 +203,19 @@ def train_tower(args: argparse.Namespace, encoder: TokenEncoder, train: tuple[np
                 val: tuple[np.ndarray, np.ndarray], grid_hw: tuple[int, int]) -> list[dict]:
     """AdamW on the tower and the heads (warm-up, cosine to 10 %); held-out accuracy on the way."""
     width = encoder.visual.merger.linear_fc2.out_features
-    heads = nn.ModuleList([nn.Linear(width, len(words)) for words in GROUPS.values()])
+    groups = {**GROUPS, **({"row": range(grid_hw[0]), "col": range(grid_hw[1])} if args.position else {})}
+    names = tuple(groups)
+    heads = nn.ModuleList([nn.Linear(width, len(words)) for words in groups.values()])
+    place = (lambda c: token_places(c, grid_hw)) if args.position else (lambda c: c)
+    val = (val[0], place(val[1]))
     params = list(encoder.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + np.cos(np.pi * min(s, args.steps) / max(args.steps, 1)))))
     rng = np.random.default_rng(args.seed)
-    history = [{"step": 0, **head_accuracy(encoder, heads, *val)}]
+    reference = copy.deepcopy(encoder.visual).eval().requires_grad_(False) if args.keep > 0 else None
+    history = [{"step": 0, **head_accuracy(encoder, heads, *val, names=names)}]
     print(f"step 0 held-out {history[-1]}", flush=True)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -201,17 +223,46 @@ def train_tower(args: argparse.Namespace, encoder: TokenEncoder, train: tuple[np
         rgb, classes = train[0][pick], train[1][pick]
         if rng.random() < 0.5:
             rgb, classes = flip(rgb, classes, grid_hw)
-        loss = head_loss(heads, encoder(rgb), torch.tensor(classes))
+        outputs = encoder.outputs(rgb)
+        loss = head_loss(heads, outputs[0], torch.tensor(place(classes)))
+        moved = torch.zeros(())
+        if reference is not None:
+            with torch.no_grad():
+                before = encoder.outputs(rgb, reference)
+            moved = drift(outputs, before)
+            loss = loss + args.keep * moved
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % args.eval_every == 0 or step == args.steps:
-            history.append({"step": step, "loss": float(loss.detach()), "s": round(time.perf_counter() - start, 1),
-                            **head_accuracy(encoder, heads, *val)})
+            history.append({"step": step, "loss": float(loss.detach()), "drift": float(moved.detach()),
+                            "s": round(time.perf_counter() - start, 1),
+                            **head_accuracy(encoder, heads, *val, names=names)})
             print(f"step {step} {history[-1]}", flush=True)
     return history
+
+
+def save_model(source: Path, target: Path, visual: nn.Module) -> None:
+    """A copy of the model folder ``source`` whose vision tower holds ``visual``'s weights (same dtypes).
+
+    Why: a tower trained here on a clean attribute signal can then start a training round
+    (``model.base``) through the ordinary loaders, with nothing else of the model changed.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if target.exists():
+        raise FileExistsError(f"{target} exists; not overwriting it")
+    shutil.copytree(source, target)
+    weights = load_file(str(target / "model.safetensors"))
+    tower = {f"model.visual.{k}": v for k, v in visual.state_dict().items()}
+    missing = sorted(set(tower) - set(weights))
+    if missing:
+        raise KeyError(f"the tower's weights {missing[:3]} are not in {source}/model.safetensors")
+    for key, value in tower.items():
+        weights[key] = value.detach().to(weights[key].dtype).contiguous()
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
 
 
 def crop_cnn() -> nn.Module:
@@ -261,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.width, args.height)
     train = render_scenes("train", args.first_scene, args.train_scenes, size, grid_hw, args.workers)
     val = render_scenes("val", 0, args.val_scenes, size, grid_hw, args.workers)
-    results: dict = {"model": args.model, "scale": args.scale, "reinit": args.reinit, "grid": list(grid_hw),
+    results: dict = {"model": args.model, "scale": args.scale, "reinit": args.reinit, "keep": args.keep,
+                     "position": args.position,
+                     "first_scene": args.first_scene, "grid": list(grid_hw),
                      "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "batch": args.batch,
                      "lr": args.lr, "majority": majority(val[1]),
                      "labelled_val_tokens": int((val[1][..., 0] >= 0).sum())}
@@ -270,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         results["tower"] = train_tower(args, encoder, train, val, grid_hw)
     if args.cnn_epochs > 0:
         results["crop_cnn_shape"] = train_crop_cnn(train, val, grid_hw, args.cnn_epochs, args.seed)
+    if args.save_model and args.steps > 0:
+        save_model(Path(args.model), Path(args.save_model), encoder.visual)
+        results["saved_model"] = args.save_model
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -50,5 +50,6 @@ def test_probe_runs_on_the_shipped_model(tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
     assert _bench().main(["--model", str(MODEL), "--scenes", "6", "--steps", "20", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert {"merged/colour", "merged/shape", "pixels/colour", "deepstack_0/shape"} <= set(results)
+    expected = {"merged/colour", "merged/shape", "merged/row", "merged/col", "pixels/colour", "deepstack_0/shape"}
+    assert expected <= set(results)
     assert all(0.0 <= r["test"] <= 1.0 and r["test_tokens"] > 0 for r in results.values())

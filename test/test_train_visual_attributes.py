@@ -66,10 +66,31 @@ def test_head_loss_ignores_unlabelled_tokens_and_matches_cross_entropy() -> None
 def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
     out = tmp_path / "vis.json"
     argv = ["--model", str(MODEL), "--train-scenes", "8", "--val-scenes", "4", "--steps", "2", "--batch", "4",
-            "--eval-every", "1", "--cnn-epochs", "1", "--workers", "1", "--out", str(out)]
+            "--eval-every", "1", "--cnn-epochs", "1", "--workers", "1", "--out", str(out),
+            "--keep", "1.0", "--position", "--save-model", str(tmp_path / "model")]
     assert _bench().main(argv) == 0
     results = json.loads(out.read_text())
     assert results["grid"] == [6, 8] and results["labelled_val_tokens"] > 0
     assert [h["step"] for h in results["tower"]] == [0, 1, 2]
-    assert all(0.0 <= h[g] <= 1.0 for h in results["tower"] for g in ("colour", "shape"))
+    assert all(0.0 <= h[g] <= 1.0 for h in results["tower"] for g in ("colour", "shape", "row", "col"))
     assert np.isfinite(results["tower"][-1]["loss"]) and len(results["crop_cnn_shape"]) == 1
+    assert 0.0 < results["tower"][-1]["drift"] < 1.0  # step 2 compares the once-updated tower with the start
+    # the saved copy: the tower changed, everything else byte for byte the shipped model's
+    from safetensors.torch import load_file
+
+    before = load_file(str(MODEL / "model.safetensors"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.visual.") for k in changed)
+    assert all(after[k].dtype == before[k].dtype for k in before)
+    with pytest.raises(FileExistsError):
+        _bench().save_model(MODEL, tmp_path / "model", torch.nn.Linear(1, 1))
+
+
+def test_drift_is_the_relative_squared_change() -> None:
+    old = [torch.tensor([[[3.0, 4.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+    new = [torch.tensor([[[3.0, 5.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+    # first output: |(0, 1)|^2 / |(3, 4)|^2 = 1 / 25; second unchanged; the mean of the two
+    assert _bench().drift(new, old).item() == pytest.approx(0.5 / 25)
+    assert _bench().drift(old, old).item() == 0.0

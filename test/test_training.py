@@ -534,6 +534,31 @@ def test_grown_model_resumes_exports_and_loads(tmp_path: Path) -> None:
     assert isinstance(seg.segment(ex.rgb, ex.expression).raw_answer, str)
 
 
+def test_upscaled_frames_train_export_and_load(tmp_path: Path) -> None:
+    """model.image_pixels resizes every frame (here to twice its side) in training, the export and the node."""
+    from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
+    pixels = 4 * W * H
+    model = {**tiny_config()["model"], "image_pixels": [pixels, pixels]}
+    cfg = config_from_dict(tiny_config(model=model, stages=[{"name": "full", "steps": 1, "lr": 1e-3}]))
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    summary = trainer.run()
+    assert summary["finished"]
+    ex = synthetic_examples("train", 0, cfg.data.scene_config())[0]
+    assert trainer.collator.image_inputs(ex.rgb)[1].tolist() == [1, 2 * H // 16, 2 * W // 16]
+    folder = Path(summary["model"])
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": pixels, "longest_edge": pixels}
+    base = json.loads((tmp_path / "run" / "base" / "preprocessor_config.json").read_text())
+    assert base["size"]["longest_edge"] == W * H  # the base folder is left as it was
+    seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu", max_new_tokens=8))
+    assert isinstance(seg.segment(ex.rgb, ex.expression).raw_answer, str)
+    for bad in ([pixels], [pixels, pixels // 2], [0, pixels]):
+        with pytest.raises(ValueError, match="image_pixels"):
+            config_from_dict(tiny_config(model={**model, "image_pixels": bad}))
+
+
 def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
     """The user-data path: a COCO-style referring file, its images resized to the training size."""
     from qwen3vl_seg_ros.training.coco import CocoRefWriter
@@ -782,6 +807,16 @@ def test_token_attributes_of_a_hand_made_instance_map() -> None:
     assert got.tolist() == expected.tolist()
     assert token_attributes(ids, [], (2, 3), groups).tolist() == [[-1, -1]] * 6
     assert token_attributes(ids, labels, (2, 3), groups, min_cover=0.1)[1].tolist() == [0, 1]
+
+
+def test_token_places_label_the_place_of_tokens_on_objects() -> None:
+    from qwen3vl_seg_ros.training.collate import token_places
+
+    classes = np.array([[[2, 1], [-1, -1], [-1, -1], [0, 3], [-1, -1], [5, -1]]])  # one frame, a 2x3 grid
+    out = token_places(classes, (2, 3))
+    assert out[..., :2].tolist() == classes.tolist()
+    assert out[0, :, 2].tolist() == [0, -1, -1, 1, -1, 1]  # rows, on tokens with a colour only
+    assert out[0, :, 3].tolist() == [0, -1, -1, 0, -1, 2]  # columns
 
 
 def test_attribute_loss_picks_the_words_of_the_object() -> None:

@@ -232,6 +232,21 @@ def token_attributes(instance_ids: np.ndarray, labels: Sequence[str], grid_hw: t
     return out
 
 
+def token_places(classes: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """``classes`` (``(..., h * w, G)``, as :func:`token_attributes` gives them) plus two groups: each
+    token's row and column, on tokens that lie on an object (class of group 0 set), else -1.
+
+    Why: the language model learns where an object is from its token's value (the rotary
+    positions only steer which tokens it reads), and the tiny model's tokens on objects hold
+    little of it (docs/training.md, "Where the language model looks"). The probes label it so.
+    """
+    h, w = grid_hw
+    rows, cols = np.divmod(np.arange(h * w), w)
+    on = classes[..., 0] >= 0
+    place = np.stack([np.where(on, rows, -1), np.where(on, cols, -1)], axis=-1)
+    return np.concatenate([classes, place.astype(classes.dtype)], axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # images
 

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class ModelConfig:
     vision_position_init: bool = True  # tiny: the ViT's learned positions start as 2-D sines of the image x, y
     export_dtype: str = "fp32"  # dtype of the exported Qwen3-VL weights ("bf16" halves the folder)
     grow_text_layers: int = 0  # language-model layers appended to the base, each starting as the identity
+    image_pixels: list[int] = field(default_factory=list)  # [min, max] pixels of a resized frame; []: the base's
     local_files_only: bool = True  # hub ids: only the local cache
 
     def __post_init__(self) -> None:
@@ -56,6 +58,9 @@ class ModelConfig:
         self.decoder.setdefault("size", "tiny")
         if self.grow_text_layers < 0:
             raise ValueError(f"model.grow_text_layers must be 0 or more, got {self.grow_text_layers}")
+        self.image_pixels = [int(v) for v in self.image_pixels]
+        if self.image_pixels and (len(self.image_pixels) != 2 or not 0 < self.image_pixels[0] <= self.image_pixels[1]):
+            raise ValueError(f"model.image_pixels must be [min, max] with 0 < min <= max, got {self.image_pixels}")
 
     @property
     def from_scratch(self) -> bool:
@@ -121,6 +126,8 @@ def load_base(cfg: ModelConfig, base_folder: Path) -> tuple[nn.Module, Any, BoxG
         base_folder, dtype=torch.float32, local_files_only=True, use_safetensors=True)
     changed = ensure_seg_token(model, processor.tokenizer)
     grow_text_layers(model, cfg.grow_text_layers)
+    if cfg.image_pixels:
+        set_image_pixels(processor.image_processor, cfg.image_pixels)
     decoder = build_decoder(cfg, base_folder, model)
     return model, processor, decoder, changed
 
@@ -153,6 +160,29 @@ def grow_text_layers(model: nn.Module, count: int) -> None:
         nn.init.zeros_(layer.mlp.down_proj.weight)
         language_model.layers.append(layer.to(next(language_model.parameters()).dtype))
     config.num_hidden_layers = len(language_model.layers)  # the model's text_config: the export's
+
+
+def set_image_pixels(image_processor: Any, pixels: Sequence[int]) -> None:
+    """Makes the image processor resize every frame to between ``pixels[0]`` and ``pixels[1]`` pixels.
+
+    Why: at 256x192 a merged visual token covers 32x32 pixels, about a whole object, and the tiny
+    tower learns an object's shape from its four 16-pixel patches far more slowly than a CNN does
+    from the same pixels (docs/training.md). Upscaling the frame (``[196608, 196608]``: 512x384)
+    spreads an object over 4 times the tokens without changing a weight: the ViT's learned
+    positions are interpolated to the larger grid, the language model's rotary positions extend.
+    The export writes these limits into its processor files, so the node resizes frames the same way.
+    """
+    image_processor.size = {"shortest_edge": int(pixels[0]), "longest_edge": int(pixels[1])}
+
+
+def write_image_pixels(folder: Path, pixels: Sequence[int]) -> None:
+    """Stores the limits of :func:`set_image_pixels` in a model folder's ``preprocessor_config.json``."""
+    path = Path(folder) / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    config["size"] = {"shortest_edge": int(pixels[0]), "longest_edge": int(pixels[1])}
+    config.pop("min_pixels", None)
+    config.pop("max_pixels", None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def number_token_ids(tokenizer: Any, limit: int = 1000) -> list[int] | None:
@@ -319,12 +349,13 @@ def copy_processor_files(source: Path, target: Path) -> None:
 
 def export_model(model: nn.Module, decoder: BoxGuidedMaskDecoder, base_folder: Path, tokenizer: Any,
                  tokenizer_changed: bool, folder: Path, dtype: str = "fp32",
-                 info: dict[str, Any] | None = None) -> Path:
+                 info: dict[str, Any] | None = None, image_pixels: Sequence[int] = ()) -> Path:
     """Writes a combined Qwen3-VL-Seg folder (model, processor, decoder) that the production
     loader reads; written next to ``folder`` and swapped in, so a reader never sees half of it.
 
     The model must have no LoRA adapters (merge first). ``dtype`` applies to the Qwen3-VL
     weights; the decoder is kept in float32 (small, and its thresholds are sensitive).
+    ``image_pixels`` (``[min, max]``), when given, replaces the base's frame-size limits.
     """
     if is_lora(model):
         raise ValueError("merge the LoRA adapters before exporting")
@@ -337,6 +368,8 @@ def export_model(model: nn.Module, decoder: BoxGuidedMaskDecoder, base_folder: P
              for k, v in model.state_dict().items()}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     copy_processor_files(base_folder, tmp)
+    if image_pixels:
+        write_image_pixels(tmp, image_pixels)
     if tokenizer_changed:
         tokenizer.save_pretrained(tmp)
     decoder.config.extra = dict(info or {})

@@ -670,7 +670,8 @@ class Trainer:
         if self.base_info:
             info["base_training"] = self.base_info
         folder = export_model(model, self.decoder, self.base_folder, self.tokenizer, self.tokenizer_changed,
-                              self.run_dir / "model", self.cfg.model.export_dtype, info)
+                              self.run_dir / "model", self.cfg.model.export_dtype, info,
+                              self.cfg.model.image_pixels)
         self.log(f"[train] exported {folder} ({folder_size_mb(folder):.1f} MB of safetensors)")
         return folder
 

@@ -1,0 +1,63 @@
+"""``bench/attention_on_target.py``: the target's tokens, the simple commands, and a short run on the
+shipped model (the measurement behind docs/training.md, "Where the language model looks")."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "tiny_qwen3vl_seg"
+
+
+def _bench():
+    path = REPO / "bench" / "attention_on_target.py"
+    spec = importlib.util.spec_from_file_location("attention_on_target", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_target_cells_are_the_tokens_the_object_covers() -> None:
+    mask = np.zeros((64, 96), bool)  # a 2x3 grid of 32x32 tokens
+    mask[0:32, 32:64] = True  # all of token (0, 1)
+    mask[40:50, 70:80] = True  # 100 of token (1, 2)'s 1024 pixels: under a quarter
+    assert _bench().target_cells(mask, (2, 3)).tolist() == [False, True, False, False, False, False]
+    small = np.zeros((64, 96), bool)
+    small[40:50, 70:80] = True  # covers no token by a quarter: the one it covers most
+    assert _bench().target_cells(small, (2, 3)).tolist() == [False, False, False, False, False, True]
+
+
+def test_simple_commands_name_only_what_is_unique() -> None:
+    from qwen3vl_seg_ros.training.dataset import DataConfig
+    from qwen3vl_seg_ros.training.synthetic import generate_sample, split_seed
+
+    cfg = DataConfig(width=128, height=96, min_objects=3, max_objects=6).scene_config()
+    seen = 0
+    for i in range(6):
+        scene, _ = generate_sample(split_seed("val", i), cfg)
+        for kind, command, k in _bench().simple_commands(scene):
+            target = scene.objects[k]
+            word = target.colour if kind == "colour" else target.shape
+            assert word in command.split()
+            assert sum(getattr(o, kind) == word for o in scene.objects) == 1
+            seen += 1
+    assert seen > 0
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="no shipped model")
+def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
+    out = tmp_path / "att.json"
+    assert _bench().main(["--model", str(MODEL), "--scenes", "6", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    found = [results[k] for k in ("colour", "shape") if k in results]
+    assert found
+    for r in found:
+        shares = np.array(r["share_on_target"])
+        assert shares.ndim == 2 and ((shares >= 0) & (shares <= 1)).all()
+        assert 0 < r["uniform"] < 1 and 0 <= r["first_number_within_100"] <= 1
+        assert 0 < r["any_object_within_100"] <= 1  # the target itself is always near enough
