@@ -295,9 +295,10 @@ def train_crop_cnn(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, 
     return accuracy
 
 
-def majority(classes: np.ndarray) -> dict[str, float]:
+def majority(classes: np.ndarray, names: tuple[str, ...] = tuple(GROUPS)) -> dict[str, float]:
+    """Each group's share of its most frequent class among the labelled tokens."""
     out = {}
-    for g, name in enumerate(GROUPS):
+    for g, name in enumerate(names):
         y = classes[..., g].reshape(-1)
         y = y[y >= 0]
         out[name] = float(np.bincount(y).max() / max(len(y), 1)) if len(y) else 0.0
@@ -316,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                      "position": args.position,
                      "first_scene": args.first_scene, "grid": list(grid_hw),
                      "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "batch": args.batch,
-                     "lr": args.lr, "majority": majority(val[1]),
+                     "lr": args.lr,
+                     "majority": majority(token_places(val[1], grid_hw), (*GROUPS, "row", "col")) if args.position
+                     else majority(val[1]),
                      "labelled_val_tokens": int((val[1][..., 0] >= 0).sum())}
     print(f"token grid {grid_hw}; held-out majority {results['majority']}", flush=True)
     if args.steps > 0:

@@ -71,6 +71,7 @@ def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
     assert _bench().main(argv) == 0
     results = json.loads(out.read_text())
     assert results["grid"] == [6, 8] and results["labelled_val_tokens"] > 0
+    assert set(results["majority"]) == {"colour", "shape", "row", "col"}
     assert [h["step"] for h in results["tower"]] == [0, 1, 2]
     assert all(0.0 <= h[g] <= 1.0 for h in results["tower"] for g in ("colour", "shape", "row", "col"))
     assert np.isfinite(results["tower"][-1]["loss"]) and len(results["crop_cnn_shape"]) == 1
