@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+#: The shipped tiny model (tests that need it skip while it is missing).
+SHIPPED_MODEL = REPO / "models" / "tiny_qwen3vl_seg"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, period: float = 0.01) -> bool:
@@ -14,3 +22,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, period: float
             return True
         time.sleep(period)
     return bool(predicate())
+
+
+@functools.cache
+def load_bench(name: str) -> ModuleType:
+    """The script ``bench/<name>.py`` as a module (the bench folder is not a package), loaded once."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

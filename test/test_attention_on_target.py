@@ -3,23 +3,19 @@ shipped model (the measurement behind docs/training.md, "Where the language mode
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "tiny_qwen3vl_seg"
+from helpers import SHIPPED_MODEL, load_bench
+
+MODEL = SHIPPED_MODEL
 
 
 def _bench():
-    path = REPO / "bench" / "attention_on_target.py"
-    spec = importlib.util.spec_from_file_location("attention_on_target", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("attention_on_target")
 
 
 def test_target_cells_are_the_tokens_the_object_covers() -> None:

@@ -3,22 +3,19 @@ the shipped model (the measurement behind the attribute loss; docs/training.md).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "tiny_qwen3vl_seg"
+from helpers import SHIPPED_MODEL, load_bench
+
+MODEL = SHIPPED_MODEL
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("probe_visual_tokens", REPO / "bench" / "probe_visual_tokens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("probe_visual_tokens")
 
 
 def test_linear_probe_reads_what_the_features_hold() -> None:

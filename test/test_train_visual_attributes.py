@@ -3,7 +3,6 @@ the shipped model (the measurement behind docs/training.md, "What the tower can 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "tiny_qwen3vl_seg"
+from helpers import SHIPPED_MODEL, load_bench
+
+MODEL = SHIPPED_MODEL
 
 
 def _bench():
-    path = REPO / "bench" / "train_visual_attributes.py"
-    spec = importlib.util.spec_from_file_location("train_visual_attributes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_visual_attributes")
 
 
 def test_flip_mirrors_frames_and_token_classes_together() -> None:

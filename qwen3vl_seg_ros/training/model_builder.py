@@ -172,14 +172,19 @@ def set_image_pixels(image_processor: Any, pixels: Sequence[int]) -> None:
     positions are interpolated to the larger grid, the language model's rotary positions extend.
     The export writes these limits into its processor files, so the node resizes frames the same way.
     """
-    image_processor.size = {"shortest_edge": int(pixels[0]), "longest_edge": int(pixels[1])}
+    image_processor.size = _size_limits(pixels)
+
+
+def _size_limits(pixels: Sequence[int]) -> dict[str, int]:
+    """The Qwen2-VL image processor's ``size`` for frames of ``pixels[0]`` to ``pixels[1]`` pixels."""
+    return {"shortest_edge": int(pixels[0]), "longest_edge": int(pixels[1])}
 
 
 def write_image_pixels(folder: Path, pixels: Sequence[int]) -> None:
     """Stores the limits of :func:`set_image_pixels` in a model folder's ``preprocessor_config.json``."""
     path = Path(folder) / "preprocessor_config.json"
     config = json.loads(path.read_text())
-    config["size"] = {"shortest_edge": int(pixels[0]), "longest_edge": int(pixels[1])}
+    config["size"] = _size_limits(pixels)
     config.pop("min_pixels", None)
     config.pop("max_pixels", None)
     path.write_text(json.dumps(config, indent=2) + "\n")
