@@ -14,7 +14,10 @@ answered correctly up to the first number (teacher forcing: the prompt, then ``[
 At that position every head of every layer spreads its attention over the prompt; the script
 reports which share of the part on visual tokens lands on the target's tokens (the merged tokens
 whose 32x32 area the target covers at least a quarter of, or covers most of when it covers none
-that much), against ``uniform``, the target's share of the visual tokens; how often some head puts
+that much), against ``uniform``, the target's share of the visual tokens; which share lands on the
+other objects' tokens, and the target's part of what lands on objects (attention that finds
+objects but not the one asked for gives about the target's share of the tokens on objects,
+``uniform_among_objects``); how often some head puts
 more than half its visual attention there; and how often the number the model would write there
 is within 100 units (a tenth of the frame) of the right one, against the same for the left edge
 of an object of the scene picked at random.
@@ -26,6 +29,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,6 +85,19 @@ def target_cells(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     return cells
 
 
+class Reading(NamedTuple):
+    """One command's attention at the box's first number: ``(layers, heads)`` shares of the visual
+    attention on the target's tokens and on the other objects' tokens, the target's share of the
+    visual tokens and of the tokens on objects (what attention spread evenly would give), and the
+    token the model would write."""
+
+    on_target: np.ndarray
+    on_others: np.ndarray
+    uniform: float
+    uniform_among_objects: float
+    token: int
+
+
 class Reader:
     """The checkpoint through the production loader, with eager attention so that weights come back."""
 
@@ -107,24 +124,70 @@ class Reader:
         return inputs
 
     @torch.no_grad()
-    def read(self, rgb: np.ndarray, command: str, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
-        """``(layers, heads)`` share of visual attention on the target, its uniform share, the next token."""
+    def read(self, rgb: np.ndarray, command: str, masks: np.ndarray, k: int) -> Reading:
+        """Where the visual attention goes at the box's first number, for target ``k`` of ``masks``."""
         inputs = self.inputs(rgb, command)
         out = self.model(**inputs, output_attentions=True)
         visual = (inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]
         _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
-        cells = torch.from_numpy(target_cells(mask, (gh // self.merge, gw // self.merge)))
-        shares = []
+        grid = (gh // self.merge, gw // self.merge)
+        cells = torch.from_numpy(target_cells(masks[k], grid))
+        others = torch.zeros_like(cells)
+        for j, mask in enumerate(masks):
+            if j != k:
+                others |= torch.from_numpy(target_cells(mask, grid))
+        others &= ~cells
+        target, other = [], []
         for attention in out.attentions:
             on_visual = attention[0, :, -1, visual].float()
-            shares.append((on_visual[:, cells].sum(1) / on_visual.sum(1).clamp_min(1e-9)).numpy())
-        return np.stack(shares), float(cells.float().mean()), int(out.logits[0, -1].argmax())
+            total = on_visual.sum(1).clamp_min(1e-9)
+            target.append((on_visual[:, cells].sum(1) / total).numpy())
+            other.append((on_visual[:, others].sum(1) / total).numpy())
+        return Reading(np.stack(target), np.stack(other), float(cells.float().mean()),
+                       float(cells.sum() / (cells | others).sum()), int(out.logits[0, -1].argmax()))
 
 
 def first_number_error(tokenizer: object, token: int, box: np.ndarray, width: int) -> float:
     """|written - right| of the box's left edge in 0..1000 units; inf when the token is not a number."""
     text = tokenizer.decode([token]).strip()  # type: ignore[attr-defined]
     return abs(int(text) - 1000.0 * box[0] / width) if text.isdigit() else float("inf")
+
+
+def summarise(found: list[tuple[Reading, float, float]]) -> dict:
+    """The commands of one kind: mean shares per layer and head, and how often the number is right.
+
+    ``target_among_objects`` is the target's part of the attention that lands on objects, per layer
+    and head: attention that finds objects but not the one asked for gives about
+    ``uniform_among_objects``.
+    """
+    on_target = np.stack([r.on_target for r, _, _ in found])
+    on_others = np.stack([r.on_others for r, _, _ in found])
+    errors = np.array([e for _, e, _ in found])
+    among = on_target / np.maximum(on_target + on_others, 1e-9)
+
+    def table(values: np.ndarray) -> list:
+        return np.round(values.mean(0).astype(float), 3).tolist()  # [layer][head]
+
+    return {
+        "commands": len(found),
+        "uniform": float(np.mean([r.uniform for r, _, _ in found])),
+        "share_on_target": table(on_target),
+        "share_on_other_objects": table(on_others),
+        "target_among_objects": table(among),
+        "uniform_among_objects": float(np.mean([r.uniform_among_objects for r, _, _ in found])),
+        "some_head_mostly_on_target": float((on_target.max(axis=(1, 2)) > 0.5).mean()),
+        "first_number_within_100": float((errors <= 100).mean()),
+        "any_object_within_100": float(np.mean([g for _, _, g in found])),
+    }
+
+
+def report(kind: str, r: dict) -> None:
+    print(f"{kind}: {r['commands']} commands, uniform share {r['uniform']:.3f} (among objects "
+          f"{r['uniform_among_objects']:.3f}), first number within 100 units {r['first_number_within_100']:.3f} "
+          f"(an object of the scene at random: {r['any_object_within_100']:.3f})")
+    for layer, heads in enumerate(r["share_on_target"]):
+        print(f"  layer {layer}: share of visual attention per head on the target {heads}, on other objects "
+              f"{r['share_on_other_objects'][layer]}, target among objects {r['target_among_objects'][layer]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,30 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         scene, _ = generate_sample(split_seed(args.split, index), scene_cfg)
         masks, boxes = scene.masks(), scene.boxes()
         for kind, command, k in simple_commands(scene):
-            shares, uniform, token = reader.read(scene.rgb, command, masks[k])
-            error = first_number_error(reader.tokenizer, token, boxes[k], args.width)
+            reading = reader.read(scene.rgb, command, masks, k)
+            error = first_number_error(reader.tokenizer, reading.token, boxes[k], args.width)
             # a guess at any object of the scene: the share of them whose left edge is near enough
             guess = float(np.mean(np.abs(boxes[:, 0] - boxes[k, 0]) * 1000.0 / args.width <= 100))
-            rows[kind].append((shares, uniform, error, guess))
+            rows[kind].append((reading, error, guess))
     results: dict = {"model": args.model, "split": args.split, "scenes": [args.first_scene, args.scenes]}
     for kind, found in rows.items():
-        if not found:
-            continue
-        shares = np.stack([r[0] for r in found])
-        errors = np.array([r[2] for r in found])
-        results[kind] = {
-            "commands": len(found),
-            "uniform": float(np.mean([r[1] for r in found])),
-            "share_on_target": np.round(shares.mean(0).astype(float), 3).tolist(),  # [layer][head]
-            "some_head_mostly_on_target": float((shares.max(axis=(1, 2)) > 0.5).mean()),
-            "first_number_within_100": float((errors <= 100).mean()),
-            "any_object_within_100": float(np.mean([r[3] for r in found])),
-        }
-        print(f"{kind}: {len(found)} commands, uniform share {results[kind]['uniform']:.3f}, "
-              f"first number within 100 units {results[kind]['first_number_within_100']:.3f} "
-              f"(an object of the scene at random: {results[kind]['any_object_within_100']:.3f})")
-        for layer, heads in enumerate(results[kind]["share_on_target"]):
-            print(f"  layer {layer}: share of visual attention on the target per head {heads}")
+        if found:
+            results[kind] = summarise(found)
+            report(kind, results[kind])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

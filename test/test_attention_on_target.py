@@ -57,3 +57,20 @@ def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
         assert shares.ndim == 2 and ((shares >= 0) & (shares <= 1)).all()
         assert 0 < r["uniform"] < 1 and 0 <= r["first_number_within_100"] <= 1
         assert 0 < r["any_object_within_100"] <= 1  # the target itself is always near enough
+        on_target, on_others = np.array(r["share_on_target"]), np.array(r["share_on_other_objects"])
+        assert on_others.shape == shares.shape and (on_target + on_others <= 1 + 1e-6).all()
+        among = np.array(r["target_among_objects"])
+        assert ((among >= 0) & (among <= 1)).all() and 0 < r["uniform_among_objects"] <= 1
+
+
+def test_summary_of_hand_made_readings() -> None:
+    """Two commands, one layer of two heads: the means, and the target's part of the attention on objects."""
+    bench = _bench()
+    a = bench.Reading(np.array([[0.6, 0.2]]), np.array([[0.2, 0.6]]), 0.1, 0.5, 7)
+    b = bench.Reading(np.array([[0.2, 0.0]]), np.array([[0.2, 0.0]]), 0.3, 0.25, 7)
+    r = bench.summarise([(a, 50.0, 0.5), (b, 300.0, 1.0)])
+    assert r["commands"] == 2 and r["uniform"] == pytest.approx(0.2) and r["uniform_among_objects"] == 0.375
+    assert r["share_on_target"] == [[0.4, 0.1]] and r["share_on_other_objects"] == [[0.2, 0.3]]
+    assert r["target_among_objects"] == [[0.625, 0.125]]  # (0.75 + 0.5) / 2 and (0.25 + 0) / 2
+    assert r["some_head_mostly_on_target"] == 0.5 and r["first_number_within_100"] == 0.5
+    assert r["any_object_within_100"] == 0.75

@@ -785,6 +785,85 @@ def test_pointer_loss_picks_the_visual_token_under_the_box_centre() -> None:
     assert float(stats["pointer_acc"]) == 0.0 and float(bad) > float(good) + 5.0
 
 
+
+# --------------------------------------------------------------------------------- lookup loss
+
+
+def test_box_cells_of_a_hand_made_box() -> None:
+    """A 2x3 merged grid: the cells whose centres the box holds, and the centre cell of a box too
+    small to hold any centre."""
+    from qwen3vl_seg_ros.training.losses import box_cells
+
+    grids = torch.tensor([[1, 4, 6], [1, 2, 4]])  # sample 0: 2x3 cells; sample 1: 1x2
+    boxes = torch.tensor([[0.10, 0.10, 0.55, 0.80],  # centres x 1/6, 1/2 and y 1/4, 3/4: 4 cells
+                          [0.70, 0.10, 0.75, 0.20],  # no centre inside; its centre is in cell (0, 2)
+                          [0.60, 0.00, 1.00, 1.00]])  # sample 1: the right cell
+    got = box_cells(boxes, torch.tensor([0, 0, 1]), grids, 2)
+    assert got.tolist() == [[True, True, False, True, True, False],
+                            [False, False, True, False, False, False],
+                            [False, True, False, False, False, False]]
+
+
+def _lookup_case(on_cell: int, layer0_cell: int) -> tuple:
+    """One sample as in the pointer test (2 text tokens, a 2x3 grid of visual tokens, the box of
+    cell 5), with two layers of attention: every query spreads it over the text and the visual
+    cell given (layer 1) or ``layer0_cell`` (layer 0)."""
+    from qwen3vl_seg_ros.training.losses import CoordinateTable
+
+    coords = CoordinateTable(list(range(10, 1011)), vocab_size=1100)
+    input_ids = torch.tensor([[1, 2, 5, 5, 5, 5, 5, 5, 3, 4, 10 + 700, 10 + 600, 10 + 900, 10 + 900, 7]])
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 9:] = input_ids[0, 9:]
+    lm_rows, lm_cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    boxes = torch.tensor([[0.70, 0.60, 0.90, 0.90]])  # cell (1, 2) only
+    length = input_ids.shape[1]
+    layers = []
+    for cell in (layer0_cell, on_cell):
+        attention = torch.zeros(1, 2, length, length)
+        attention[0, :, :, 0] = 0.5  # half on the first text token, half on one visual token
+        attention[0, :, :, 2 + cell] = 0.5
+        layers.append(attention)
+    return layers, (input_ids, labels, lm_rows, lm_cols, torch.tensor([[1, 4, 6]]), boxes, torch.tensor([0]),
+                    coords, 5, 2)
+
+
+def test_lookup_loss_rewards_visual_attention_on_the_box() -> None:
+    from qwen3vl_seg_ros.training.losses import lookup_loss
+
+    layers, args = _lookup_case(on_cell=5, layer0_cell=0)
+    good, stats = lookup_loss(layers, *args)
+    assert float(stats["lookup_share"]) == pytest.approx(1.0)  # renormalised over the visual tokens
+    assert float(good) == pytest.approx(0.0, abs=1e-5)
+    layers, args = _lookup_case(on_cell=5, layer0_cell=5)
+    assert float(lookup_loss(layers, *args)[0]) == pytest.approx(float(good))  # the first layer is not trained
+    layers, args = _lookup_case(on_cell=1, layer0_cell=5)
+    bad, stats = lookup_loss(layers, *args)
+    assert float(stats["lookup_share"]) == 0.0 and float(bad) > 10.0
+    half = [layers[0], 0.5 * layers[1] + 0.5 * _lookup_case(5, 0)[0][1]]
+    mixed, stats = lookup_loss(half, *args)
+    assert float(stats["lookup_share"]) == pytest.approx(0.5) and float(mixed) == pytest.approx(np.log(2.0))
+    assert lookup_loss(layers[:1], *args)[1] == {}  # one layer: nothing to train
+
+
+def test_lookup_loss_trains_the_attention_of_the_model(tmp_path: Path, batch) -> None:
+    """Through the trainer: eager attention, the loss reaches the language model's attention
+    weights, and steps on it alone raise the share of visual attention on the boxes."""
+    trainer = Trainer(config_from_dict(tiny_config(loss={"lookup": 1.0})), tmp_path, log=lambda m: None)
+    trainer.setup()
+    assert trainer.model.config._attn_implementation == "eager"
+    trainer._loaded = trainer._rng_restored = False
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    trainer.cfg.loss.lm = trainer.cfg.loss.mask_fine = trainer.cfg.loss.mask_coarse = trainer.cfg.loss.iou = 0.0
+    loss, stats = trainer.forward_losses(batch, 0.0)
+    assert 0.0 < float(stats["lookup_share"]) < 1.0 and float(stats["lookup"]) > 0
+    _, parts = _train_steps(trainer, optimizer, batch, 12)
+    shares = [p["lookup_share"] for p in parts]
+    assert shares[-1] > shares[0] + 0.1, shares
+    plain = Trainer(config_from_dict(tiny_config()), tmp_path / "plain", log=lambda m: None)
+    plain.setup()
+    assert "lookup_share" not in plain.forward_losses(batch, 0.0)[1]
+
+
 # ------------------------------------------------------------------------------- attribute loss
 
 

@@ -8,6 +8,7 @@ then scores exactly the mask a user gets, sub-stride edges included.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class LossWeights:
     coord_l1: float = 0.0  # L1 of the expected coordinate value (0..1 units) at coordinate tokens
     pointer: float = 0.0  # auxiliary: the coordinate positions' states point at the target's visual token
     attribute: float = 0.0  # auxiliary: visual tokens resemble their object's colour and shape words
+    lookup: float = 0.0  # auxiliary: the attention at the coordinate positions rests on the target's tokens
 
 
 class CoordinateTable:
@@ -120,27 +122,62 @@ def pointer_loss(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
     ~200 small operations and several host syncs per sample, 58k of a batch-256 step's 111k
     operations (counted on the CPU), and a model this small spends its GPU step launching them.
     """
-    zero = hidden.sum() * 0.0
-    target = labels[lm_rows, lm_cols + 1]
-    is_coord = coords.value[target] >= 0
-    rows, cols = lm_rows[is_coord], lm_cols[is_coord]
-    if rows.numel() == 0 or object_batch.numel() == 0:
-        return zero, {}
-    batch, length = input_ids.shape
-    rows, cols, box, per_sample = _coordinate_groups(rows, cols, batch, length)
     is_image = input_ids == image_token_id
-    cells, grid_ok = _centre_cells(object_boxes, object_batch, sample_grids, is_image, merge)
-    objects = torch.bincount(object_batch, minlength=batch)
-    # the first min(boxes written, boxes there) groups of four, in samples whose image fills its grid
-    keep = (box < torch.minimum(per_sample // 4, objects)[rows]) & grid_ok[rows]
-    rows, cols, box = rows[keep], cols[keep], box[keep]
-    if rows.numel() == 0:
-        return zero, {}
-    answer_order = torch.sort(object_batch, stable=True).indices  # each sample's objects, in answer order
-    cells = cells[answer_order[_group_starts(objects)[rows] + box]]
+    found = _box_queries(input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch, coords, is_image, merge)
+    if found is None:
+        return hidden.sum() * 0.0, {}
+    rows, cols, obj = found
+    cells = _centre_cells(object_boxes, object_batch, sample_grids, merge)[obj]
     logits = _visual_token_logits(hidden, rows, cols, is_image, scale)
     loss = F.cross_entropy(logits, cells)
     return loss, {"pointer_acc": (logits.argmax(-1) == cells).float().mean().detach()}
+
+
+def lookup_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
+                lm_rows: torch.Tensor, lm_cols: torch.Tensor, sample_grids: torch.Tensor,
+                object_boxes: torch.Tensor, object_batch: torch.Tensor, coords: CoordinateTable,
+                image_token_id: int, merge: int) -> tuple[torch.Tensor, dict]:
+    """Auxiliary grounding loss on the attention itself: at the positions that write a box's
+    numbers, the language model's visual attention must rest on that object's tokens.
+
+    Why: ``pointer_loss`` compares final states, and a coordinate position can match its
+    object's token by what both say (the label just written, the colour the token holds)
+    without ever attending to it; it reached 70 % hits while the attention of the shipped model
+    at the box's first number put at most 0.22 of its visual share on the target and the number
+    written was no nearer than a random object's (``bench/attention_on_target.py``,
+    docs/training.md). This loss trains the lookup: in every layer but the first (whose states
+    at a number position cannot yet know the object), the heads' attention over the sample's
+    visual tokens, renormalised over those tokens and averaged over heads, gives a share on the
+    object's box cells (:func:`box_cells`), and the loss is its negative log. Only how the
+    visual attention is spread is trained, not how much of it goes to the image. No parameters:
+    nothing changes at inference. ``attentions``: the layers' ``(B, H, L, L)`` probabilities
+    (eager attention). Returns the loss and ``lookup_share`` (the mean share; uniform ~ the
+    box's fraction of the image).
+    """
+    zero = attentions[0].sum() * 0.0 if attentions else labels.new_zeros((), dtype=torch.float32)
+    if len(attentions) < 2:
+        return zero, {}
+    is_image = input_ids == image_token_id
+    found = _box_queries(input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch, coords, is_image, merge)
+    if found is None:
+        return zero, {}
+    rows, cols, obj = found
+    cells = box_cells(object_boxes, object_batch, sample_grids, merge)[obj]  # (N, T')
+    positions, n_image = _visual_positions(is_image)
+    keys = positions[rows]  # (N, T)
+    valid = torch.arange(keys.shape[1], device=keys.device)[None, :] < n_image[rows, None]
+    if cells.shape[1] < keys.shape[1]:
+        cells = F.pad(cells, (0, keys.shape[1] - cells.shape[1]))
+    on_box = cells[:, :keys.shape[1]] & valid
+    losses, shares = [], []
+    for attention in attentions[1:]:
+        weights = attention[rows, :, cols].float()  # (N, H, L)
+        visual = weights.gather(2, keys[:, None, :].expand(-1, weights.shape[1], -1)) * valid[:, None, :]
+        share = (visual * on_box[:, None, :]).sum(-1) / visual.sum(-1).clamp_min(1e-12)  # (N, H)
+        share = share.mean(1)
+        losses.append(-torch.log(share.clamp_min(1e-6)).mean())
+        shares.append(share.detach().mean())
+    return torch.stack(losses).mean(), {"lookup_share": torch.stack(shares).mean()}
 
 
 def attribute_loss(merged: torch.Tensor, targets: torch.Tensor, word_embeddings: list[torch.Tensor],
@@ -196,17 +233,82 @@ def _coordinate_groups(rows: torch.Tensor, cols: torch.Tensor, batch: int,
     return rows, cols, box, per_sample
 
 
-def _centre_cells(object_boxes: torch.Tensor, object_batch: torch.Tensor, sample_grids: torch.Tensor,
-                  is_image: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each object's merged visual-token cell under its box centre, and per sample whether its
-    visual tokens fill its grid (a truncated sequence does not: its objects are left out)."""
+def _grid_cells(sample_grids: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged visual-token rows and columns of each sample's image."""
     gh = torch.div(sample_grids[:, 1], merge, rounding_mode="floor")
     gw = torch.div(sample_grids[:, 2], merge, rounding_mode="floor")
+    return gh, gw
+
+
+def _box_queries(input_ids: torch.Tensor, labels: torch.Tensor, lm_rows: torch.Tensor, lm_cols: torch.Tensor,
+                 sample_grids: torch.Tensor, object_batch: torch.Tensor, coords: CoordinateTable,
+                 is_image: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The positions that write a box's numbers and the object each box is of: ``(rows, cols, obj)``
+    with ``obj`` an index into the batch's object tensors; ``None`` when there are none.
+
+    The k-th group of four coordinate positions of a sample writes its k-th object (answer order);
+    only the first min(boxes written, boxes there) count, and only in samples whose visual tokens
+    fill their grid (a truncated sequence does not: its objects are left out).
+    """
+    target = labels[lm_rows, lm_cols + 1]
+    is_coord = coords.value[target] >= 0
+    rows, cols = lm_rows[is_coord], lm_cols[is_coord]
+    if rows.numel() == 0 or object_batch.numel() == 0:
+        return None
+    batch, length = input_ids.shape
+    rows, cols, box, per_sample = _coordinate_groups(rows, cols, batch, length)
+    gh, gw = _grid_cells(sample_grids, merge)
     grid_ok = is_image.sum(1) == sample_grids[:, 0] * gh * gw
+    objects = torch.bincount(object_batch, minlength=batch)
+    keep = (box < torch.minimum(per_sample // 4, objects)[rows]) & grid_ok[rows]
+    rows, cols, box = rows[keep], cols[keep], box[keep]
+    if rows.numel() == 0:
+        return None
+    answer_order = torch.sort(object_batch, stable=True).indices  # each sample's objects, in answer order
+    return rows, cols, answer_order[_group_starts(objects)[rows] + box]
+
+
+def _centre_cells(object_boxes: torch.Tensor, object_batch: torch.Tensor, sample_grids: torch.Tensor,
+                  merge: int) -> torch.Tensor:
+    """Each object's merged visual-token cell under its box centre (row-major index)."""
+    gh, gw = _grid_cells(sample_grids, merge)
     oh, ow = gh[object_batch], gw[object_batch]
     cx = torch.minimum(((object_boxes[:, 0] + object_boxes[:, 2]) / 2 * ow).long().clamp(min=0), ow - 1)
     cy = torch.minimum(((object_boxes[:, 1] + object_boxes[:, 3]) / 2 * oh).long().clamp(min=0), oh - 1)
-    return cy * ow + cx, grid_ok
+    return cy * ow + cx
+
+
+def box_cells(object_boxes: torch.Tensor, object_batch: torch.Tensor, sample_grids: torch.Tensor,
+              merge: int) -> torch.Tensor:
+    """``(O, T)`` bool: the merged visual tokens of each object's box, row-major, ``T`` the most
+    tokens of a sample: every cell whose centre lies in the box, and the cell under the box centre
+    (so a box smaller than a cell still has one)."""
+    gh, gw = _grid_cells(sample_grids, merge)
+    oh, ow = gh[object_batch], gw[object_batch]
+    width = int((gh * gw).max())
+    index = torch.arange(width, device=object_boxes.device)
+    row = torch.div(index[None, :], ow[:, None], rounding_mode="floor")
+    col = index[None, :] - row * ow[:, None]
+    y = (row.float() + 0.5) / oh[:, None]
+    x = (col.float() + 0.5) / ow[:, None]
+    b = object_boxes.float()
+    inside = (x >= b[:, 0:1]) & (x <= b[:, 2:3]) & (y >= b[:, 1:2]) & (y <= b[:, 3:4])
+    inside &= index[None, :] < (oh * ow)[:, None]
+    centre = _centre_cells(object_boxes, object_batch, sample_grids, merge)
+    inside[torch.arange(b.shape[0], device=b.device), centre] = True
+    return inside
+
+
+def _visual_positions(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence position of each sample's t-th visual token ``(B, T)`` (0 past its last) and how
+    many each sample has ``(B,)``; ``T`` the most of a sample."""
+    n_image = is_image.sum(1)
+    width = int(n_image.max()) if n_image.numel() else 0
+    token_slot = torch.cumsum(is_image, 1) - 1
+    s_idx, l_idx = torch.nonzero(is_image, as_tuple=True)
+    positions = torch.zeros(is_image.shape[0], width, dtype=torch.long, device=is_image.device)
+    positions[s_idx, token_slot[s_idx, l_idx]] = l_idx
+    return positions, n_image
 
 
 def _visual_token_logits(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, is_image: torch.Tensor,
@@ -220,13 +322,8 @@ def _visual_token_logits(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.T
     samples, slot_sample = torch.unique_consecutive(rows, return_inverse=True)
     count = torch.bincount(slot_sample)
     slot = _rank_in_group(slot_sample, count)
-    is_image = is_image[samples]
-    n_image = is_image.sum(1)
-    width = int(n_image.max())
-    token_slot = torch.cumsum(is_image, 1) - 1
-    s_idx, l_idx = torch.nonzero(is_image, as_tuple=True)
-    positions = torch.zeros(samples.numel(), width, dtype=torch.long, device=rows.device)
-    positions[s_idx, token_slot[s_idx, l_idx]] = l_idx
+    positions, n_image = _visual_positions(is_image[samples])
+    width = positions.shape[1]
     keys = F.normalize(hidden[samples[:, None], positions].float(), dim=-1)  # (S, T, D)
     queries = F.normalize(hidden[rows, cols].float(), dim=-1)  # (N, D)
     padded = queries.new_zeros(samples.numel(), int(count.max()), queries.shape[-1])

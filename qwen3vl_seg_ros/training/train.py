@@ -66,6 +66,7 @@ from qwen3vl_seg_ros.training.losses import (
     LossWeights,
     attribute_loss,
     lm_loss,
+    lookup_loss,
     mask_losses,
     pointer_loss,
 )
@@ -359,6 +360,12 @@ def attribute_word_ids(tokenizer: object, words: tuple[str, ...]) -> list[int]:
 
 
 def multimodal_forward(model: nn.Module, batch: Batch, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The final-norm hidden states of :func:`multimodal_outputs`."""
+    return multimodal_outputs(model, batch, pixel_values).last_hidden_state
+
+
+def multimodal_outputs(model: nn.Module, batch: Batch, pixel_values: torch.Tensor,
+                       output_attentions: bool = False) -> Any:
     """Qwen3-VL's forward for still images, with one vision pass per *distinct* image of the batch.
 
     The queries of one rendered scene share its image; running the vision tower once for them
@@ -366,8 +373,9 @@ def multimodal_forward(model: nn.Module, batch: Batch, pixel_values: torch.Tenso
     ``Qwen3VLModel.forward`` on duplicated images (checked at the first step and in a test) at
     a fraction of the cost. The steps are those of that forward: merged visual tokens scattered
     into the placeholder embeddings, the deepstack features added to the first decoder layers
-    at the image positions, then the language model. Returns the final-norm hidden states
-    ``(B, L, D)``, the states inference takes its mask-token queries from.
+    at the image positions, then the language model. Returns the language model's output: the
+    final-norm hidden states ``(B, L, D)`` (the states inference takes its mask-token queries
+    from) and, with ``output_attentions`` (eager attention only), each layer's attention.
     """
     inner = model.model
     vision = inner.visual(pixel_values.to(inner.visual.dtype), grid_thw=batch.image_grid_thw, return_dict=True)
@@ -384,8 +392,9 @@ def multimodal_forward(model: nn.Module, batch: Batch, pixel_values: torch.Tenso
     deepstack = [per_sample(f) for f in (vision.deepstack_features or [])]
     out = inner.language_model(input_ids=None, inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids, visual_pos_masks=image_mask,
-                               deepstack_visual_embeds=deepstack or None, use_cache=False)
-    return out.last_hidden_state
+                               deepstack_visual_embeds=deepstack or None, use_cache=False,
+                               output_attentions=output_attentions)
+    return out
 
 
 def reference_forward(model: nn.Module, batch: Batch, pixel_values: torch.Tensor,
@@ -528,6 +537,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1)  # decoder init, independent of how the base was made
         self.model, self.processor, self.decoder, self.tokenizer_changed = load_base(cfg.model, self.base_folder)
         self.tokenizer = self.processor.tokenizer
+        if cfg.loss.lookup > 0:  # the lookup loss reads attention probabilities, which only eager attention returns
+            self.model.set_attn_implementation("eager")
         if cfg.model.from_scratch and cfg.model.number_embedding_init and not self.resume:
             init_number_embeddings(self.model, self.tokenizer)
         if cfg.model.from_scratch and cfg.model.vision_position_init and not self.resume:
@@ -717,8 +728,10 @@ class Trainer:
         vision_trainable = any(p.requires_grad for p in self.model.model.visual.parameters())
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with autocast:
+            lookup = cfg.loss.lookup > 0 and self.coords is not None and batch.object_batch.shape[0] > 0
             with VisionCapture(self.model, self.decoder.config.vit_layers, detach=not vision_trainable) as capture:
-                hidden = multimodal_forward(self.model, batch, pixel_values)
+                out = multimodal_outputs(self.model, batch, pixel_values, output_attentions=lookup)
+                hidden = out.last_hidden_state
             if capture.calls != 1:
                 raise RuntimeError(f"the vision tower ran {capture.calls} times in one step")
             loss_lm, stats = lm_loss(hidden, self.model.lm_head, batch.labels, batch.lm_rows, batch.lm_cols,
@@ -732,6 +745,13 @@ class Trainer:
                     self.collator.image_token_id, self.collator.merge)
                 total = total + cfg.loss.pointer * loss_ptr
                 stats.update(pstats, pointer=loss_ptr.detach())
+            if lookup:
+                loss_look, lstats = lookup_loss(
+                    out.attentions or (), batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
+                    batch.image_grid_thw[batch.image_index], batch.object_boxes, batch.object_batch, self.coords,
+                    self.collator.image_token_id, self.collator.merge)
+                total = total + cfg.loss.lookup * loss_look
+                stats.update(lstats, lookup=loss_look.detach())
             has_objects = batch.object_batch.shape[0] > 0
             with_attributes = bool(self.attribute_ids) and vision_trainable and batch.token_attributes.numel() > 0
             if has_objects or with_attributes:
@@ -923,8 +943,8 @@ class Trainer:
 
     @staticmethod
     def _format(r: dict[str, Any]) -> str:
-        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "attr_acc", "mask", "m2_dice", "mask_iou",
-                "iou_loss", "grad_norm")
+        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "lookup_share", "attr_acc", "mask", "m2_dice",
+                "mask_iou", "iou_loss", "grad_norm")
         parts = " ".join(f"{k} {r[k]:.4f}" for k in keys if k in r)
         return (f"[train] step {r['step']} ({r['stage']}) {parts} | lr {r['lr']:.2e} | "
                 f"{r['samples_per_s']:.1f} samples/s | data wait {100 * r['data_wait']:.0f}% | {r['elapsed_s']:.0f} s")
