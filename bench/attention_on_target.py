@@ -20,7 +20,9 @@ objects but not the one asked for gives about the target's share of the tokens o
 ``uniform_among_objects``); how often some head puts
 more than half its visual attention there; and how often the number the model would write there
 is within 100 units (a tenth of the frame) of the right one, against the same for the left edge
-of an object of the scene picked at random.
+of an object of the scene picked at random. Last, a linear probe on the states at that position,
+layer by layer, for the word the command names (``word_in_states``): whether the query that should
+pick the object holds what it has to match.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
+
+from probe_visual_tokens import linear_probe
 
 from qwen3vl_seg_ros.grounding import build_prompt
 from qwen3vl_seg_ros.training.dataset import DataConfig
@@ -96,6 +101,7 @@ class Reading(NamedTuple):
     uniform: float
     uniform_among_objects: float
     token: int
+    states: np.ndarray | None = None
 
 
 class Reader:
@@ -127,7 +133,7 @@ class Reader:
     def read(self, rgb: np.ndarray, command: str, masks: np.ndarray, k: int) -> Reading:
         """Where the visual attention goes at the box's first number, for target ``k`` of ``masks``."""
         inputs = self.inputs(rgb, command)
-        out = self.model(**inputs, output_attentions=True)
+        out = self.model(**inputs, output_attentions=True, output_hidden_states=True)
         visual = (inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]
         _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
         grid = (gh // self.merge, gw // self.merge)
@@ -144,7 +150,8 @@ class Reader:
             target.append((on_visual[:, cells].sum(1) / total).numpy())
             other.append((on_visual[:, others].sum(1) / total).numpy())
         return Reading(np.stack(target), np.stack(other), float(cells.float().mean()),
-                       float(cells.sum() / (cells | others).sum()), int(out.logits[0, -1].argmax()))
+                       float(cells.sum() / (cells | others).sum()), int(out.logits[0, -1].argmax()),
+                       np.stack([h[0, -1].float().numpy() for h in out.hidden_states]))
 
 
 def first_number_error(tokenizer: object, token: int, box: np.ndarray, width: int) -> float:
@@ -181,6 +188,25 @@ def summarise(found: list[tuple[Reading, float, float]]) -> dict:
     }
 
 
+def probe_states(states: np.ndarray, words: list[str], seed: int = 0) -> dict:
+    """Held-out accuracy, per layer, of a linear probe for the word the command names (``states``
+    ``(commands, layers + 1, D)``; 70 % of the commands fit it, 30 % score it).
+
+    Why: attention that does not pick the named object either lacks the word in its query or does
+    not match it with the tokens' keys; this tells the two apart.
+    """
+    names = sorted(set(words))
+    y = np.array([names.index(w) for w in words])
+    order = np.random.default_rng(seed).permutation(len(y))
+    cut = round(0.7 * len(y))
+    train, test = order[:cut], order[cut:]
+    accuracy = [linear_probe(states[train, layer], y[train], states[test, layer], y[test], len(names))["test"]
+                for layer in range(states.shape[1])]
+    return {"per_layer": [round(float(a), 3) for a in accuracy], "classes": len(names),
+            "majority": float(np.bincount(y[test], minlength=len(names)).max() / max(len(test), 1)),
+            "test_commands": len(test)}
+
+
 def report(kind: str, r: dict) -> None:
     print(f"{kind}: {r['commands']} commands, uniform share {r['uniform']:.3f} (among objects "
           f"{r['uniform_among_objects']:.3f}), first number within 100 units {r['first_number_within_100']:.3f} "
@@ -188,6 +214,10 @@ def report(kind: str, r: dict) -> None:
     for layer, heads in enumerate(r["share_on_target"]):
         print(f"  layer {layer}: share of visual attention per head on the target {heads}, on other objects "
               f"{r['share_on_other_objects'][layer]}, target among objects {r['target_among_objects'][layer]}")
+    if "word_in_states" in r:
+        w = r["word_in_states"]
+        print(f"  the named word in the states there (input, then each layer): {w['per_layer']} "
+              f"(majority {w['majority']:.3f}, {w['test_commands']} held-out commands)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     reader = Reader(args.model)
     scene_cfg = DataConfig(width=args.width, height=args.height).scene_config()
     rows: dict[str, list] = {"colour": [], "shape": []}
+    words: dict[str, list[str]] = {"colour": [], "shape": []}
     for index in range(args.first_scene, args.first_scene + args.scenes):
         scene, _ = generate_sample(split_seed(args.split, index), scene_cfg)
         masks, boxes = scene.masks(), scene.boxes()
@@ -204,10 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             # a guess at any object of the scene: the share of them whose left edge is near enough
             guess = float(np.mean(np.abs(boxes[:, 0] - boxes[k, 0]) * 1000.0 / args.width <= 100))
             rows[kind].append((reading, error, guess))
+            words[kind].append(command.split()[1])  # "the red object" / "the mug"
     results: dict = {"model": args.model, "split": args.split, "scenes": [args.first_scene, args.scenes]}
     for kind, found in rows.items():
         if found:
             results[kind] = summarise(found)
+            if len(found) >= 10:
+                results[kind]["word_in_states"] = probe_states(np.stack([r.states for r, _, _ in found]), words[kind])
             report(kind, results[kind])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -61,6 +61,8 @@ def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
         assert on_others.shape == shares.shape and (on_target + on_others <= 1 + 1e-6).all()
         among = np.array(r["target_among_objects"])
         assert ((among >= 0) & (among <= 1)).all() and 0 < r["uniform_among_objects"] <= 1
+        if "word_in_states" in r:
+            assert len(r["word_in_states"]["per_layer"]) == shares.shape[0] + 1
 
 
 def test_summary_of_hand_made_readings() -> None:
@@ -74,3 +76,15 @@ def test_summary_of_hand_made_readings() -> None:
     assert r["target_among_objects"] == [[0.625, 0.125]]  # (0.75 + 0.5) / 2 and (0.25 + 0) / 2
     assert r["some_head_mostly_on_target"] == 0.5 and r["first_number_within_100"] == 0.5
     assert r["any_object_within_100"] == 0.75
+
+
+def test_probe_states_finds_the_layer_that_holds_the_word() -> None:
+    """Layer 0 says nothing of the word, layer 1 holds it along one axis each."""
+    rng = np.random.default_rng(0)
+    words = [["red", "blue", "green"][i % 3] for i in range(90)]
+    states = rng.normal(size=(90, 2, 6)).astype(np.float32)
+    for i, w in enumerate(words):
+        states[i, 1, ["red", "blue", "green"].index(w)] += 5.0
+    r = _bench().probe_states(states, words)
+    assert r["classes"] == 3 and r["test_commands"] == 27
+    assert r["per_layer"][1] == 1.0 and r["per_layer"][0] < 0.7
