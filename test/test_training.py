@@ -195,6 +195,8 @@ def test_micro_batches_concatenate(trainer: Trainer, batch) -> None:
     assert torch.equal(joined.object_batch, batch.object_batch)
     assert torch.equal(joined.lm_rows, batch.lm_rows) and torch.equal(joined.lm_cols, batch.lm_cols)
     assert joined.object_counts == batch.object_counts
+    assert torch.equal(joined.token_objects, batch.token_objects)
+    assert torch.equal(joined.object_instances, batch.object_instances)
 
 
 def _first_samples_tail(batch):
@@ -212,7 +214,8 @@ def _first_samples_tail(batch):
         object_boxes=batch.object_boxes[keep_obj], object_batch=batch.object_batch[keep_obj] - 2,
         object_seg_positions=batch.object_seg_positions[keep_obj], object_masks=batch.object_masks[keep_obj],
         num_targets=batch.num_targets[2:], query_types=batch.query_types[2:], object_counts=batch.object_counts[2:],
-        token_attributes=batch.token_attributes[batch.token_attributes.shape[0] // 2:])
+        token_attributes=batch.token_attributes[batch.token_attributes.shape[0] // 2:],
+        token_objects=batch.token_objects[1:], object_instances=batch.object_instances[keep_obj])
 
 
 def test_stream_is_the_same_with_workers(trainer: Trainer) -> None:
@@ -862,6 +865,66 @@ def test_lookup_loss_trains_the_attention_of_the_model(tmp_path: Path, batch) ->
     plain = Trainer(config_from_dict(tiny_config()), tmp_path / "plain", log=lambda m: None)
     plain.setup()
     assert "lookup_share" not in plain.forward_losses(batch, 0.0)[1]
+
+
+
+def test_token_objects_and_instance_of_a_hand_made_map() -> None:
+    from qwen3vl_seg_ros.training.collate import instance_of, token_objects
+
+    ids = np.zeros((64, 96), np.uint8)
+    ids[0:32, 0:32] = 1  # token (0, 0)
+    ids[32:64, 32:48] = 2  # half of token (1, 1) ...
+    ids[32:40, 48:64] = 3  # ... an eighth object 3: object 2 wins
+    ids[0:4, 64:96] = 3  # 12.5 % of token (0, 2): under a quarter
+    assert token_objects(ids, 3, (2, 3), min_cover=0.25).tolist() == [1, 0, 0, 0, 2, 0]
+    assert token_objects(ids, 3, (2, 3)).tolist() == [1, 0, 3, 0, 2, 0]  # a tenth by default
+    assert token_objects(ids, 0, (2, 3)).tolist() == [0] * 6
+    mask = np.zeros_like(ids, bool)
+    mask[30:64, 30:50] = True  # mostly on object 2, a little on 1 and the table
+    assert instance_of(ids, mask) == 2 and instance_of(ids, np.zeros_like(mask)) == 0
+
+
+def test_choice_loss_scores_the_target_among_the_objects() -> None:
+    from qwen3vl_seg_ros.training.losses import choice_loss
+
+    layers, args = _lookup_case(on_cell=5, layer0_cell=0)
+    input_ids, labels, lm_rows, lm_cols, grids, _, owners, coords, image_token, merge = args
+    objects = torch.tensor([[0, 2, 0, 0, 0, 1]])  # the target (instance 1) on cell 5, another object on cell 1
+    target = torch.tensor([1])
+
+    def run(layers, token_objects=objects, instances=target):
+        return choice_loss(layers, input_ids, labels, lm_rows, lm_cols, grids, owners, instances, token_objects,
+                           coords, image_token, merge)
+
+    good, stats = run(layers)
+    assert float(stats["choice_share"]) == pytest.approx(1.0) and float(good) == pytest.approx(0.0, abs=1e-5)
+    background = [layers[0], 0.5 * layers[1] + 0.5 * _lookup_case(0, 0)[0][1]]  # half on cell 0: no object
+    assert float(run(background)[1]["choice_share"]) == pytest.approx(1.0)  # only the attention on objects counts
+    half = [layers[0], 0.5 * layers[1] + 0.5 * _lookup_case(1, 0)[0][1]]  # half on the other object
+    loss, stats = run(half)
+    assert float(stats["choice_share"]) == pytest.approx(0.5) and float(loss) == pytest.approx(np.log(2.0))
+    assert run(layers, token_objects=torch.tensor([[0, 0, 0, 0, 0, 1]]))[1] == {}  # no other object: no choice
+    assert run(layers, instances=torch.tensor([0]))[1] == {}  # unknown instance
+
+
+def test_choice_loss_trains_the_attention_of_the_model(tmp_path: Path) -> None:
+    """Through the trainer, on scenes of several objects: the batch carries each token's object,
+    and steps on the choice loss alone raise the target's part of the attention on objects."""
+    trainer = Trainer(config_from_dict(tiny_config(loss={"choice": 1.0}, data={
+        **tiny_config()["data"], "min_objects": 3, "max_objects": 4})), tmp_path, log=lambda m: None)
+    trainer.setup()
+    cfg = trainer.cfg.data.scene_config()
+    examples = [ex for i in range(3) for ex in synthetic_examples("train", 40 + i, cfg)]
+    batch = trainer.collator(examples, np.random.default_rng(0))
+    assert batch.token_objects.shape == (3, 12) and int(batch.token_objects.max()) >= 2
+    known = batch.object_instances[batch.object_instances > 0]
+    assert known.numel() == batch.object_batch.numel()  # synthetic scenes know every target's instance
+    trainer._loaded = trainer._rng_restored = False
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    trainer.cfg.loss.lm = trainer.cfg.loss.mask_fine = trainer.cfg.loss.mask_coarse = trainer.cfg.loss.iou = 0.0
+    _, parts = _train_steps(trainer, optimizer, batch, 15)
+    shares = [p["choice_share"] for p in parts]
+    assert shares[-1] > shares[0] + 0.1, shares
 
 
 # ------------------------------------------------------------------------------- attribute loss

@@ -65,6 +65,7 @@ from qwen3vl_seg_ros.training.losses import (
     CoordinateTable,
     LossWeights,
     attribute_loss,
+    choice_loss,
     lm_loss,
     lookup_loss,
     mask_losses,
@@ -459,6 +460,7 @@ def _first_samples(batch: Batch, count: int) -> Batch:
         num_targets=batch.num_targets[:count], query_types=batch.query_types[:count],
         object_counts=batch.object_counts[:count],
         token_attributes=_per_image(batch.token_attributes, int(batch.image_grid_thw.shape[0]))[used].flatten(0, 1),
+        token_objects=batch.token_objects[used], object_instances=batch.object_instances[objects],
     )
 
 
@@ -537,7 +539,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1)  # decoder init, independent of how the base was made
         self.model, self.processor, self.decoder, self.tokenizer_changed = load_base(cfg.model, self.base_folder)
         self.tokenizer = self.processor.tokenizer
-        if cfg.loss.lookup > 0:  # the lookup loss reads attention probabilities, which only eager attention returns
+        if cfg.loss.lookup > 0 or cfg.loss.choice > 0:  # they read attention probabilities: eager attention only
             self.model.set_attn_implementation("eager")
         if cfg.model.from_scratch and cfg.model.number_embedding_init and not self.resume:
             init_number_embeddings(self.model, self.tokenizer)
@@ -729,8 +731,9 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with autocast:
             lookup = cfg.loss.lookup > 0 and self.coords is not None and batch.object_batch.shape[0] > 0
+            choice = cfg.loss.choice > 0 and self.coords is not None and batch.object_batch.shape[0] > 0
             with VisionCapture(self.model, self.decoder.config.vit_layers, detach=not vision_trainable) as capture:
-                out = multimodal_outputs(self.model, batch, pixel_values, output_attentions=lookup)
+                out = multimodal_outputs(self.model, batch, pixel_values, output_attentions=lookup or choice)
                 hidden = out.last_hidden_state
             if capture.calls != 1:
                 raise RuntimeError(f"the vision tower ran {capture.calls} times in one step")
@@ -752,6 +755,14 @@ class Trainer:
                     self.collator.image_token_id, self.collator.merge)
                 total = total + cfg.loss.lookup * loss_look
                 stats.update(lstats, lookup=loss_look.detach())
+            if choice:
+                loss_choice, cstats = choice_loss(
+                    out.attentions or (), batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
+                    batch.image_grid_thw[batch.image_index], batch.object_batch, batch.object_instances,
+                    batch.token_objects[batch.image_index], self.coords, self.collator.image_token_id,
+                    self.collator.merge)
+                total = total + cfg.loss.choice * loss_choice
+                stats.update(cstats, choice=loss_choice.detach())
             has_objects = batch.object_batch.shape[0] > 0
             with_attributes = bool(self.attribute_ids) and vision_trainable and batch.token_attributes.numel() > 0
             if has_objects or with_attributes:
@@ -943,8 +954,8 @@ class Trainer:
 
     @staticmethod
     def _format(r: dict[str, Any]) -> str:
-        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "lookup_share", "attr_acc", "mask", "m2_dice",
-                "mask_iou", "iou_loss", "grad_norm")
+        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "lookup_share", "choice_share", "attr_acc",
+                "mask", "m2_dice", "mask_iou", "iou_loss", "grad_norm")
         parts = " ".join(f"{k} {r[k]:.4f}" for k in keys if k in r)
         return (f"[train] step {r['step']} ({r['stage']}) {parts} | lr {r['lr']:.2e} | "
                 f"{r['samples_per_s']:.1f} samples/s | data wait {100 * r['data_wait']:.0f}% | {r['elapsed_s']:.0f} s")
