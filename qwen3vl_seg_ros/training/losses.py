@@ -8,7 +8,7 @@ then scores exactly the mask a user gets, sub-stride edges included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,30 +155,22 @@ def lookup_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
     (eager attention). Returns the loss and ``lookup_share`` (the mean share; uniform ~ the
     box's fraction of the image).
     """
-    zero = attentions[0].sum() * 0.0 if attentions else labels.new_zeros((), dtype=torch.float32)
-    if len(attentions) < 2:
-        return zero, {}
-    is_image = input_ids == image_token_id
-    found = _box_queries(input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch, coords, is_image, merge)
+    zero, found = _attention_queries(attentions, input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch,
+                                     coords, image_token_id, merge)
     if found is None:
         return zero, {}
-    rows, cols, obj = found
+    rows, cols, obj, positions, n_image = found
     cells = box_cells(object_boxes, object_batch, sample_grids, merge)[obj]  # (N, T')
-    positions, n_image = _visual_positions(is_image)
     keys = positions[rows]  # (N, T)
     valid = torch.arange(keys.shape[1], device=keys.device)[None, :] < n_image[rows, None]
     if cells.shape[1] < keys.shape[1]:
         cells = F.pad(cells, (0, keys.shape[1] - cells.shape[1]))
     on_box = cells[:, :keys.shape[1]] & valid
-    losses, shares = [], []
-    for attention in attentions[1:]:
-        weights = attention[rows, :, cols].float()  # (N, H, L)
-        visual = weights.gather(2, keys[:, None, :].expand(-1, weights.shape[1], -1)) * valid[:, None, :]
-        share = (visual * on_box[:, None, :]).sum(-1) / visual.sum(-1).clamp_min(1e-12)  # (N, H)
-        share = share.mean(1)
-        losses.append(-torch.log(share.clamp_min(1e-6)).mean())
-        shares.append(share.detach().mean())
-    return torch.stack(losses).mean(), {"lookup_share": torch.stack(shares).mean()}
+    shares = []
+    for visual in _visual_attention(attentions, rows, cols, keys):
+        visual = visual * valid[:, None, :]
+        shares.append(((visual * on_box[:, None, :]).sum(-1) / visual.sum(-1).clamp_min(1e-12)).mean(1))
+    return _log_share_loss(shares, "lookup_share")
 
 
 def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
@@ -200,15 +192,11 @@ def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
     ``object_instances`` ``(N,)`` each object's id in it. Returns the loss and ``choice_share``
     (the target's mean part; uniform ~ 1 / objects).
     """
-    zero = attentions[0].sum() * 0.0 if attentions else labels.new_zeros((), dtype=torch.float32)
-    if len(attentions) < 2:
-        return zero, {}
-    is_image = input_ids == image_token_id
-    found = _box_queries(input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch, coords, is_image, merge)
+    zero, found = _attention_queries(attentions, input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch,
+                                     coords, image_token_id, merge)
     if found is None:
         return zero, {}
-    rows, cols, obj = found
-    positions, n_image = _visual_positions(is_image)
+    rows, cols, obj, positions, n_image = found
     owner = token_objects[rows][:, :positions.shape[1]]  # (N, T): instance id on each visual token
     valid = torch.arange(owner.shape[1], device=owner.device)[None, :] < n_image[rows, None]
     target = (owner == object_instances[obj][:, None]) & valid
@@ -217,15 +205,43 @@ def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
     if not bool(keep.any()):
         return zero, {}
     rows, cols, target, on_objects = rows[keep], cols[keep], target[keep], on_objects[keep]
-    keys = positions[rows]
-    losses, shares = [], []
+    shares = []
+    for visual in _visual_attention(attentions, rows, cols, positions[rows]):
+        visual = visual.mean(1)  # (N, T): the heads' mean
+        shares.append((visual * target).sum(-1) / (visual * on_objects).sum(-1).clamp_min(1e-12))
+    return _log_share_loss(shares, "choice_share")
+
+
+def _attention_queries(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
+                       lm_rows: torch.Tensor, lm_cols: torch.Tensor, sample_grids: torch.Tensor,
+                       object_batch: torch.Tensor, coords: CoordinateTable, image_token_id: int,
+                       merge: int) -> tuple[torch.Tensor, tuple | None]:
+    """What the attention losses start from: a zero loss that keeps the graph, and, where there
+    is something to train (two layers or more, box-writing positions), ``(rows, cols, obj)`` of
+    :func:`_box_queries` plus the visual-token positions and counts of :func:`_visual_positions`."""
+    zero = attentions[0].sum() * 0.0 if attentions else labels.new_zeros((), dtype=torch.float32)
+    if len(attentions) < 2:
+        return zero, None
+    is_image = input_ids == image_token_id
+    found = _box_queries(input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch, coords, is_image, merge)
+    if found is None:
+        return zero, None
+    return zero, (*found, *_visual_positions(is_image))
+
+
+def _visual_attention(attentions: Sequence[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                      keys: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per layer but the first (whose states at a number position cannot yet know the object), the
+    query positions' attention ``(N, H, T)`` on the sequence positions ``keys`` ``(N, T)``."""
     for attention in attentions[1:]:
         weights = attention[rows, :, cols].float()  # (N, H, L)
-        visual = weights.gather(2, keys[:, None, :].expand(-1, weights.shape[1], -1)).mean(1)  # (N, T)
-        share = (visual * target).sum(-1) / (visual * on_objects).sum(-1).clamp_min(1e-12)
-        losses.append(-torch.log(share.clamp_min(1e-6)).mean())
-        shares.append(share.detach().mean())
-    return torch.stack(losses).mean(), {"choice_share": torch.stack(shares).mean()}
+        yield weights.gather(2, keys[:, None, :].expand(-1, weights.shape[1], -1))
+
+
+def _log_share_loss(shares: list[torch.Tensor], name: str) -> tuple[torch.Tensor, dict]:
+    """The mean over layers of the negative log of each query's share ``(N,)``, and the mean share as ``name``."""
+    losses = [-torch.log(share.clamp_min(1e-6)).mean() for share in shares]
+    return torch.stack(losses).mean(), {name: torch.stack([share.detach().mean() for share in shares]).mean()}
 
 
 def attribute_loss(merged: torch.Tensor, targets: torch.Tensor, word_embeddings: list[torch.Tensor],

@@ -741,26 +741,24 @@ class Trainer:
                                      self.coords, sigma, cfg.loss.coord_l1)
             total = cfg.loss.lm * loss_lm
             stats["lm"] = loss_lm.detach()
+            # what the box-grounding losses share: the answer positions, each sample's image grid, and
+            # the coordinate and image tokens
+            answers = (batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
+                       batch.image_grid_thw[batch.image_index])
+            tokens = (self.coords, self.collator.image_token_id, self.collator.merge)
             if cfg.loss.pointer > 0 and self.coords is not None and batch.object_batch.shape[0] > 0:
-                loss_ptr, pstats = pointer_loss(
-                    hidden, batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
-                    batch.image_grid_thw[batch.image_index], batch.object_boxes, batch.object_batch, self.coords,
-                    self.collator.image_token_id, self.collator.merge)
+                loss_ptr, pstats = pointer_loss(hidden, *answers, batch.object_boxes, batch.object_batch, *tokens)
                 total = total + cfg.loss.pointer * loss_ptr
                 stats.update(pstats, pointer=loss_ptr.detach())
             if lookup:
-                loss_look, lstats = lookup_loss(
-                    out.attentions or (), batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
-                    batch.image_grid_thw[batch.image_index], batch.object_boxes, batch.object_batch, self.coords,
-                    self.collator.image_token_id, self.collator.merge)
+                loss_look, lstats = lookup_loss(out.attentions or (), *answers, batch.object_boxes, batch.object_batch,
+                                                *tokens)
                 total = total + cfg.loss.lookup * loss_look
                 stats.update(lstats, lookup=loss_look.detach())
             if choice:
-                loss_choice, cstats = choice_loss(
-                    out.attentions or (), batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
-                    batch.image_grid_thw[batch.image_index], batch.object_batch, batch.object_instances,
-                    batch.token_objects[batch.image_index], self.coords, self.collator.image_token_id,
-                    self.collator.merge)
+                loss_choice, cstats = choice_loss(out.attentions or (), *answers, batch.object_batch,
+                                                  batch.object_instances, batch.token_objects[batch.image_index],
+                                                  *tokens)
                 total = total + cfg.loss.choice * loss_choice
                 stats.update(cstats, choice=loss_choice.detach())
             has_objects = batch.object_batch.shape[0] > 0
