@@ -410,6 +410,31 @@ def test_lora_trains_and_merges_exactly(tmp_path: Path, batch) -> None:
     torch.testing.assert_close(merged[keep], unmerged[keep], rtol=1e-4, atol=1e-4)
 
 
+def test_lr_scales_pick_their_parameters_and_freeze_the_rest(tmp_path: Path, batch) -> None:
+    """A focused stage: only layer 1's query and key projections and norms train, at 3x the stage's LR."""
+    scales = {r"language_model\.layers\.1\.self_attn\.[qk]_": 3.0, ".": 0.0}
+    cfg = tiny_config(stages=[{"name": "qk", "steps": 3, "lr": 1e-2, "lr_scales": scales}])
+    trainer = Trainer(config_from_dict(cfg), tmp_path, log=lambda m: None)
+    trainer.setup()
+    trainer._loaded = trainer._rng_restored = False
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    decoder_before = {n: p.detach().clone() for n, p in trainer.decoder.named_parameters()}
+    optimizer = trainer._enter_stage(0, load_weights=False)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"llm/decay x3": pytest.approx(3e-2), "llm/no_decay x3": pytest.approx(3e-2)}
+    _train_steps(trainer, optimizer, batch, 3)
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    prefix = "model.language_model.layers.1.self_attn."
+    assert moved == {f"{prefix}{k}.weight" for k in ("q_proj", "k_proj", "q_norm", "k_norm")}
+    assert all(torch.equal(p, decoder_before[n]) for n, p in trainer.decoder.named_parameters())
+
+
+@pytest.mark.parametrize("scales", [{"(": 1.0}, {"x": -1.0}, {"x": "fast"}, ["x"]])
+def test_lr_scales_refuse_bad_entries(scales) -> None:
+    with pytest.raises(ValueError, match="lr_scales"):
+        config_from_dict(tiny_config(stages=[{"name": "s", "steps": 1, "lr": 1e-3, "lr_scales": scales}]))
+
+
 def test_apply_lora_targets_only_the_language_model(trainer: Trainer) -> None:
     from peft import LoraConfig  # noqa: F401  (peft is a training dependency)
 

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,9 +302,31 @@ def is_lora(model: nn.Module) -> bool:
     return any("lora_" in n for n, _ in model.named_parameters())
 
 
-def set_trainable(model: nn.Module, decoder: nn.Module, llm: str, vision_lr_scale: float) -> None:
+def name_scale(name: str, lr_scales: Mapping[str, float]) -> float:
+    """The factor of the first pattern of ``lr_scales`` that ``re.search`` finds in ``name`` (1 if none).
+
+    Why: some parameters need their own pace, e.g. the attention's query and key projections of
+    the layers that must learn which object a word names (docs/training.md, "Round 14"), and a
+    scale of 0 freezes everything else for a focused run.
+    """
+    for pattern, scale in lr_scales.items():
+        if re.search(pattern, name):
+            return float(scale)
+    return 1.0
+
+
+def _named_parts(model: nn.Module, decoder: nn.Module) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """The three parts that train at their own rate; decoder names get a ``decoder.`` prefix so
+    that an ``lr_scales`` pattern can tell them apart."""
+    return [("llm", language_parameters(model)), ("vision", vision_parameters(model)),
+            ("decoder", [(f"decoder.{n}", p) for n, p in decoder.named_parameters()])]
+
+
+def set_trainable(model: nn.Module, decoder: nn.Module, llm: str, vision_lr_scale: float,
+                  lr_scales: Mapping[str, float] | None = None) -> None:
     """``llm``: "full", "lora" (only adapters) or "frozen"; the vision tower trains when its LR
-    scale is above 0; the decoder always trains."""
+    scale is above 0; the decoder always trains. Parameters that ``lr_scales`` scales by 0 are
+    frozen whatever their part says."""
     lora = is_lora(model)
     for name, p in language_parameters(model):
         if llm == "lora":
@@ -315,6 +337,11 @@ def set_trainable(model: nn.Module, decoder: nn.Module, llm: str, vision_lr_scal
         p.requires_grad_(vision_lr_scale > 0)
     for p in decoder.parameters():
         p.requires_grad_(True)
+    if lr_scales:
+        for _, named in _named_parts(model, decoder):
+            for name, p in named:
+                if name_scale(name, lr_scales) == 0:
+                    p.requires_grad_(False)
 
 
 def _decays(name: str, p: nn.Parameter) -> bool:
@@ -323,21 +350,28 @@ def _decays(name: str, p: nn.Parameter) -> bool:
 
 
 def parameter_groups(model: nn.Module, decoder: nn.Module, lr: float, weight_decay: float,
-                     vision_lr_scale: float, decoder_lr_scale: float) -> list[dict[str, Any]]:
-    """AdamW groups (LLM / vision / decoder x decay / no decay) of the trainable parameters.
+                     vision_lr_scale: float, decoder_lr_scale: float,
+                     lr_scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups (LLM / vision / decoder x decay / no decay x ``lr_scales`` factor) of the
+    trainable parameters.
 
-    Each group keeps its ``lr_scale`` so that the schedule sets ``lr = base_lr(step) * lr_scale``.
+    Each group keeps its ``lr_scale`` (the part's scale times the name's factor) so that the
+    schedule sets ``lr = base_lr(step) * lr_scale``.
     """
-    parts = [("llm", language_parameters(model), 1.0), ("vision", vision_parameters(model), vision_lr_scale),
-             ("decoder", list(decoder.named_parameters()), decoder_lr_scale)]
+    part_scale = {"llm": 1.0, "vision": vision_lr_scale, "decoder": decoder_lr_scale}
+    lr_scales = lr_scales or {}
     groups = []
-    for part, named, scale in parts:
-        for decay in (True, False):
-            params = [p for n, p in named if p.requires_grad and _decays(n, p) == decay]
-            if params:
-                groups.append({"name": f"{part}/{'decay' if decay else 'no_decay'}", "params": params,
-                               "lr": lr * scale, "lr_scale": scale,
-                               "weight_decay": weight_decay if decay else 0.0})
+    for part, named in _named_parts(model, decoder):
+        buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for n, p in named:
+            if p.requires_grad:
+                buckets.setdefault((_decays(n, p), name_scale(n, lr_scales)), []).append(p)
+        for (decay, factor), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+            scale = part_scale[part] * factor
+            suffix = "" if factor == 1.0 else f" x{factor:g}"
+            groups.append({"name": f"{part}/{'decay' if decay else 'no_decay'}{suffix}", "params": params,
+                           "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": weight_decay if decay else 0.0})
     return groups
 
 

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import sys
@@ -107,6 +108,9 @@ class StageConfig:
     llm: str = "full"  # "full", "lora" or "frozen"
     vision_lr_scale: float = 1.0  # 0 freezes the vision tower
     decoder_lr_scale: float = 1.0
+    # regex on parameter names (the decoder's prefixed "decoder.") -> a further LR factor; the first
+    # match wins, 0 freezes: e.g. {"layers\\.[12]\\.self_attn\\.[qk]_": 10}
+    lr_scales: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings | None = None  # llm: lora
     coord_sigma: float = 0.0  # soft coordinate labels at the stage start (0..1000 units), 0 = off
     coord_sigma_until: float = 0.5  # fraction of the stage over which coord_sigma decays to 0
@@ -118,6 +122,17 @@ class StageConfig:
             self.lora = LoraSettings(**self.lora)
         if self.llm == "lora" and self.lora is None:
             self.lora = LoraSettings()
+        if not isinstance(self.lr_scales, dict):
+            raise ValueError(f"stage {self.name!r}: lr_scales must map name patterns to factors")
+        for pattern, scale in self.lr_scales.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"stage {self.name!r}: lr_scales pattern {pattern!r}: {err}") from None
+            scale = _number(scale, "float", f"stage {self.name!r}: lr_scales[{pattern!r}]")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+                raise ValueError(f"stage {self.name!r}: lr_scales[{pattern!r}] must be a number >= 0, got {scale!r}")
+            self.lr_scales[pattern] = float(scale)
         if self.steps < 0 or self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"stage {self.name!r}: steps and warmup_steps must be >= 0 and lr > 0")
 
@@ -588,7 +603,7 @@ class Trainer:
             self._load_weights(checkpoint)
         if stage.llm == "lora" and not is_lora(self.model):
             self.peft_model = apply_lora(self.model, stage.lora or LoraSettings())
-        set_trainable(self.model, self.decoder, stage.llm, stage.vision_lr_scale)
+        set_trainable(self.model, self.decoder, stage.llm, stage.vision_lr_scale, stage.lr_scales)
         self.model.to(self.device)
         self.decoder.to(self.device)
         self.model.train()
@@ -596,7 +611,7 @@ class Trainer:
         if self.resume and load_weights and not self._loaded:
             self._load_weights(checkpoint)
         groups = parameter_groups(self.model, self.decoder, stage.lr, self.cfg.optim.weight_decay,
-                                  stage.vision_lr_scale, stage.decoder_lr_scale)
+                                  stage.vision_lr_scale, stage.decoder_lr_scale, stage.lr_scales)
         kwargs: dict[str, Any] = dict(betas=self.cfg.optim.betas, eps=self.cfg.optim.eps)
         if self.device.type == "cuda":
             kwargs["fused"] = True
@@ -610,7 +625,8 @@ class Trainer:
             self._rng_restored = True
         trainable = sum(p.numel() for g in groups for p in g["params"])
         self.log(f"[train] stage {index + 1}/{len(self.cfg.stages)} '{stage.name}': llm {stage.llm}, vision lr x"
-                 f"{stage.vision_lr_scale:g}, decoder lr x{stage.decoder_lr_scale:g}, {trainable / 1e6:.2f}M trainable")
+                 f"{stage.vision_lr_scale:g}, decoder lr x{stage.decoder_lr_scale:g}, {trainable / 1e6:.2f}M trainable"
+                 + (f", lr_scales {stage.lr_scales}" if stage.lr_scales else ""))
         return optimizer
 
     def _load_weights(self, checkpoint: Path) -> None:
