@@ -746,8 +746,10 @@ class Trainer:
         vision_trainable = any(p.requires_grad for p in self.model.model.visual.parameters())
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with autocast:
-            lookup = cfg.loss.lookup > 0 and self.coords is not None and batch.object_batch.shape[0] > 0
-            choice = cfg.loss.choice > 0 and self.coords is not None and batch.object_batch.shape[0] > 0
+            has_objects = batch.object_batch.shape[0] > 0
+            boxes = has_objects and self.coords is not None  # the box-grounding losses have something to train
+            lookup = cfg.loss.lookup > 0 and boxes
+            choice = cfg.loss.choice > 0 and boxes
             with VisionCapture(self.model, self.decoder.config.vit_layers, detach=not vision_trainable) as capture:
                 out = multimodal_outputs(self.model, batch, pixel_values, output_attentions=lookup or choice)
                 hidden = out.last_hidden_state
@@ -762,7 +764,7 @@ class Trainer:
             answers = (batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols,
                        batch.image_grid_thw[batch.image_index])
             tokens = (self.coords, self.collator.image_token_id, self.collator.merge)
-            if cfg.loss.pointer > 0 and self.coords is not None and batch.object_batch.shape[0] > 0:
+            if cfg.loss.pointer > 0 and boxes:
                 loss_ptr, pstats = pointer_loss(hidden, *answers, batch.object_boxes, batch.object_batch, *tokens)
                 total = total + cfg.loss.pointer * loss_ptr
                 stats.update(pstats, pointer=loss_ptr.detach())
@@ -777,7 +779,6 @@ class Trainer:
                                                   *tokens)
                 total = total + cfg.loss.choice * loss_choice
                 stats.update(cstats, choice=loss_choice.detach())
-            has_objects = batch.object_batch.shape[0] > 0
             with_attributes = bool(self.attribute_ids) and vision_trainable and batch.token_attributes.numel() > 0
             if has_objects or with_attributes:
                 unique = capture.features(batch.image_grid_thw)
