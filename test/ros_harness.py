@@ -7,8 +7,10 @@ message crosses the middleware serialized (rclpy has no intra-process shortcut).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,7 +120,9 @@ class Client:
         self.segment_client = self.node.create_client(Segment, f"{node_fqn}/segment")
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
-        self._spinner = BackgroundSpinner(self.executor, name="test-client-spin").start()
+        self.spin_errors: list[BaseException] = []
+        self._spinner = BackgroundSpinner(self.executor, name="test-client-spin",
+                                          on_error=report_spin_error("client", self.spin_errors)).start()
 
     def _keep(self, store: list) -> Callable[[Any], None]:
         def callback(msg: Any) -> None:
@@ -217,6 +221,7 @@ class Client:
     def close(self) -> None:
         self._spinner.stop(shutdown_timeout=1.0)
         self.node.destroy_node()
+        assert not self.spin_errors, f"the test client's executor died: {self.spin_errors!r}"
 
 
 def call_service(node: Node, srv_type: Any, name: str, request: Any, service_wait_s: float = 10.0,
@@ -264,7 +269,9 @@ class NodeHarness:
         self.node = SegmentationNode(context=context, parameter_overrides=overrides)
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
-        self._spinner = BackgroundSpinner(self.executor, name="test-node-spin").start()
+        self.spin_errors: list[BaseException] = []
+        self._spinner = BackgroundSpinner(self.executor, name="test-node-spin",
+                                          on_error=report_spin_error("node", self.spin_errors)).start()
         if autostart:
             self.node.trigger_configure()
             assert self.node._segmenter is not None, f"configure failed: {self.node._configure_error}"
@@ -274,6 +281,17 @@ class NodeHarness:
         self.node._release("test finished")
         self._spinner.stop(shutdown_timeout=2.0)
         self.node.destroy_node()
+        assert not self.spin_errors, f"the node's executor died: {self.spin_errors!r}"
+
+
+def report_spin_error(who: str, errors: list[BaseException]) -> Callable[[BaseException], None]:
+    """An ``on_error`` for a harness spinner: a dead executor otherwise looks like a node that
+    merely stopped answering (the traceback goes to stderr, which pytest shows on failure)."""
+    def report(exc: BaseException) -> None:
+        errors.append(exc)
+        print(f"the {who} executor died:", file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
+    return report
 
 
 def new_context(namespace: str | None = None) -> Context:

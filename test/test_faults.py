@@ -182,9 +182,12 @@ def test_deactivate_and_activate_under_load():
                 r = must_call_service(s.client.node, ChangeState, f"{node_name}/change_state",
                                       ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
                 assert r.success
+            # requests sent from here on meet an active node (the planner thread may have one
+            # request sent but not yet listed)
+            served_from = len(futures) + 1
             s.client.wait_connected()
             n_continuous = sum(1 for r in s.client.snapshot(s.client.results) if r.request_id.startswith("cont"))
-            time.sleep(1.0)
+            assert wait_for(lambda: len(futures) >= served_from + 5, 15), "the planner stalled"
             stop.set()
             caller.join()
             assert wait_for(lambda: all(f.done() for _, f in futures), 15), "a request was never answered"
@@ -199,9 +202,11 @@ def test_deactivate_and_activate_under_load():
         allowed = ("node is not active", "node was deactivated", "timed out after")
         for rid, r in answers:
             assert r.status == OK or (r.status == ERROR and r.message.startswith(allowed)), (rid, r.message)
-        statuses = Counter(r.status for _, r in answers)
-        assert statuses[OK] >= len(answers) // 3, statuses  # most time was spent active
-        assert answers[-1][1].status == OK  # serving again after the last activation
+        # After the last activation no request is refused for the lifecycle state, and the node
+        # serves again (a loaded machine may still let single requests time out after 1 s).
+        after = [r for _, r in answers[served_from:]]
+        assert not [r.message for r in after if r.message.startswith(allowed[:2])]
+        assert Counter(r.status for r in after)[OK] >= 1, [r.message for r in after]
         assert not s.log.lines(min_level=System.ERROR), s.log.lines(min_level=System.ERROR)
     finally:
         stop.set()
