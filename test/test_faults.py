@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.executors import SingleThreadedExecutor
@@ -362,8 +363,13 @@ def test_kill_restart_under_load_and_graceful_stop(tmp_path, capsys):
             client.send_command("")
             # a graceful stop (launch and systemd send SIGINT / SIGTERM) answers the open requests:
             # one running (longer than the 2 s grace), two queued behind it
+            statuses: list[DiagnosticStatus] = []
+            client.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(m.status), 10)
             open_calls = [client.call_async("red sleep:4", timeout_s=30.0, request_id=f"open-{k}") for k in range(3)]
-            time.sleep(0.5)
+            # SIGTERM only once the node holds all three (on a loaded machine a fixed pause was
+            # sometimes too short, and a request that arrived during shutdown was refused instead)
+            assert wait_for(lambda: any(kv.key == "pending_requests" and kv.value == "3"
+                                        for st in list(statuses) for kv in st.values), 10), "requests not queued"
             node_b.send_signal(signal.SIGTERM)
             assert wait_for(lambda: all(f.done() for f in open_calls), 15), "open requests were not answered"
         for f in open_calls:
