@@ -12,7 +12,7 @@ subscription while the executor's thread builds its wait set, the subscription's
 handler may already be marked for destruction when it is added, and ``spin_once`` raises
 ``InvalidHandle`` from ``_wait_for_ready_callbacks``. The node destroys its input
 subscriptions on every lifecycle deactivation, so under load this ended the executor (a
-deactivate/activate cycle under load lost the node in about 1 run of 30). Such a wait is
+test of deactivate/activate cycles under load lost the node in about 3 runs of 45). Such a wait is
 simply built again: the destroyed entity has already left the node's lists.
 """
 
