@@ -48,12 +48,15 @@ def test_spins_callbacks_and_stop_joins_the_thread():
     assert not spinner._thread.is_alive()
 
 
-def test_a_failing_callback_is_handed_to_on_error_and_ends_the_loop():
+# an InvalidHandle from a callback (one that uses a destroyed entity) is an error too: only one
+# raised while rclpy builds its wait set is retried
+@pytest.mark.parametrize("error", [RuntimeError, InvalidHandle])
+def test_a_failing_callback_is_handed_to_on_error_and_ends_the_loop(error: type[Exception]):
     context, node, executor = node_on(SingleThreadedExecutor, "spinner_error_test")
     errors: list[BaseException] = []
 
     def boom() -> None:
-        raise RuntimeError("callback failed")
+        raise error("callback failed")
 
     node.create_timer(0.01, boom)
     spinner = BackgroundSpinner(executor, on_error=errors.append).start()
@@ -63,7 +66,8 @@ def test_a_failing_callback_is_handed_to_on_error_and_ends_the_loop():
         spinner.stop(timeout=2.0)
         node.destroy_node()
         context.try_shutdown()
-    assert len(errors) == 1 and "callback failed" in str(errors[0])
+    assert len(errors) == 1 and isinstance(errors[0], error) and "callback failed" in str(errors[0])
+    assert spinner.stale_waits == 0
 
 
 def test_a_shut_down_context_ends_the_loop_without_an_error():
@@ -169,24 +173,6 @@ def test_an_entity_that_never_leaves_is_still_an_error():
     spinner, ticks, errors = spin_with_spoiled_waits("spinner_stale_test", spoiled_waits=MAX_STALE_WAITS + 5)
     assert len(errors) == 1 and isinstance(errors[0], InvalidHandle)
     assert spinner.stale_waits == MAX_STALE_WAITS and ticks == []
-
-
-def test_an_invalid_handle_raised_by_a_callback_is_still_an_error():
-    context, node, executor = node_on(SingleThreadedExecutor, "spinner_callback_handle_test")
-    errors: list[BaseException] = []
-
-    def uses_a_destroyed_entity() -> None:
-        raise InvalidHandle("cannot use Destroyable because destruction was requested")
-
-    node.create_timer(0.01, uses_a_destroyed_entity)
-    spinner = BackgroundSpinner(executor, on_error=errors.append).start()
-    try:
-        assert spinner.done.wait(5.0), "a callback's InvalidHandle was swallowed"
-    finally:
-        spinner.stop(timeout=2.0)
-        node.destroy_node()
-        context.try_shutdown()
-    assert len(errors) == 1 and spinner.stale_waits == 0
 
 
 def test_destroying_subscriptions_while_spinning_does_not_end_the_executor():
