@@ -453,6 +453,36 @@ def test_query_count_and_type_weights() -> None:
         ex.make_queries(scene, np.random.default_rng(0), 3, {"riddle": 1.0})
 
 
+def _spatial(expression: str) -> bool:
+    words = (*ex.SUPERLATIVES, *ex.PLACES, *ex.RELATIONS)
+    return any(w in expression for w in words)
+
+
+def test_form_weights_pick_the_form_of_single_target_commands() -> None:
+    """A curriculum round (docs/training.md, round 15) asks for attribute-only single targets."""
+    cfg = SceneConfig(min_objects=3, type_weights={"referring": 1.0}, form_weights={"attr": 1.0})
+    queries = [q for seed in range(6) for q in generate_sample(seed, cfg)[1]]
+    assert queries and all(q.query_type == "referring" and len(q.target_ids) == 1 for q in queries)
+    assert not any(_spatial(q.expression) for q in queries)
+    spatial_only = SceneConfig(min_objects=3, type_weights={"referring": 1.0},
+                               form_weights={"superlative": 1.0, "place": 1.0, "relation": 1.0})
+    queries = [q for seed in range(6) for q in generate_sample(seed, spatial_only)[1]]
+    assert queries and all(_spatial(q.expression) for q in queries)
+    default = [q.expression for q in generate_sample(2)[1]]  # no weights: the mix every round trained on
+    assert any(_spatial(e) for e in default) and not all(_spatial(e) for e in default)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"form_weights": {"colour": 1.0}}, "unknown referring forms"),
+    ({"type_weights": {"referring": -1.0, "multi": 1.0}}, "finite, >= 0"),
+    ({"form_weights": {"attr": 0.0}}, "not all 0"),
+    ({"type_weights": {"no_target": float("nan")}}, "finite"),
+])
+def test_bad_query_weights_are_refused_up_front(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        SceneConfig(**kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

@@ -28,7 +28,14 @@ from qwen3vl_seg_ros.training.collate import (
     pixel_values_from_patches,
     target_answer,
 )
-from qwen3vl_seg_ros.training.dataset import DataConfig, SyntheticStream, make_loader, synthetic_examples
+from qwen3vl_seg_ros.training.dataset import (
+    DataConfig,
+    SyntheticStream,
+    make_loader,
+    scene_overlaps,
+    synthetic_examples,
+    train_scene_range,
+)
 from qwen3vl_seg_ros.training.model_builder import (
     apply_lora,
     init_number_embeddings,
@@ -508,11 +515,32 @@ def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> Non
     # a round continued from this export carries the first round's history in its own export
     again = config_from_dict(tiny_config(model={**tiny_config()["model"], "base": str(folder)}))
     command = "python -m qwen3vl_seg_ros.train round2.yaml --out round2"
-    second = Trainer(again, tmp_path / "round2", log=lambda m: None, stop_at_step=1, command=command).run()
+    logged: list[str] = []
+    second = Trainer(again, tmp_path / "round2", log=logged.append, stop_at_step=1, command=command).run()
     info2 = json.loads((Path(second["model"]) / "training_info.json").read_text())
     assert info2["base"] == str(folder) and info2["step"] == 1
     assert info2["config"] == command and "config" not in info  # the command line, when there was one
     assert info2["base_training"] == info
+    # each export records the train scenes it may have rendered; a round starting inside them is warned
+    first, end = info["train_scenes"]
+    assert first == 0 and end == train_scene_range(0, cfg.data.micro_batch or cfg.optim.batch_size,
+                                                   info["samples"])[1] > info["samples"]
+    assert [m for m in logged if "first_scene 0 is below the end" in m and f"set it to {end}" in m]
+    fresh = config_from_dict(tiny_config(model={**tiny_config()["model"], "base": str(folder)},
+                                         data={**tiny_config()["data"], "first_scene": end}))
+    logged.clear()
+    Trainer(fresh, tmp_path / "round2b", log=logged.append, stop_at_step=1).setup()
+    assert not [m for m in logged if "first_scene" in m]
+
+
+def test_scene_ranges_and_their_overlaps() -> None:
+    assert train_scene_range(100, 8, 16) == (100, 132)  # 2 items of 8 samples, 16 scene indices each
+    assert train_scene_range(100, 8, 17) == (100, 148)  # a started item counts whole
+    lineage = {"train_scenes": [500, 600], "base_training": {"base_training": {"train_scenes": [0, 50]}}}
+    assert scene_overlaps(550, lineage) == [(500, 600)]
+    assert scene_overlaps(10, lineage) == [(500, 600), (0, 50)]
+    assert scene_overlaps(600, lineage) == [] and scene_overlaps(0, None) == []
+    assert scene_overlaps(0, {"step": 3}) == []  # exports from before the record: nothing to check
 
 
 def test_grown_language_model_starts_as_the_identity(trainer: Trainer) -> None:
@@ -644,6 +672,11 @@ def test_configurations(tmp_path: Path) -> None:
     assert gpu.optim.batch_size % gpu.data.micro_batch == 0
     with pytest.raises(ValueError, match="unknown keys"):
         config_from_dict(tiny_config(optim={"batch_size": 4, "learning_rate": 1}))
+    with pytest.raises(ValueError, match="unknown query types"):  # a typo fails before any training
+        load_config(REPO / "config" / "train_tiny.yaml", ["data.type_weights={referring: 1, refering: 1}"])
+    focus = load_config(REPO / "config" / "train_tiny_cpu_round15.yaml")
+    assert focus.data.scene_config().form_weights == focus.data.form_weights and focus.data.min_objects >= 3
+    assert load_config(REPO / "config" / "train_tiny_cpu_round15b.yaml").loss.choice > 0
     with pytest.raises(ValueError, match="llm must be"):
         config_from_dict(tiny_config(stages=[{"name": "x", "steps": 1, "lr": 1e-3, "llm": "half"}]))
     stage = load_config(REPO / "config" / "train_tiny.yaml").stages[0]

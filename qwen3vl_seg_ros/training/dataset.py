@@ -50,6 +50,8 @@ class DataConfig:
     prefetch_factor: int = 4  # items each worker keeps ready
     micro_batch: int = 0  # samples per item; 0 = the whole step batch in one item
     first_scene: int = 0  # synthetic: index of the first train scene (a later round starts past the last one's)
+    type_weights: dict[str, float] | None = None  # synthetic: query types drawn (None: the generator's mix)
+    form_weights: dict[str, float] | None = None  # synthetic: forms of single-target commands (None: uniform)
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "coco"):
@@ -59,12 +61,15 @@ class DataConfig:
         if self.first_scene < 0:
             raise ValueError(f"data.first_scene must be >= 0, got {self.first_scene}")
         box_jitter_scales(self.box_jitter)
+        if self.source == "synthetic":
+            self.scene_config()  # refuses unknown or negative query weights before training starts
 
     def scene_config(self) -> SceneConfig:
         from qwen3vl_seg_ros.training.synthetic import SceneConfig
 
         return SceneConfig(width=self.width, height=self.height, queries_per_scene=self.queries_per_scene,
-                           min_objects=self.min_objects, max_objects=self.max_objects)
+                           min_objects=self.min_objects, max_objects=self.max_objects,
+                           type_weights=self.type_weights, form_weights=self.form_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +187,36 @@ class _ItemStream(IterableDataset):
         raise NotImplementedError
 
 
+def scenes_per_item(micro_batch: int) -> int:
+    """Scene indices a synthetic item reserves: twice its samples, for scenes with few queries."""
+    return 2 * int(micro_batch)
+
+
+def train_scene_range(first_scene: int, micro_batch: int, samples: int) -> tuple[int, int]:
+    """``[first, end)``: the ``train`` scene indices a synthetic run of ``samples`` may have rendered.
+
+    Item *k* renders from ``first + k * scenes_per_item``, so a run reaches far past
+    ``first + samples / queries_per_scene``; a later round must start at ``end`` to see new scenes.
+    """
+    items = -(-int(samples) // int(micro_batch))
+    return int(first_scene), int(first_scene) + items * scenes_per_item(micro_batch)
+
+
+def scene_overlaps(first_scene: int, lineage: dict | None) -> list[tuple[int, int]]:
+    """The recorded ``train_scenes`` ranges of a model's earlier rounds that reach ``first_scene``.
+
+    ``lineage`` is a ``training_info.json`` (each round's under ``base_training``); exports made
+    before the range was recorded have none and are not checked.
+    """
+    out = []
+    while isinstance(lineage, dict):
+        scenes = lineage.get("train_scenes")
+        if isinstance(scenes, (list, tuple)) and len(scenes) == 2 and int(scenes[1]) > first_scene:
+            out.append((int(scenes[0]), int(scenes[1])))
+        lineage = lineage.get("base_training")
+    return out
+
+
 class SyntheticStream(_ItemStream):
     """Micro-batches of on-the-fly synthetic scenes of the ``train`` split."""
 
@@ -191,7 +226,7 @@ class SyntheticStream(_ItemStream):
         self.scene_cfg = data.scene_config()
         self.queries_per_scene = max(1, int(data.queries_per_scene))
         self.split = split
-        self.stride = 2 * self.micro_batch  # scene indices reserved per item
+        self.stride = scenes_per_item(self.micro_batch)
         self.first_scene = int(data.first_scene)
 
     def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:

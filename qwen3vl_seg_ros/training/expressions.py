@@ -321,12 +321,20 @@ def _say_single(form: str, item: tuple, rng: np.random.Generator) -> str:
     return f"the {d.phrase(rng)} {relation} the {anchor.phrase(rng)}"
 
 
-def _referring(c: _Candidates, rng: np.random.Generator) -> tuple[str, int] | None:
+def _referring(
+    c: _Candidates, rng: np.random.Generator, form_weights: dict[str, float] | None = None
+) -> tuple[str, int] | None:
+    """A single-target command of one of the forms the scene allows: uniform, or by ``form_weights``."""
     forms = [(f, pool) for f, pool in
-             (("attr", c.attr), ("superlative", c.superlative), ("place", c.place), ("relation", c.relation)) if pool]
+             (("attr", c.attr), ("superlative", c.superlative), ("place", c.place), ("relation", c.relation))
+             if pool and (form_weights is None or form_weights.get(f, 0.0) > 0)]
     if not forms:
         return None
-    form, pool = forms[int(rng.integers(len(forms)))]
+    if form_weights is None:
+        form, pool = forms[int(rng.integers(len(forms)))]
+    else:
+        p = np.array([form_weights[f] for f, _ in forms], dtype=np.float64)
+        form, pool = forms[int(rng.choice(len(forms), p=p / p.sum()))]
     item = pool[int(rng.integers(len(pool)))]
     return _say_single(form, item, rng), item[-1]
 
@@ -370,21 +378,36 @@ def _no_target(c: _Candidates, rng: np.random.Generator) -> tuple[str, int] | No
 
 _MAKERS = {"referring": _referring, "category": _category, "multi": _multi, "no_target": _no_target}
 DEFAULT_TYPE_WEIGHTS = {"referring": 0.45, "category": 0.2, "multi": 0.15, "no_target": 0.2}
+REFERRING_FORMS = ("attr", "superlative", "place", "relation")
+
+
+def check_weights(weights: dict[str, float] | None, known: tuple[str, ...], what: str) -> None:
+    """Refuse unknown names and negative or all-zero weights before any scene is drawn."""
+    if weights is None:
+        return
+    unknown = set(weights) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; expected some of {known}")
+    values = [float(w) for w in weights.values()]
+    if any(not np.isfinite(w) or w < 0 for w in values) or not any(w > 0 for w in values):
+        raise ValueError(f"{what} weights must be finite, >= 0 and not all 0, got {weights}")
 
 
 def make_queries(
-    scene: Scene, rng: np.random.Generator, n: int, type_weights: dict[str, float] | None = None
+    scene: Scene, rng: np.random.Generator, n: int, type_weights: dict[str, float] | None = None,
+    form_weights: dict[str, float] | None = None,
 ) -> list[Query]:
     """Up to ``n`` distinct queries about ``scene``, their types drawn by ``type_weights``.
 
     Fewer than ``n`` come back only when the scene cannot give more distinct expressions (a
     scene of one object has few). A type the scene cannot serve (multi with one object) is
-    skipped and its share goes to the others.
+    skipped and its share goes to the others. ``form_weights`` (keys of :data:`REFERRING_FORMS`)
+    draws the form of "referring" commands; by default each form the scene allows is equally
+    likely. Both exist so that a training round can dwell on one kind of command.
     """
+    check_weights(type_weights, QUERY_TYPES, "query types")
+    check_weights(form_weights, REFERRING_FORMS, "referring forms")
     weights = dict(type_weights or DEFAULT_TYPE_WEIGHTS)
-    unknown = set(weights) - set(QUERY_TYPES)
-    if unknown:
-        raise ValueError(f"unknown query types {sorted(unknown)}; expected some of {QUERY_TYPES}")
     cands = _Candidates(scene, rng)
     queries: list[Query] = []
     seen: set[str] = set()
@@ -394,7 +417,7 @@ def make_queries(
         types = [t for t, w in weights.items() if w > 0]
         p = np.array([weights[t] for t in types], dtype=np.float64)
         qtype = types[int(rng.choice(len(types), p=p / p.sum()))]
-        made = _MAKERS[qtype](cands, rng)
+        made = _referring(cands, rng, form_weights) if qtype == "referring" else _MAKERS[qtype](cands, rng)
         if made is None:
             weights[qtype] = 0.0
             continue

@@ -32,9 +32,12 @@ from qwen3vl_seg_ros.training import render
 from qwen3vl_seg_ros.training.coco import CocoRefWriter, mask_box
 from qwen3vl_seg_ros.training.expressions import (
     COLOURS,
+    QUERY_TYPES,
+    REFERRING_FORMS,
     SHAPES,
     SIZES,
     Query,
+    check_weights,
     make_queries,
 )
 from qwen3vl_seg_ros.types import CameraIntrinsics
@@ -111,10 +114,14 @@ class SceneConfig:
     noise_std: tuple[float, float] = (0.5, 3.0)  # image noise, in 8-bit grey levels
     shadows: bool = True
     queries_per_scene: int = 8
+    type_weights: dict[str, float] | None = None  # query types; None: DEFAULT_TYPE_WEIGHTS
+    form_weights: dict[str, float] | None = None  # forms of "referring" commands; None: uniform
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= 255:
             raise ValueError("need 1 <= min_objects <= max_objects <= 255")
+        check_weights(self.type_weights, QUERY_TYPES, "query types")
+        check_weights(self.form_weights, REFERRING_FORMS, "referring forms")
         for name in self.shapes:
             if name not in SHAPES:
                 raise ValueError(f"unknown shape {name!r}; expected some of {SHAPES}")
@@ -436,7 +443,7 @@ def generate_sample(seed: int, cfg: SceneConfig | None = None) -> tuple[Scene, l
     cfg = cfg or SceneConfig()
     rng = np.random.default_rng(seed)
     scene = generate_scene(rng, cfg)
-    return scene, make_queries(scene, rng, cfg.queries_per_scene)
+    return scene, make_queries(scene, rng, cfg.queries_per_scene, cfg.type_weights, cfg.form_weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,13 @@ from tqdm import tqdm
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.training.collate import Batch, Collator, concat_batches, pixel_values_from_patches
-from qwen3vl_seg_ros.training.dataset import DataConfig, build_stream, make_loader
+from qwen3vl_seg_ros.training.dataset import (
+    DataConfig,
+    build_stream,
+    make_loader,
+    scene_overlaps,
+    train_scene_range,
+)
 from qwen3vl_seg_ros.training.expressions import COLOURS, SHAPES
 from qwen3vl_seg_ros.training.losses import (
     CoordinateTable,
@@ -575,6 +581,22 @@ class Trainer:
         if self.resume:
             self.state = TrainState(**json.loads((checkpoint / "state.json").read_text())["state"])
         self._log_header()
+        self._warn_on_seen_scenes()
+
+    def _warn_on_seen_scenes(self) -> None:
+        """A round continued from an export should render scenes the model has not trained on.
+
+        Not an error (repeating data can be meant), but rounds 13 and 14c-d of the shipped model's
+        line repeated their base's scenes unnoticed, because a run reserves many more scene indices
+        than its samples suggest (``train_scene_range``).
+        """
+        if self.cfg.data.source != "synthetic" or self.resume:
+            return
+        first = self.cfg.data.first_scene
+        for start, end in scene_overlaps(first, self.base_info):
+            self.log(f"[train] warning: data.first_scene {first} is below the end of the train scenes "
+                     f"[{start}, {end}) an earlier round of this model used; set it to {end} or more "
+                     f"for new scenes")
 
     def _log_header(self) -> None:
         cfg = self.cfg
@@ -694,6 +716,9 @@ class Trainer:
                 "data": f"{self.cfg.data.source} {self.cfg.data.width}x{self.cfg.data.height}",
                 "image_width": self.cfg.data.width, "image_height": self.cfg.data.height,
                 "base": self.cfg.model.base}
+        if self.cfg.data.source == "synthetic":
+            info["train_scenes"] = list(train_scene_range(self.cfg.data.first_scene, self.micro_batch,
+                                                          self.state.samples))
         if self.command:
             info["config"] = self.command
         if self.base_info:
