@@ -586,9 +586,9 @@ class Trainer:
     def _warn_on_seen_scenes(self) -> None:
         """A round continued from an export should render scenes the model has not trained on.
 
-        Not an error (repeating data can be meant), but rounds 13 and 14c-d of the shipped model's
-        line repeated their base's scenes unnoticed, because a run reserves many more scene indices
-        than its samples suggest (``train_scene_range``).
+        Not an error (repeating data can be meant), but rounds 5-8, 13 and 14d repeated part of
+        their base's scenes unnoticed, because a run reserves about twice the scene indices its
+        samples suggest (``train_scene_range``; docs/training.md, "Data").
         """
         if self.cfg.data.source != "synthetic" or self.resume:
             return
