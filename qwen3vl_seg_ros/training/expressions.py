@@ -20,6 +20,7 @@ Meaning of the spatial words (all from the viewer's side):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -408,6 +409,7 @@ def make_queries(
     check_weights(type_weights, QUERY_TYPES, "query types")
     check_weights(form_weights, REFERRING_FORMS, "referring forms")
     weights = dict(type_weights or DEFAULT_TYPE_WEIGHTS)
+    makers = {**_MAKERS, "referring": partial(_referring, form_weights=form_weights)}
     cands = _Candidates(scene, rng)
     queries: list[Query] = []
     seen: set[str] = set()
@@ -417,7 +419,7 @@ def make_queries(
         types = [t for t, w in weights.items() if w > 0]
         p = np.array([weights[t] for t in types], dtype=np.float64)
         qtype = types[int(rng.choice(len(types), p=p / p.sum()))]
-        made = _referring(cands, rng, form_weights) if qtype == "referring" else _MAKERS[qtype](cands, rng)
+        made = makers[qtype](cands, rng)
         if made is None:
             weights[qtype] = 0.0
             continue
