@@ -8,4 +8,13 @@ source ./env.sh
 echo "[test] ruff"
 ruff check .
 echo "[test] pytest"
-python -m pytest test "$@"
+# A test stuck in C code past test/conftest.py's hard limit ends the run and leaves the stacks
+# of every thread in log/pytest_hang.txt: show them, since that is the one clue there is.
+status=0
+rm -f log/pytest_hang.txt
+python -m pytest test "$@" || status=$?
+if [ "$status" -ne 0 ] && [ -s log/pytest_hang.txt ]; then
+  echo "[test] a test hung; its threads' stacks (log/pytest_hang.txt):"
+  cat log/pytest_hang.txt
+fi
+exit "$status"

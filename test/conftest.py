@@ -1,14 +1,26 @@
-"""Shared test setup: an isolated ROS domain per test run, and the test double's import path."""
+"""Shared test setup: an isolated ROS domain per test run, no stale Fast DDS files, a hard
+limit on a hung test, and the test double's import path."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import random
 import sys
 from pathlib import Path
 
+import pytest
+
+from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
+
 TEST_DIR = Path(__file__).resolve().parent
+HANG_REPORT = TEST_DIR.parent / "log" / "pytest_hang.txt"
+# pytest-timeout (300 s, pyproject.toml) works by a signal that Python handles between bytecodes;
+# a test stuck inside C code (a DDS participant that never finishes starting) never gets there.
+# faulthandler's watchdog is a C thread: past this limit it writes every thread's stack to
+# HANG_REPORT and ends the run, which scripts/run_tests.sh then prints.
+HARD_LIMIT_S = float(os.environ.get("QWEN3VL_SEG_TEST_HARD_LIMIT_S", "600"))
 
 # Each pytest run gets its own DDS domain so that runs side by side never see each other's
 # topics. Set before anything imports rclpy; subprocesses started by tests inherit it.
@@ -16,6 +28,15 @@ if "QWEN3VL_SEG_TEST_DOMAIN" not in os.environ:
     os.environ["QWEN3VL_SEG_TEST_DOMAIN"] = str(random.SystemRandom().randint(1, 100))
 os.environ["ROS_DOMAIN_ID"] = os.environ["QWEN3VL_SEG_TEST_DOMAIN"]
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+# Fast DDS files left in /dev/shm by killed processes can hang every new participant, whatever
+# the domain (a CI run once hung 90 minutes on one); see qwen3vl_seg_ros/ros/dds_shm.py.
+_SHM_CLEANUP: list[str] = []
+clean_before_start(log=_SHM_CLEANUP.append)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return _SHM_CLEANUP
 
 # The test double (test/doubles/) is importable as `doubles.<module>` in tests and in node
 # subprocesses started by tests.
@@ -42,3 +63,31 @@ def pytest_collection_finish(session: object) -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+_hang_report = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Arms the hard limit for one test (setup, call and teardown)."""
+    global _hang_report
+    if _hang_report is None:
+        HANG_REPORT.parent.mkdir(exist_ok=True)
+        _hang_report = open(HANG_REPORT, "w")  # noqa: SIM115 (kept open: faulthandler writes to it)
+    _hang_report.seek(0)
+    _hang_report.truncate()
+    _hang_report.write(f"{item.nodeid} ran past {HARD_LIMIT_S} s; the stacks of all threads:\n")
+    _hang_report.flush()
+    faulthandler.dump_traceback_later(HARD_LIMIT_S, exit=True, file=_hang_report)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that ends normally leaves no hang report behind."""
+    if _hang_report is not None:
+        _hang_report.close()
+        HANG_REPORT.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -268,6 +269,14 @@ rclpy.spin(node)
 """
 
 
+def read_line(proc: subprocess.Popen, timeout: float) -> str | None:
+    """The next line ``proc`` prints, or None after ``timeout`` s: a peer stuck while starting
+    (as one once was, in Fast DDS) must fail the test, not hold the run."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else None
+
+
 @pytest.mark.ros
 def test_frozen_subscriber_and_frozen_client_never_hold_up_the_node():
     s = System("faults_frozen")
@@ -277,7 +286,7 @@ def test_frozen_subscriber_and_frozen_client_never_hold_up_the_node():
         with s.client.streaming(scene, rate_hz=15):
             peer = subprocess.Popen([sys.executable, "-c", FROZEN_PEER], stdout=subprocess.PIPE, text=True,
                                     env=dict(os.environ), cwd=ROOT)
-            assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+            assert read_line(peer, timeout=60.0) == "ready", "the peer did not start within 60 s"
             # freeze it once its 3 requests have reached the node (a request still in flight when its
             # writer freezes may never arrive); each takes 0.3 s, so most answers meet a frozen client
             assert wait_for(lambda: s.node._scheduler.pending_count() + s.node._stats["ok"] >= 3, 20)

@@ -66,6 +66,7 @@ from qwen3vl_seg_ros.cloud import concat_clouds, unpack_rgb
 from qwen3vl_seg_ros.geometry import depth_from_raw
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.ros.conversions import depth_to_raw, image_to_rgb
+from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
 from qwen3vl_seg_ros.ros.pointcloud import msg_to_cloud
 from qwen3vl_seg_ros.ros.sim_camera import latched_qos
 from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
@@ -780,6 +781,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_text = (f"segmenter {args.segmenter}" if args.segmenter
                   else f"model {args.model}" if args.model else "the shipped tiny model")
+    clean_before_start(log=lambda line: print(f"[demo] {line}", flush=True))  # see ros/dds_shm.py
     print(f"[demo] starting the segmentation node and the simulated camera (logs in {work})", flush=True)
     children: list[Child] = []
     context = Context()

@@ -53,6 +53,7 @@ from qwen3vl_seg_ros.commands import clean_command
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions
+from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
 from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
 from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, safe_text, truncate
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
@@ -714,6 +715,8 @@ def main(args: list[str] | None = None) -> int:
     gracefully: open ~/segment calls are answered (see :meth:`SegmentationNode.drain`) before
     the middleware goes; a second signal ends the process at once.
     """
+    # Before any participant: a stale Fast DDS port file would hang this process for good.
+    clean_before_start(log=lambda line: print(line, file=sys.stderr, flush=True))
     # rclpy's own handlers would shut the context down at once, before open calls are answered.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     node = SegmentationNode()
