@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
+from qwen3vl_seg_ros.ros.dds_shm import clean_before_start, unfinished_ports
 
 TEST_DIR = Path(__file__).resolve().parent
 HANG_REPORT = TEST_DIR.parent / "log" / "pytest_hang.txt"
@@ -79,6 +79,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     _hang_report.truncate()
     _hang_report.write(f"{item.nodeid} ran past {HARD_LIMIT_S} s; the stacks of all threads:\n")
     _hang_report.flush()
+    if unfinished_ports():  # a process killed by an earlier test mid-start may have left one
+        clean_before_start(log=lambda line: print(line, file=sys.stderr))
     faulthandler.dump_traceback_later(HARD_LIMIT_S, exit=True, file=_hang_report)
     try:
         yield

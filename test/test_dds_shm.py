@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ def test_only_files_that_no_process_holds_are_stale(tmp_path):
         f.close()  # mapped, no longer open: still held
         try:
             stale = dds_shm.stale_files(tmp_path)
+            assert dds_shm.unfinished_ports(tmp_path) == [zombie_port]
             assert stale == sorted([zombie_port, zombie_mutex, zombie_lock])
             assert dds_shm.main(["--dry-run", "--shm-dir", str(tmp_path)]) == 0
             assert all(p.exists() for p in stale)  # a dry run removes nothing
@@ -49,35 +52,45 @@ def test_only_files_that_no_process_holds_are_stale(tmp_path):
 
 
 def test_a_process_that_cannot_be_inspected(tmp_path, monkeypatch):
-    """One of ours whose open files are unreadable: nothing is called stale. One whose maps are
-    unreadable but that holds no Fast DDS file open (no participant): it is passed over."""
-    make(tmp_path / "fastdds_port7003")
-    me = str(os.getpid())
-    real_mapped = dds_shm._mapped_paths
+    """On a made-up /proc: a process whose maps are unreadable but that holds no Fast DDS file
+    open is no participant and is passed over; one that may hold our files unseen leaves only
+    the hazard to remove, port files of 0 bytes old enough that no creator is filling them."""
+    shm, proc = tmp_path / "shm", tmp_path / "proc"
+    shm.mkdir()
+    old_port = make(shm / "fastdds_port7003")
+    os.utime(old_port, (time.time() - 60, time.time() - 60))
+    new_port = make(shm / "fastdds_port7004")  # 0 bytes, but its creator may be filling it now
+    segment = make(shm / "fastdds_0123456789abcdef", 64)
+    lock = make(shm / "fastdds_port7002_el")
+    for pid, opened in ((100, ["/dev/null"]), (101, [lock]), (102, [])):
+        (proc / str(pid) / "fd").mkdir(parents=True)
+        for k, target in enumerate(opened):
+            (proc / str(pid) / "fd" / str(k)).symlink_to(target)
+        (proc / str(pid) / "maps").write_text("")
+    hidden: dict[str, set[str]] = {"maps": set(), "fd": set()}
+    real_mapped, real_open = dds_shm._mapped_paths, dds_shm._open_paths
 
-    def no_maps(maps: Path):
-        if maps.parent.name == me:
-            raise PermissionError(maps)
-        return real_mapped(maps)
+    def guarded(real, kind):
+        def read(path: Path):
+            if path.parent.name in hidden[kind]:
+                raise PermissionError(path)
+            return real(path)
+        return read
 
-    monkeypatch.setattr(dds_shm, "_mapped_paths", no_maps)
-    assert [p.name for p in dds_shm.stale_files(tmp_path)] == ["fastdds_port7003"]
-    with open(tmp_path / "fastdds_port7002_el", "w"):  # now this process looks like a participant
-        with pytest.raises(PermissionError, match="cannot see which files"):
-            dds_shm.stale_files(tmp_path)
-        assert dds_shm.main(["--shm-dir", str(tmp_path)]) == 1
-    assert (tmp_path / "fastdds_port7003").exists()
-
-    real_open = dds_shm._open_paths
-
-    def no_fds(fd_dir: Path):
-        if fd_dir.parent.name == me:
-            raise PermissionError(fd_dir)
-        return real_open(fd_dir)
-
-    monkeypatch.setattr(dds_shm, "_open_paths", no_fds)
-    with pytest.raises(PermissionError):
-        dds_shm.stale_files(tmp_path)
+    monkeypatch.setattr(dds_shm, "_mapped_paths", guarded(real_mapped, "maps"))
+    monkeypatch.setattr(dds_shm, "_open_paths", guarded(real_open, "fd"))
+    found = dds_shm.scan(shm, proc)
+    assert (found.stale, found.unsure, found.uninspectable) == ([segment, old_port, new_port], [], [])
+    hidden["maps"] = {"100"}  # no Fast DDS file open: no participant
+    assert dds_shm.scan(shm, proc) == found
+    hidden["maps"] = {"100", "101"}  # holds a lock open: a participant whose maps we cannot see
+    found = dds_shm.scan(shm, proc)
+    assert (found.stale, found.unsure, found.uninspectable) == ([old_port], [segment, new_port], [101])
+    hidden["maps"], hidden["fd"] = set(), {"102"}
+    found = dds_shm.scan(shm, proc)
+    assert (found.stale, found.unsure, found.uninspectable) == ([old_port], [segment, new_port], [102])
+    assert dds_shm.remove_stale_files(shm, proc) == [old_port]
+    assert sorted(shm.iterdir()) == [segment, lock, new_port]
 
 
 def test_the_startup_cleanup_and_how_to_turn_it_off(tmp_path, monkeypatch):
@@ -101,7 +114,18 @@ def test_the_startup_cleanup_and_how_to_turn_it_off(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the failure, on the real /dev/shm
 # ---------------------------------------------------------------------------------------------
-PROBE = "import rclpy; rclpy.init(); rclpy.create_node('shm_probe'); print('created', flush=True)"
+PROBE = """
+import os, rclpy
+rclpy.init()
+rclpy.create_node("shm_probe")
+own = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        own.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # the listing's own descriptor, closed by now
+        pass
+print("created", *sorted(p for p in own if p.startswith("/dev/shm/fastdds_port7")), flush=True)
+"""
 
 
 def start_probe() -> subprocess.Popen:
@@ -118,36 +142,61 @@ def held_by(pid: int) -> set[str]:
     return set(dds_shm._open_paths(Path(f"/proc/{pid}/fd")))
 
 
+def plant_zero_size_ports() -> list[Path]:
+    """0-byte files, dated a minute back like a leftover, at every free port of the 7000s up to a
+    few past the highest one in use: a new participant takes the lowest free one."""
+    dds_shm.remove_stale_files()
+    in_use = {int(m[1]) for p in dds_shm.SHM_DIR.iterdir() if (m := re.match(r"fastdds_port(7\d\d\d)$", p.name))}
+    planted = [dds_shm.SHM_DIR / f"fastdds_port{n}" for n in range(7000, max(in_use, default=7000) + 5)
+               if n not in in_use]
+    for path in planted:
+        make(path)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    return planted
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()  # SIGKILL: a participant stuck in Fast DDS ignores SIGTERM
+        proc.wait()
+
+
 @pytest.mark.ros
 @pytest.mark.skipif(not dds_shm.uses_fastdds() or not dds_shm.SHM_DIR.is_dir(), reason="needs Fast DDS on /dev/shm")
 def test_a_zero_size_port_file_hangs_a_new_participant_until_it_is_removed():
-    """Zero-size files at the lowest free shared-memory ports of the 7000s (taken by every new
-    participant): the probe gets stuck holding one open, SIGTERM or not; after the cleanup a new
-    probe starts. The files stay at most a few seconds, and the suite's start removes any left."""
-    dds_shm.remove_stale_files()
-    taken = {p.name for p in dds_shm.SHM_DIR.iterdir()}
-    planted = [dds_shm.SHM_DIR / f"fastdds_port{n}" for n in range(7000, 7200) if f"fastdds_port{n}" not in taken][:4]
+    """The probe gets stuck holding a planted file open; after the cleanup a new probe starts.
+    The files stay a few seconds at most (the suite's start removes any left). A port freed by
+    an exiting process between the planting and the probe's start lets the probe start on it:
+    then the attempt is repeated, and a probe that started on a planted file fails the test."""
+    planted: list[Path] = []
     probes: list[subprocess.Popen] = []
     try:
-        for path in planted:
-            make(path)
-        stuck = start_probe()
-        probes.append(stuck)
-        assert printed(stuck, 15.0) is None, "the probe started in spite of the zero-size port files"
+        for _attempt in range(3):
+            planted = plant_zero_size_ports()
+            stuck = start_probe()
+            probes.append(stuck)
+            line = printed(stuck, 15.0)
+            if line is None:
+                break
+            own = set(line.split()[1:])
+            assert not own & {f"{p}_el" for p in planted}, f"the probe started on a planted file: {line}"
+            stop(stuck)
+            for path in planted:
+                path.unlink(missing_ok=True)
+        else:
+            pytest.fail("the probe found a port freed meanwhile in all 3 attempts")
         assert held_by(stuck.pid) & {str(p) for p in planted}, "the probe is not waiting on a planted file"
-        stuck.kill()
-        stuck.wait()
+        stop(stuck)
         removed = dds_shm.remove_stale_files()
         assert set(planted) <= set(removed)
         fresh = start_probe()
         probes.append(fresh)
-        assert printed(fresh, 60.0) == "created"
+        line = printed(fresh, 60.0)
+        assert line is not None and line.startswith("created"), line
         assert fresh.wait(timeout=30) == 0
     finally:
         for proc in probes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop(proc)
         for path in planted:
             path.unlink(missing_ok=True)
         dds_shm.remove_stale_files()  # what the killed probe left

@@ -28,13 +28,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
 FASTDDS_FILE = re.compile(r"^(sem\.)?fastdds_")
+PORT_FILE = re.compile(r"^fastdds_port\d+$")
+UNFINISHED_AGE_S = 10.0
 
 
 @dataclass
@@ -50,7 +54,7 @@ def held_files(proc: Path = Path("/proc")) -> HeldFiles:
 
     A process that exits while we look is skipped, and so is another user's process that we may
     not read (it cannot hold our files read-write). One of ours whose open files we may not
-    read goes to ``unreadable_own``, and then nothing can be called stale. One whose open files
+    read goes to ``unreadable_own`` (see :func:`scan` for what that changes). One whose open files
     we may read but whose ``maps`` we may not (a sandbox's supervisor, for instance) is no Fast
     DDS participant when it holds no Fast DDS file open: a participant keeps its lock files open
     for as long as it lives.
@@ -96,35 +100,71 @@ def _mapped_paths(maps: Path) -> Iterable[str]:
                 yield parts[5].strip().removesuffix(" (deleted)")
 
 
-def stale_files(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc")) -> list[Path]:
+@dataclass
+class Scan:
+    """What :func:`scan` found: files to remove, and files it could not judge."""
+
+    stale: list[Path] = field(default_factory=list)
+    unsure: list[Path] = field(default_factory=list)  # held by no process we could inspect
+    uninspectable: list[int] = field(default_factory=list)  # this user's processes we could not
+
+
+def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None = None) -> Scan:
     """The Fast DDS files in ``shm_dir`` owned by this user that no live process holds.
 
     Listed before the processes are inspected: a file created after the listing is never
-    considered, and one created just before it is already held by its creator. Raises
-    PermissionError when one of this user's processes cannot be inspected.
+    considered, and one created just before it is already held by its creator. When one of
+    this user's processes cannot be inspected (seen in a sandbox without CAP_SYS_PTRACE), only
+    the hazard itself is removed: port files of 0 bytes older than ``UNFINISHED_AGE_S``, which a
+    live creator fills within milliseconds; the rest is left, in ``unsure``.
     """
+    result = Scan()
     if not shm_dir.is_dir():
-        return []
+        return result
     uid = os.getuid()
     candidates = []
     for path in sorted(shm_dir.resolve().iterdir()):  # resolved: /proc shows real paths
         try:
-            if FASTDDS_FILE.match(path.name) and path.is_file() and path.lstat().st_uid == uid:
-                candidates.append(path)
+            info = path.lstat()
         except FileNotFoundError:
             continue
+        if FASTDDS_FILE.match(path.name) and stat.S_ISREG(info.st_mode) and info.st_uid == uid:
+            candidates.append((path, info))
     if not candidates:
-        return []
+        return result
     held = held_files(proc)
-    if held.unreadable_own:
-        raise PermissionError(f"cannot see which files processes {held.unreadable_own[:5]} of this user hold")
-    return [path for path in candidates if str(path) not in held.paths]
+    result.uninspectable = held.unreadable_own
+    now = time.time() if now is None else now
+    for path, info in candidates:
+        if str(path) in held.paths:
+            continue
+        old_and_empty = PORT_FILE.match(path.name) and info.st_size == 0 and now - info.st_mtime > UNFINISHED_AGE_S
+        (result.stale if old_and_empty or not held.unreadable_own else result.unsure).append(path)
+    return result
+
+
+def stale_files(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc")) -> list[Path]:
+    """The files :func:`scan` would remove."""
+    return scan(shm_dir, proc).stale
+
+
+def unfinished_ports(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Port files of 0 bytes: the hazard itself, either being created this instant or left by a
+    process killed while creating it. Cheap (no /proc scan): a test run checks it between tests."""
+    found = []
+    try:
+        for entry in os.scandir(shm_dir):
+            if PORT_FILE.match(entry.name) and entry.stat(follow_symlinks=False).st_size == 0:
+                found.append(Path(entry.path))
+    except FileNotFoundError:
+        return []
+    return found
 
 
 def remove_stale_files(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc")) -> list[Path]:
     """Removes :func:`stale_files`; returns the ones it removed."""
     removed = []
-    for path in stale_files(shm_dir, proc):
+    for path in scan(shm_dir, proc).stale:
         try:
             path.unlink()
             removed.append(path)
@@ -161,15 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the stale files, remove nothing")
     parser.add_argument("--shm-dir", type=Path, default=SHM_DIR, help="where Fast DDS keeps its files")
     args = parser.parse_args(argv)
-    try:
-        files = stale_files(args.shm_dir) if args.dry_run else remove_stale_files(args.shm_dir)
-    except PermissionError as exc:
-        print(f"nothing removed: {exc}", file=sys.stderr)
-        return 1
+    found = scan(args.shm_dir)
+    files = found.stale
+    if not args.dry_run:
+        files = remove_stale_files(args.shm_dir)
     for path in files:
         print(path)
     print(f"{len(files)} stale Fast DDS file(s) {'found' if args.dry_run else 'removed'} in {args.shm_dir}",
           file=sys.stderr)
+    if found.uninspectable:
+        print(f"{len(found.unsure)} more held by no process that could be inspected were left: processes "
+              f"{found.uninspectable[:5]} of this user could not be (run as their owner, or as root)", file=sys.stderr)
     return 0
 
 
