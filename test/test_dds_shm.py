@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import select
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def test_the_startup_cleanup_and_how_to_turn_it_off(tmp_path, monkeypatch):
 PROBE = """
 import os, rclpy
 rclpy.init()
-rclpy.create_node("shm_probe")
+node = rclpy.create_node("shm_probe")  # kept: the participant lives as long as a node does
 own = []
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -143,15 +142,21 @@ def held_by(pid: int) -> set[str]:
 
 
 def plant_zero_size_ports() -> list[Path]:
-    """0-byte files, dated a minute back like a leftover, at every free port of the 7000s up to a
-    few past the highest one in use: a new participant takes the lowest free one."""
+    """0-byte files, dated a minute back like leftovers, at every port from 7000 to 7299 without
+    a live owner (one holds the port's ``_el`` lock open; a process that only sends to a port maps
+    it too, so a port whose owner died can still be held). A new participant starts looking at
+    7000 + its participant id and takes the first port it can own."""
     dds_shm.remove_stale_files()
-    in_use = {int(m[1]) for p in dds_shm.SHM_DIR.iterdir() if (m := re.match(r"fastdds_port(7\d\d\d)$", p.name))}
-    planted = [dds_shm.SHM_DIR / f"fastdds_port{n}" for n in range(7000, max(in_use, default=7000) + 5)
-               if n not in in_use]
-    for path in planted:
+    held = dds_shm.held_files().paths
+    planted = []
+    for n in range(7000, 7300):
+        path = dds_shm.SHM_DIR / f"fastdds_port{n}"
+        if f"{path}_el" in held:
+            continue
+        path.unlink(missing_ok=True)  # an orphan still mapped by a sender: its mappings stay valid
         make(path)
         os.utime(path, (time.time() - 60, time.time() - 60))
+        planted.append(path)
     return planted
 
 
@@ -165,9 +170,9 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.mark.skipif(not dds_shm.uses_fastdds() or not dds_shm.SHM_DIR.is_dir(), reason="needs Fast DDS on /dev/shm")
 def test_a_zero_size_port_file_hangs_a_new_participant_until_it_is_removed():
     """The probe gets stuck holding a planted file open; after the cleanup a new probe starts.
-    The files stay a few seconds at most (the suite's start removes any left). A port freed by
-    an exiting process between the planting and the probe's start lets the probe start on it:
-    then the attempt is repeated, and a probe that started on a planted file fails the test."""
+    The files stay a few seconds at most (the suite's start removes any left). A port whose
+    owner exits between the planting and the probe's start lets the probe start on it: then
+    the attempt is repeated, and a probe that started on a planted file fails the test."""
     planted: list[Path] = []
     probes: list[subprocess.Popen] = []
     try:
@@ -180,11 +185,12 @@ def test_a_zero_size_port_file_hangs_a_new_participant_until_it_is_removed():
                 break
             own = set(line.split()[1:])
             assert not own & {f"{p}_el" for p in planted}, f"the probe started on a planted file: {line}"
+            print(f"the probe started on {sorted(own)}, a port whose owner left after the planting; again")
             stop(stuck)
             for path in planted:
                 path.unlink(missing_ok=True)
         else:
-            pytest.fail("the probe found a port freed meanwhile in all 3 attempts")
+            pytest.fail("in all 3 attempts the probe found a port whose owner had left meanwhile")
         assert held_by(stuck.pid) & {str(p) for p in planted}, "the probe is not waiting on a planted file"
         stop(stuck)
         removed = dds_shm.remove_stale_files()
