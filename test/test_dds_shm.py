@@ -30,6 +30,7 @@ def test_only_files_that_no_process_holds_are_stale(tmp_path):
     zombie_mutex = make(tmp_path / "sem.fastdds_port7003_mutex", 32)
     zombie_lock = make(tmp_path / "fastdds_port7001_el")
     open_lock = make(tmp_path / "fastdds_port7002_el")
+    live_mutex = make(tmp_path / "sem.fastdds_port7002_mutex", 32)  # unheld, but its port's lock is
     mapped = make(tmp_path / "fastdds_0123456789abcdef", 4096)
     not_ours = make(tmp_path / "lttng-ust-wait-6", 16)
     with open(open_lock, "rb"), open(mapped, "r+b") as f:
@@ -44,9 +45,10 @@ def test_only_files_that_no_process_holds_are_stale(tmp_path):
             assert dds_shm.remove_stale_files(tmp_path) == stale
         finally:
             view.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (open_lock, mapped, not_ours))
-    # once nothing holds them, the lock and the segment are stale too
-    assert dds_shm.remove_stale_files(tmp_path) == sorted([mapped, open_lock])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (open_lock, live_mutex, mapped,
+                                                                                   not_ours))
+    # once nothing holds them, the lock, its port's mutex and the segment are stale too
+    assert dds_shm.remove_stale_files(tmp_path) == sorted([mapped, open_lock, live_mutex])
     assert [p.name for p in tmp_path.iterdir()] == [not_ours.name]
 
 

@@ -12,11 +12,13 @@ We saw exactly this: a test run hung for 90 minutes on a ``fastdds_port7003`` of
 by a process killed two hours earlier. ``fastdds shm clean`` does not help there: it judges a
 port by its lock file, and a port killed that early has none.
 
-The rule used here needs no knowledge of Fast DDS internals: a file is stale when no live
-process has it open or mapped. A participant keeps every such file either open (lock files)
-or mapped (ports, segments, named semaphores) for as long as it lives, so a file nobody
-holds can only be left over. Only files owned by the current user are considered: they are
-created with the user's umask, so another user's process cannot hold them read-write.
+The rule used here needs little knowledge of Fast DDS internals: a port or segment is stale
+when no live process has any of its files open or mapped. Its owner keeps its lock file open
+and the port or segment mapped for as long as it lives, and every process that writes to a
+port maps it, so a port nobody holds can only be left over. (Judged per file, the port's
+mutex would look abandoned while its owner lives: it is only mapped while in use.) Only files
+owned by the current user are considered: they are created with the user's umask, so another
+user's process cannot hold them read-write.
 
 ROS-free on purpose (plain ``/proc`` and ``os``): it must run before rclpy creates anything.
 Called by the node's ``main``, the demo and the test suite (``test/conftest.py``) before they start
@@ -110,7 +112,8 @@ class Scan:
 
 
 def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None = None) -> Scan:
-    """The Fast DDS files in ``shm_dir`` owned by this user that no live process holds.
+    """The Fast DDS files in ``shm_dir`` owned by this user whose port or segment no live
+    process holds (none of its files open or mapped, see :func:`object_of`).
 
     Listed before the processes are inspected: a file created after the listing is never
     considered, and one created just before it is already held by its creator. When one of
@@ -134,13 +137,28 @@ def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None 
         return result
     held = held_files(proc)
     result.uninspectable = held.unreadable_own
+    root = shm_dir.resolve()
+    alive = {object_of(Path(p).name) for p in held.paths if Path(p).parent == root}
     now = time.time() if now is None else now
     for path, info in candidates:
-        if str(path) in held.paths:
+        if object_of(path.name) in alive:
             continue
         old_and_empty = PORT_FILE.match(path.name) and info.st_size == 0 and now - info.st_mtime > UNFINISHED_AGE_S
         (result.stale if old_and_empty or not held.unreadable_own else result.unsure).append(path)
     return result
+
+
+def object_of(name: str) -> str:
+    """The port or segment a file belongs to: ``fastdds_port7000`` for the port itself, its lock
+    files ``_el``/``_sl`` and its mutex ``sem.fastdds_port7000_mutex``.
+
+    Judged as a whole because a live owner does not hold every file: it keeps the port mapped and
+    its ``_el`` lock open but closes the mutex between uses, so the mutex alone looks abandoned
+    (removing it would give the next process a different mutex for the same port)."""
+    name = name.removeprefix("sem.")
+    for suffix in ("_mutex", "_el", "_sl"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def stale_files(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc")) -> list[Path]:
