@@ -1,0 +1,66 @@
+"""Run by test_dds_shm.py inside ``unshare -rm`` with a private tmpfs on /dev/shm: the failure
+that qwen3vl_seg_ros/ros/dds_shm.py exists for, where it can harm no other process.
+
+Plants 0-byte port files (dated a minute back, like leftovers) at ports 7000-7299, starts a
+probe participant, and reports as JSON whether it got stuck on one of them, whether the cleanup
+removed them all, and whether a new probe then starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+from qwen3vl_seg_ros.ros import dds_shm
+
+PROBE = """
+import rclpy
+rclpy.init()
+node = rclpy.create_node("shm_probe")  # kept: the participant lives as long as a node does
+print("created", flush=True)
+"""
+
+
+def printed(proc: subprocess.Popen, timeout: float) -> str | None:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else None
+
+
+def main() -> None:
+    report: dict = {"private_shm_empty_at_start": not any(dds_shm.SHM_DIR.iterdir())}
+    planted = [dds_shm.SHM_DIR / f"fastdds_port{n}" for n in range(7000, 7300)]
+    for path in planted:
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    stuck = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
+    try:
+        report["stuck_printed"] = printed(stuck, 15.0)
+        opened = set(dds_shm._open_paths(dds_shm.Path(f"/proc/{stuck.pid}/fd")))
+        report["stuck_waits_on"] = sorted(p.name for p in planted if str(p) in opened)
+        stuck.send_signal(15)  # SIGTERM: rclpy's handler only sets a flag; the C++ wait goes on
+        try:
+            stuck.wait(3.0)
+            report["stuck_survived_sigterm"] = False
+        except subprocess.TimeoutExpired:
+            report["stuck_survived_sigterm"] = True
+    finally:
+        stuck.kill()
+        stuck.wait()
+    removed = set(dds_shm.remove_stale_files())
+    report["planted_removed"] = sum(p in removed for p in planted)
+    report["planted"] = len(planted)
+    fresh = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
+    try:
+        report["fresh_printed"] = printed(fresh, 60.0)
+    finally:
+        fresh.kill()
+        fresh.wait()
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
