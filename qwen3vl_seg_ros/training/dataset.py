@@ -274,12 +274,18 @@ def build_stream(data: DataConfig, collator: Collator, micro_batch: int, start_i
     return SyntheticStream(collator, micro_batch, data, start_item, seed)
 
 
-def make_loader(stream: _ItemStream, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:
-    """A loader yielding the stream's items in index order (``batch_size=None``: items are batches)."""
+def make_loader(stream: _ItemStream, num_workers: int, prefetch_factor: int, pin_memory: bool,
+                spawn: bool = False) -> DataLoader:
+    """A loader yielding the stream's items in index order (``batch_size=None``: items are batches).
+
+    ``spawn`` starts the workers in fresh interpreters even when this process runs no other
+    Python thread: for a process that has run DDS participants, whose native threads the check
+    below cannot see (the test suite; workers forked from it sometimes died at shutdown with
+    "terminate called without an active exception")."""
     kwargs: dict = {}
     if num_workers > 0:
         kwargs = dict(prefetch_factor=max(1, prefetch_factor), persistent_workers=False)
-        if threading.active_count() > 1:
+        if spawn or threading.active_count() > 1:
             # Forking a process that runs other threads (a ROS executor, a progress monitor) can
             # copy a held lock into the child, which then hangs; a fresh interpreter cannot.
             kwargs["multiprocessing_context"] = "spawn"
