@@ -3,7 +3,7 @@ that qwen3vl_seg_ros/ros/dds_shm.py exists for, where it can harm no other proce
 
 Plants 0-byte port files (dated a minute back, like leftovers) at ports 7000-7299, starts a
 probe participant, and reports as JSON whether it got stuck on one of them, whether the cleanup
-removed them all, and whether a new probe then starts.
+(run while it is still stuck) removed them all, and whether a new probe then starts.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
         path.write_bytes(b"")
         os.utime(path, (time.time() - 60, time.time() - 60))
     stuck = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
+    fresh = None
     try:
         report["stuck_printed"] = printed(stuck, 15.0)
         opened = set(dds_shm._open_paths(dds_shm.Path(f"/proc/{stuck.pid}/fd")))
@@ -47,18 +48,18 @@ def main() -> None:
             report["stuck_survived_sigterm"] = False
         except subprocess.TimeoutExpired:
             report["stuck_survived_sigterm"] = True
-    finally:
-        stuck.kill()
-        stuck.wait()
-    removed = set(dds_shm.remove_stale_files())
-    report["planted_removed"] = sum(p in removed for p in planted)
-    report["planted"] = len(planted)
-    fresh = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
-    try:
+        # cleaned while the stuck probe still holds its file: a new probe must start regardless
+        removed = set(dds_shm.remove_stale_files())
+        report["planted_removed"] = sum(p in removed for p in planted)
+        report["planted"] = len(planted)
+        fresh = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
         report["fresh_printed"] = printed(fresh, 60.0)
+        report["stuck_still_stuck"] = stuck.poll() is None
     finally:
-        fresh.kill()
-        fresh.wait()
+        for proc in (stuck, fresh):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
     print(json.dumps(report), flush=True)
 
 

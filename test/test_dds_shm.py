@@ -91,6 +91,14 @@ def test_a_process_that_cannot_be_inspected(tmp_path, monkeypatch):
     hidden["maps"], hidden["fd"] = set(), {"102"}
     found = dds_shm.scan(shm, proc)
     assert (found.stale, found.unsure, found.uninspectable) == ([old_port], [segment, new_port], [102])
+    # a participant stuck opening the old empty port holds it open: it goes all the same (the
+    # next participant must not meet it), while a young one, perhaps being filled, stays
+    hidden["fd"] = set()
+    for k, port in enumerate((old_port, new_port), start=1):
+        (proc / "100" / "fd" / str(k)).symlink_to(port)
+    found = dds_shm.scan(shm, proc)
+    assert (found.stale, found.unsure, found.uninspectable) == ([segment, old_port], [], [])
+    hidden["fd"] = {"102"}
     assert dds_shm.remove_stale_files(shm, proc) == [old_port]
     assert sorted(shm.iterdir()) == [segment, lock, new_port]
 
@@ -134,8 +142,8 @@ def private_shm_available() -> bool:
 def test_a_zero_size_port_file_hangs_a_new_participant_until_it_is_removed():
     """In a private /dev/shm (zero-size port files in the real one would also hang every other
     process that starts a participant meanwhile, for good): the probe gets stuck holding a
-    planted file open, SIGTERM does not end it, the cleanup removes every planted file, and a new
-    probe then starts."""
+    planted file open, SIGTERM does not end it, the cleanup removes every planted file although
+    the stuck probe holds one, and a new probe then starts."""
     if not private_shm_available():
         pytest.skip("this machine does not allow `unshare -rm` (a private /dev/shm for the probe)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -149,3 +157,4 @@ def test_a_zero_size_port_file_hangs_a_new_participant_until_it_is_removed():
     assert report["stuck_survived_sigterm"], report
     assert report["planted_removed"] == report["planted"] == 300, report
     assert report["fresh_printed"] == "created", report
+    assert report["stuck_still_stuck"], report  # the cleanup cannot rescue it; only kill -9 ends it

@@ -119,7 +119,9 @@ def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None 
     considered, and one created just before it is already held by its creator. When one of
     this user's processes cannot be inspected (seen in a sandbox without CAP_SYS_PTRACE), only
     the hazard itself is removed: port files of 0 bytes older than ``UNFINISHED_AGE_S``, which a
-    live creator fills within milliseconds; the rest is left, in ``unsure``.
+    live creator fills within milliseconds; the rest is left, in ``unsure``. Those are removed
+    even when held: by a participant stuck opening one (it stays stuck; unlinked, the file no
+    longer catches the next one).
     """
     result = Scan()
     if not shm_dir.is_dir():
@@ -141,10 +143,11 @@ def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None 
     alive = {object_of(Path(p).name) for p in held.paths if Path(p).parent == root}
     now = time.time() if now is None else now
     for path, info in candidates:
-        if object_of(path.name) in alive:
-            continue
         old_and_empty = PORT_FILE.match(path.name) and info.st_size == 0 and now - info.st_mtime > UNFINISHED_AGE_S
-        (result.stale if old_and_empty or not held.unreadable_own else result.unsure).append(path)
+        if old_and_empty:  # broken even when held: by a participant stuck on it, which stays stuck
+            result.stale.append(path)
+        elif object_of(path.name) not in alive:
+            (result.unsure if held.unreadable_own else result.stale).append(path)
     return result
 
 
