@@ -212,7 +212,7 @@ def clean_before_start(log: Callable[[str], None] = print) -> list[Path]:
         return []
     if removed:
         log(f"[dds_shm] removed {len(removed)} stale Fast DDS shared-memory file(s) in {SHM_DIR} "
-            f"(left by killed ROS processes; one could hang every new node)")
+            f"(left by ROS processes that ended or were killed; a 0-byte one hangs every new node)")
     return removed
 
 
