@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import select
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, period: float
             return True
         time.sleep(period)
     return bool(predicate())
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str | None:
+    """The next line ``proc`` prints (stdout a text pipe), or None after ``timeout`` s: a
+    subprocess stuck while starting (as one once was, in Fast DDS) must fail a test, not hold it."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else None
 
 
 @functools.cache

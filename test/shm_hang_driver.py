@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
 
 from qwen3vl_seg_ros.ros import dds_shm
+
+from helpers import read_line  # this script's own folder, test/, is on sys.path
 
 PROBE = """
 import rclpy
@@ -23,11 +24,6 @@ rclpy.init()
 node = rclpy.create_node("shm_probe")  # kept: the participant lives as long as a node does
 print("created", flush=True)
 """
-
-
-def printed(proc: subprocess.Popen, timeout: float) -> str | None:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline().strip() if ready else None
 
 
 def main() -> None:
@@ -39,7 +35,7 @@ def main() -> None:
     stuck = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
     fresh = None
     try:
-        report["stuck_printed"] = printed(stuck, 15.0)
+        report["stuck_printed"] = read_line(stuck, 15.0)
         opened = set(dds_shm._open_paths(dds_shm.Path(f"/proc/{stuck.pid}/fd")))
         report["stuck_waits_on"] = sorted(p.name for p in planted if str(p) in opened)
         stuck.send_signal(15)  # SIGTERM: rclpy's handler only sets a flag; the C++ wait goes on
@@ -53,7 +49,7 @@ def main() -> None:
         report["planted_removed"] = sum(p in removed for p in planted)
         report["planted"] = len(planted)
         fresh = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
-        report["fresh_printed"] = printed(fresh, 60.0)
+        report["fresh_printed"] = read_line(fresh, 60.0)
         report["stuck_still_stuck"] = stuck.poll() is None
     finally:
         for proc in (stuck, fresh):

@@ -19,6 +19,8 @@ import pytest
 
 from qwen3vl_seg_ros.ros import dds_shm
 
+from helpers import REPO
+
 
 def make(path: Path, size: int = 0) -> Path:
     with open(path, "wb") as f:
@@ -124,7 +126,6 @@ def test_the_startup_cleanup_and_how_to_turn_it_off(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the failure, in a private /dev/shm
 # ---------------------------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_SHM = ["unshare", "-rm", "--fork", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"']
 
 
@@ -146,9 +147,9 @@ def test_a_zero_size_port_file_hangs_a_new_participant_until_it_is_removed():
     the stuck probe holds one, and a new probe then starts."""
     if not private_shm_available():
         pytest.skip("this machine does not allow `unshare -rm` (a private /dev/shm for the probe)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([*PRIVATE_SHM, sys.executable, str(ROOT / "test" / "shm_hang_driver.py")],
-                         capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([*PRIVATE_SHM, sys.executable, str(REPO / "test" / "shm_hang_driver.py")],
+                         capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["private_shm_empty_at_start"]

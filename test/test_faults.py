@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
 from qwen3vl_seg_ros.srv import Segment
 
-from helpers import wait_for
+from helpers import read_line, wait_for
 from reliability_helpers import System, namespaced_context
 from ros_harness import DOUBLE, Client, Scene, must_call_service
 
@@ -267,14 +266,6 @@ pending = [client.call_async(Segment.Request(command="red sleep:0.3", timeout_s=
 print("ready", flush=True)
 rclpy.spin(node)
 """
-
-
-def read_line(proc: subprocess.Popen, timeout: float) -> str | None:
-    """The next line ``proc`` prints, or None after ``timeout`` s: a peer stuck while starting
-    (as one once was, in Fast DDS) must fail the test, not hold the run."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline().strip() if ready else None
 
 
 @pytest.mark.ros

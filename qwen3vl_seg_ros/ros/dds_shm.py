@@ -127,8 +127,9 @@ def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None 
     if not shm_dir.is_dir():
         return result
     uid = os.getuid()
+    root = shm_dir.resolve()  # /proc shows real paths
     candidates = []
-    for path in sorted(shm_dir.resolve().iterdir()):  # resolved: /proc shows real paths
+    for path in sorted(root.iterdir()):
         try:
             info = path.lstat()
         except FileNotFoundError:
@@ -139,7 +140,6 @@ def scan(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), now: float | None 
         return result
     held = held_files(proc)
     result.uninspectable = held.unreadable_own
-    root = shm_dir.resolve()
     alive = {object_of(Path(p).name) for p in held.paths if Path(p).parent == root}
     now = time.time() if now is None else now
     for path, info in candidates:
@@ -184,8 +184,13 @@ def unfinished_ports(shm_dir: Path = SHM_DIR) -> list[Path]:
 
 def remove_stale_files(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc")) -> list[Path]:
     """Removes :func:`stale_files`; returns the ones it removed."""
+    return remove(scan(shm_dir, proc).stale)
+
+
+def remove(paths: Iterable[Path]) -> list[Path]:
+    """Unlinks ``paths`` (found by :func:`scan`); returns the ones it removed."""
     removed = []
-    for path in scan(shm_dir, proc).stale:
+    for path in paths:
         try:
             path.unlink()
             removed.append(path)
@@ -223,9 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shm-dir", type=Path, default=SHM_DIR, help="where Fast DDS keeps its files")
     args = parser.parse_args(argv)
     found = scan(args.shm_dir)
-    files = found.stale
-    if not args.dry_run:
-        files = remove_stale_files(args.shm_dir)
+    files = found.stale if args.dry_run else remove(found.stale)
     for path in files:
         print(path)
     print(f"{len(files)} stale Fast DDS file(s) {'found' if args.dry_run else 'removed'} in {args.shm_dir}",
