@@ -967,10 +967,40 @@ def test_choice_loss_scores_the_target_among_the_objects() -> None:
     assert run(layers, instances=torch.tensor([0]))[1] == {}  # unknown instance
 
 
-def test_choice_loss_trains_the_attention_of_the_model(tmp_path: Path) -> None:
+def test_choice_loss_at_the_first_number_alone() -> None:
+    """``first_only`` scores the position that writes a box's first number (the only one where the
+    command alone says which object), and ``choice_first_share`` reports it either way."""
+    from qwen3vl_seg_ros.training.losses import choice_loss
+
+    layers, args = _lookup_case(on_cell=5, layer0_cell=0)
+    input_ids, labels, lm_rows, lm_cols, grids, _, owners, coords, image_token, merge = args
+    objects = torch.tensor([[0, 2, 0, 0, 0, 1]])  # the target (instance 1) on cell 5, another object on cell 1
+    first_position = 9  # its next token is the box's first number
+    layer1 = layers[1].clone()
+    layer1[0, :, first_position] = _lookup_case(on_cell=1, layer0_cell=0)[0][1][0, :, first_position]
+    late_choice = [layers[0], layer1]  # the first number looks at the other object, the other three at the target
+
+    def run(layers, first_only):
+        return choice_loss(layers, input_ids, labels, lm_rows, lm_cols, grids, owners, torch.tensor([1]), objects,
+                           coords, image_token, merge, first_only=first_only)
+
+    loss, stats = run(late_choice, False)
+    assert float(stats["choice_share"]) == pytest.approx(0.75) and float(stats["choice_first_share"]) == 0.0
+    loss_first, stats = run(late_choice, True)
+    assert float(stats["choice_share"]) == 0.0 and float(loss_first) > 10.0 > float(loss)
+    early = layers[1].clone()
+    early[0, :, first_position + 1:] = _lookup_case(on_cell=1, layer0_cell=0)[0][1][0, :, first_position + 1:]
+    loss_first, stats = run([layers[0], early], True)  # right at the first number, wrong after it
+    assert float(loss_first) == pytest.approx(0.0, abs=1e-5) and float(stats["choice_first_share"]) == 1.0
+    assert float(run([layers[0], early], False)[1]["choice_share"]) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("weight, share", [("choice", "choice_share"), ("choice_first", "choice_first_share")])
+def test_choice_loss_trains_the_attention_of_the_model(tmp_path: Path, weight: str, share: str) -> None:
     """Through the trainer, on scenes of several objects: the batch carries each token's object,
-    and steps on the choice loss alone raise the target's part of the attention on objects."""
-    trainer = Trainer(config_from_dict(tiny_config(loss={"choice": 1.0}, data={
+    and steps on the choice loss alone (at every number, or at each box's first) raise the
+    target's part of the attention on objects there."""
+    trainer = Trainer(config_from_dict(tiny_config(loss={weight: 1.0}, data={
         **tiny_config()["data"], "min_objects": 3, "max_objects": 4})), tmp_path, log=lambda m: None)
     trainer.setup()
     cfg = trainer.cfg.data.scene_config()
@@ -983,7 +1013,7 @@ def test_choice_loss_trains_the_attention_of_the_model(tmp_path: Path) -> None:
     optimizer = trainer._enter_stage(0, load_weights=False)
     trainer.cfg.loss.lm = trainer.cfg.loss.mask_fine = trainer.cfg.loss.mask_coarse = trainer.cfg.loss.iou = 0.0
     _, parts = _train_steps(trainer, optimizer, batch, 15)
-    shares = [p["choice_share"] for p in parts]
+    shares = [p[share] for p in parts]
     assert shares[-1] > shares[0] + 0.1, shares
 
 

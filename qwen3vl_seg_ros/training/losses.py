@@ -33,6 +33,7 @@ class LossWeights:
     attribute: float = 0.0  # auxiliary: visual tokens resemble their object's colour and shape words
     lookup: float = 0.0  # auxiliary: the attention at the coordinate positions rests on the target's tokens
     choice: float = 0.0  # auxiliary: ... and of the attention on objects, on the target rather than the others
+    choice_first: float = 0.0  # the choice loss again, at each box's first number only (where the object is chosen)
 
 
 class CoordinateTable:
@@ -127,7 +128,7 @@ def pointer_loss(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
     found = _box_queries(input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch, coords, is_image, merge)
     if found is None:
         return hidden.sum() * 0.0, {}
-    rows, cols, obj = found
+    rows, cols, obj, _ = found
     cells = _centre_cells(object_boxes, object_batch, sample_grids, merge)[obj]
     logits = _visual_token_logits(hidden, rows, cols, is_image, scale)
     loss = F.cross_entropy(logits, cells)
@@ -159,7 +160,7 @@ def lookup_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
                                      coords, image_token_id, merge)
     if found is None:
         return zero, {}
-    rows, cols, obj, positions, n_image = found
+    rows, cols, obj, _, positions, n_image = found
     cells = box_cells(object_boxes, object_batch, sample_grids, merge)[obj]  # (N, T')
     keys = positions[rows]  # (N, T)
     valid = torch.arange(keys.shape[1], device=keys.device)[None, :] < n_image[rows, None]
@@ -176,7 +177,8 @@ def lookup_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
 def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
                 lm_rows: torch.Tensor, lm_cols: torch.Tensor, sample_grids: torch.Tensor,
                 object_batch: torch.Tensor, object_instances: torch.Tensor, token_objects: torch.Tensor,
-                coords: CoordinateTable, image_token_id: int, merge: int) -> tuple[torch.Tensor, dict]:
+                coords: CoordinateTable, image_token_id: int, merge: int,
+                first_only: bool = False) -> tuple[torch.Tensor, dict]:
     """Auxiliary grounding loss on the choice between objects: at the positions that write a
     box's numbers, of the visual attention that lands on objects, the target's part.
 
@@ -190,26 +192,38 @@ def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
     no other object (nothing to choose) and objects without an instance map are left out.
     ``token_objects`` ``(B, T)`` is per *sample* (the batch's per-image rows indexed by sample),
     ``object_instances`` ``(N,)`` each object's id in it. Returns the loss and ``choice_share``
-    (the target's mean part; uniform ~ 1 / objects).
+    (the target's mean part; uniform ~ 1 / objects) and ``choice_first_share``, the same at each
+    box's first number alone.
+
+    ``first_only`` trains that position alone. Why: once a box's first number is written, the
+    positions that write the other three can find the object by its place (a token in that
+    column) rather than by what the command says, so over all four positions the share looks
+    chosen (0.73-0.75 in round 15b's training) while at the first number, the only position
+    where the command alone decides, the bench found the attention on objects spread evenly.
     """
     zero, found = _attention_queries(attentions, input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch,
                                      coords, image_token_id, merge)
     if found is None:
         return zero, {}
-    rows, cols, obj, positions, n_image = found
+    rows, cols, obj, slot, positions, n_image = found
     owner = token_objects[rows][:, :positions.shape[1]]  # (N, T): instance id on each visual token
     valid = torch.arange(owner.shape[1], device=owner.device)[None, :] < n_image[rows, None]
     target = (owner == object_instances[obj][:, None]) & valid
     on_objects = (owner > 0) & valid
     keep = (object_instances[obj] > 0) & target.any(1) & (on_objects & ~target).any(1)
+    if first_only:
+        keep &= slot == 0
     if not bool(keep.any()):
         return zero, {}
-    rows, cols, target, on_objects = rows[keep], cols[keep], target[keep], on_objects[keep]
+    rows, cols, target, on_objects, first = rows[keep], cols[keep], target[keep], on_objects[keep], slot[keep] == 0
     shares = []
     for visual in _visual_attention(attentions, rows, cols, positions[rows]):
         visual = visual.mean(1)  # (N, T): the heads' mean
         shares.append((visual * target).sum(-1) / (visual * on_objects).sum(-1).clamp_min(1e-12))
-    return _log_share_loss(shares, "choice_share")
+    loss, stats = _log_share_loss(shares, "choice_share")
+    if bool(first.any()):
+        stats["choice_first_share"] = torch.stack([share[first].detach().mean() for share in shares]).mean()
+    return loss, stats
 
 
 def _attention_queries(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
@@ -306,9 +320,11 @@ def _grid_cells(sample_grids: torch.Tensor, merge: int) -> tuple[torch.Tensor, t
 
 def _box_queries(input_ids: torch.Tensor, labels: torch.Tensor, lm_rows: torch.Tensor, lm_cols: torch.Tensor,
                  sample_grids: torch.Tensor, object_batch: torch.Tensor, coords: CoordinateTable,
-                 is_image: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The positions that write a box's numbers and the object each box is of: ``(rows, cols, obj)``
-    with ``obj`` an index into the batch's object tensors; ``None`` when there are none.
+                 is_image: torch.Tensor,
+                 merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The positions that write a box's numbers, the object each box is of and which of its four
+    numbers each writes: ``(rows, cols, obj, slot)`` with ``obj`` an index into the batch's object
+    tensors and ``slot`` 0..3 (x1, y1, x2, y2); ``None`` when there are none.
 
     The k-th group of four coordinate positions of a sample writes its k-th object (answer order);
     only the first min(boxes written, boxes there) count, and only in samples whose visual tokens
@@ -321,15 +337,16 @@ def _box_queries(input_ids: torch.Tensor, labels: torch.Tensor, lm_rows: torch.T
         return None
     batch, length = input_ids.shape
     rows, cols, box, per_sample = _coordinate_groups(rows, cols, batch, length)
+    slot = _rank_in_group(rows, per_sample) % 4
     gh, gw = _grid_cells(sample_grids, merge)
     grid_ok = is_image.sum(1) == sample_grids[:, 0] * gh * gw
     objects = torch.bincount(object_batch, minlength=batch)
     keep = (box < torch.minimum(per_sample // 4, objects)[rows]) & grid_ok[rows]
-    rows, cols, box = rows[keep], cols[keep], box[keep]
+    rows, cols, box, slot = rows[keep], cols[keep], box[keep], slot[keep]
     if rows.numel() == 0:
         return None
     answer_order = torch.sort(object_batch, stable=True).indices  # each sample's objects, in answer order
-    return rows, cols, answer_order[_group_starts(objects)[rows] + box]
+    return rows, cols, answer_order[_group_starts(objects)[rows] + box], slot
 
 
 def _centre_cells(object_boxes: torch.Tensor, object_batch: torch.Tensor, sample_grids: torch.Tensor,

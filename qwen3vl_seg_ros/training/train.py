@@ -560,7 +560,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1)  # decoder init, independent of how the base was made
         self.model, self.processor, self.decoder, self.tokenizer_changed = load_base(cfg.model, self.base_folder)
         self.tokenizer = self.processor.tokenizer
-        if cfg.loss.lookup > 0 or cfg.loss.choice > 0:  # they read attention probabilities: eager attention only
+        if cfg.loss.lookup > 0 or cfg.loss.choice > 0 or cfg.loss.choice_first > 0:
+            # they read attention probabilities: eager attention only
             self.model.set_attn_implementation("eager")
         if cfg.model.from_scratch and cfg.model.number_embedding_init and not self.resume:
             init_number_embeddings(self.model, self.tokenizer)
@@ -774,7 +775,7 @@ class Trainer:
             has_objects = batch.object_batch.shape[0] > 0
             boxes = has_objects and self.coords is not None  # the box-grounding losses have something to train
             lookup = cfg.loss.lookup > 0 and boxes
-            choice = cfg.loss.choice > 0 and boxes
+            choice = (cfg.loss.choice > 0 or cfg.loss.choice_first > 0) and boxes
             with VisionCapture(self.model, self.decoder.config.vit_layers, detach=not vision_trainable) as capture:
                 out = multimodal_outputs(self.model, batch, pixel_values, output_attentions=lookup or choice)
                 hidden = out.last_hidden_state
@@ -799,11 +800,13 @@ class Trainer:
                 total = total + cfg.loss.lookup * loss_look
                 stats.update(lstats, lookup=loss_look.detach())
             if choice:
-                loss_choice, cstats = choice_loss(out.attentions or (), *answers, batch.object_batch,
-                                                  batch.object_instances, batch.token_objects[batch.image_index],
-                                                  *tokens)
-                total = total + cfg.loss.choice * loss_choice
+                choice_args = (out.attentions or (), *answers, batch.object_batch, batch.object_instances,
+                               batch.token_objects[batch.image_index], *tokens)
+                loss_choice, cstats = choice_loss(*choice_args)
                 stats.update(cstats, choice=loss_choice.detach())
+                total = total + cfg.loss.choice * loss_choice
+                if cfg.loss.choice_first > 0:
+                    total = total + cfg.loss.choice_first * choice_loss(*choice_args, first_only=True)[0]
             with_attributes = bool(self.attribute_ids) and vision_trainable and batch.token_attributes.numel() > 0
             if has_objects or with_attributes:
                 unique = capture.features(batch.image_grid_thw)
@@ -994,8 +997,8 @@ class Trainer:
 
     @staticmethod
     def _format(r: dict[str, Any]) -> str:
-        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "lookup_share", "choice_share", "attr_acc",
-                "mask", "m2_dice", "mask_iou", "iou_loss", "grad_norm")
+        keys = ("loss", "lm", "token_acc", "coord_mae", "pointer_acc", "lookup_share", "choice_share",
+                "choice_first_share", "attr_acc", "mask", "m2_dice", "mask_iou", "iou_loss", "grad_norm")
         parts = " ".join(f"{k} {r[k]:.4f}" for k in keys if k in r)
         return (f"[train] step {r['step']} ({r['stage']}) {parts} | lr {r['lr']:.2e} | "
                 f"{r['samples_per_s']:.1f} samples/s | data wait {100 * r['data_wait']:.0f}% | {r['elapsed_s']:.0f} s")
