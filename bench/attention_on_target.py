@@ -22,7 +22,10 @@ more than half its visual attention there; and how often the number the model wo
 is within 100 units (a tenth of the frame) of the right one, against the same for the left edge
 of an object of the scene picked at random. Last, a linear probe on the states at that position,
 layer by layer, for the word the command names (``word_in_states``): whether the query that should
-pick the object holds what it has to match.
+pick the object holds what it has to match; and how much of each layer's normalised input there
+changes from one command to the next, and how much of it is the named word (``word_spread``): a
+query whose size is nearly all the same for every command gives every command the same attention,
+however well a probe can read the word in it.
 """
 
 from __future__ import annotations
@@ -118,6 +121,15 @@ class Reader:
         self.image_token_id = int(self.model.config.image_token_id)
         self.merge = int(self.seg.processor.image_processor.merge_size)
 
+    @torch.no_grad()
+    def layer_inputs(self, states: np.ndarray) -> np.ndarray:
+        """``(commands, layers, D)``: each layer's input norm applied to the states that enter it
+        (``states`` as in :class:`Reading`, the input embeddings then each layer's output): what its
+        query projection sees."""
+        layers = self.model.model.language_model.layers
+        return np.stack([layer.input_layernorm(torch.from_numpy(states[:, i])).float().numpy()
+                         for i, layer in enumerate(layers)], axis=1)
+
     def inputs(self, rgb: np.ndarray, command: str) -> dict[str, torch.Tensor]:
         """The node's inputs for ``command``, followed by the answer up to its first number."""
         inputs = dict(self.seg._inputs(rgb, build_prompt(command)[0]))
@@ -207,6 +219,28 @@ def probe_states(states: np.ndarray, words: list[str], seed: int = 0) -> dict:
             "test_commands": len(test)}
 
 
+def word_spread(normed: np.ndarray, words: list[str]) -> dict:
+    """Per layer, the share of the normalised inputs' mean square ``(commands, layers, D)`` that
+    varies between commands (``varying``) and the part of it that tells the named words apart
+    (``word``: the spread of the per-word means around the overall mean, weighted by commands).
+
+    Why: a probe reads a word wherever it is linearly separable, even along a direction that is a
+    hundredth of the vector; a query projection sees the whole vector, so a word that small changes
+    the attention little, and gradient descent on the projection mostly meets the part that is
+    the same for every command.
+    """
+    names = sorted(set(words))
+    y = np.array([names.index(w) for w in words])
+    total = (normed.astype(np.float64) ** 2).sum(-1).mean(0)  # (L,)
+    mean = normed.mean(0)
+    varying = ((normed - mean) ** 2).sum(-1).mean(0) / total
+    between = sum((y == c).sum() * ((normed[y == c].mean(0) - mean) ** 2).sum(-1) for c in range(len(names)))
+    def shown(values: np.ndarray) -> list[float]:  # 3 significant digits; rounding noise (the input embeddings) as 0
+        return [float(f"{v:.3g}") if v > 1e-9 else 0.0 for v in values]
+
+    return {"varying": shown(varying), "word": shown(between / len(y) / total)}
+
+
 def report(kind: str, r: dict) -> None:
     print(f"{kind}: {r['commands']} commands, uniform share {r['uniform']:.3f} (among objects "
           f"{r['uniform_among_objects']:.3f}), first number within 100 units {r['first_number_within_100']:.3f} "
@@ -218,6 +252,10 @@ def report(kind: str, r: dict) -> None:
         w = r["word_in_states"]
         print(f"  the named word in the states there (input, then each layer): {w['per_layer']} "
               f"(majority {w['majority']:.3f}, {w['test_commands']} held-out commands)")
+    if "word_spread" in r:
+        w = r["word_spread"]
+        print(f"  each layer's normalised input there: share that varies between commands {w['varying']}, "
+              f"of it the named word {w['word']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if found:
             results[kind] = summarise(found)
             if len(found) >= 10:
-                results[kind]["word_in_states"] = probe_states(np.stack([r.states for r, _, _ in found]), words[kind])
+                states = np.stack([r.states for r, _, _ in found])
+                results[kind]["word_in_states"] = probe_states(states, words[kind])
+                results[kind]["word_spread"] = word_spread(reader.layer_inputs(states), words[kind])
             report(kind, results[kind])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -63,6 +63,9 @@ def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
         assert ((among >= 0) & (among <= 1)).all() and 0 < r["uniform_among_objects"] <= 1
         if "word_in_states" in r:
             assert len(r["word_in_states"]["per_layer"]) == shares.shape[0] + 1
+            spread = r["word_spread"]
+            assert len(spread["varying"]) == len(spread["word"]) == shares.shape[0]
+            assert all(0 <= w <= v <= 1 for v, w in zip(spread["varying"], spread["word"]))
 
 
 def test_summary_of_hand_made_readings() -> None:
@@ -88,3 +91,16 @@ def test_probe_states_finds_the_layer_that_holds_the_word() -> None:
     r = _bench().probe_states(states, words)
     assert r["classes"] == 3 and r["test_commands"] == 27
     assert r["per_layer"][1] == 1.0 and r["per_layer"][0] < 0.7
+
+
+def test_word_spread_of_hand_made_states() -> None:
+    """A constant vector of mean square 99, plus +-1 along one axis by word (layer 1) or by command
+    alone (layer 0): 1 % of the mean square varies in both, and only layer 1's is the word."""
+    words = ["red", "blue"] * 4
+    states = np.zeros((8, 2, 100))
+    states[:, :, 1:] = 1.0
+    for i, w in enumerate(words):
+        states[i, 1, 0] = 1.0 if w == "red" else -1.0
+        states[i, 0, 0] = 1.0 if i < 4 else -1.0  # half the commands of each word on each side
+    r = _bench().word_spread(states, words)
+    assert r["varying"] == [0.01, 0.01] and r["word"] == [0.0, 0.01]
