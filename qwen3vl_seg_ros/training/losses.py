@@ -301,14 +301,15 @@ def _rank_in_group(groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _coordinate_groups(rows: torch.Tensor, cols: torch.Tensor, batch: int,
-                       length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The coordinate positions sorted by sample then position, which box each writes (the k-th
-    group of four positions of a sample writes its k-th box), and how many each sample has."""
+    group of four positions of a sample writes its k-th box), which of the box's four numbers
+    (0..3), and how many positions each sample has."""
     order = torch.argsort(rows * length + cols)
     rows, cols = rows[order], cols[order]
     per_sample = torch.bincount(rows, minlength=batch)
-    box = torch.div(_rank_in_group(rows, per_sample), 4, rounding_mode="floor")
-    return rows, cols, box, per_sample
+    rank = _rank_in_group(rows, per_sample)
+    return rows, cols, torch.div(rank, 4, rounding_mode="floor"), rank % 4, per_sample
 
 
 def _grid_cells(sample_grids: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,8 +337,7 @@ def _box_queries(input_ids: torch.Tensor, labels: torch.Tensor, lm_rows: torch.T
     if rows.numel() == 0 or object_batch.numel() == 0:
         return None
     batch, length = input_ids.shape
-    rows, cols, box, per_sample = _coordinate_groups(rows, cols, batch, length)
-    slot = _rank_in_group(rows, per_sample) % 4
+    rows, cols, box, slot, per_sample = _coordinate_groups(rows, cols, batch, length)
     gh, gw = _grid_cells(sample_grids, merge)
     grid_ok = is_image.sum(1) == sample_grids[:, 0] * gh * gw
     objects = torch.bincount(object_batch, minlength=batch)
