@@ -26,6 +26,14 @@ pick the object holds what it has to match; and how much of each layer's normali
 changes from one command to the next, and how much of it is the named word (``word_spread``): a
 query whose size is nearly all the same for every command gives every command the same attention,
 however well a probe can read the word in it.
+
+A model trained with label-first answers (``training_info.json``'s ``answer_format``, see
+docs/training.md, "Round 17") writes each object's label before its box, so its prefix up to the
+first number holds the target's true label, ``[{"label": "red mug", "bbox_2d": [``, and the object
+is chosen earlier, at a label word. For such models the script also reports ``label_word``: for
+"the <colour> object", answered up to ``[{"label": "<colour>``, how often the most likely shape
+word is the target's; for "the <shape>", answered up to ``[{"label": "``, how often the most
+likely colour word is the target's; each against an object of the scene at random.
 """
 
 from __future__ import annotations
@@ -45,11 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scri
 from probe_visual_tokens import linear_probe
 
 from qwen3vl_seg_ros.grounding import build_prompt
-from qwen3vl_seg_ros.training.dataset import DataConfig
-from qwen3vl_seg_ros.training.synthetic import Scene, generate_sample, split_seed
+from qwen3vl_seg_ros.training.dataset import DataConfig, object_label
+from qwen3vl_seg_ros.training.synthetic import COLOURS, SHAPES, Scene, generate_sample, split_seed
 
 #: The answer up to the box's first number, as the model writes it (Qwen3-VL's grounding format).
 PREFIX = '[{"bbox_2d": ['
+
+#: The same for a model trained with label-first answers, before and after the label.
+LABEL_FIRST_OPEN, LABEL_FIRST_CLOSE = '[{"label": "', '", "bbox_2d": ['
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +131,12 @@ class Reader:
         self.tokenizer = self.seg.processor.tokenizer
         self.image_token_id = int(self.model.config.image_token_id)
         self.merge = int(self.seg.processor.image_processor.merge_size)
+        info = Path(folder) / "training_info.json"
+        self.label_first = info.is_file() and json.loads(info.read_text()).get("answer_format") == "label_first"
+
+    def prefix(self, label: str) -> str:
+        """The answer up to the box's first number for an object labelled ``label``."""
+        return LABEL_FIRST_OPEN + label + LABEL_FIRST_CLOSE if self.label_first else PREFIX
 
     @torch.no_grad()
     def layer_inputs(self, states: np.ndarray) -> np.ndarray:
@@ -130,10 +147,10 @@ class Reader:
         return np.stack([layer.input_layernorm(torch.from_numpy(states[:, i])).float().numpy()
                          for i, layer in enumerate(layers)], axis=1)
 
-    def inputs(self, rgb: np.ndarray, command: str) -> dict[str, torch.Tensor]:
-        """The node's inputs for ``command``, followed by the answer up to its first number."""
+    def inputs(self, rgb: np.ndarray, command: str, answer: str) -> dict[str, torch.Tensor]:
+        """The node's inputs for ``command``, followed by the start of an ``answer``."""
         inputs = dict(self.seg._inputs(rgb, build_prompt(command)[0]))
-        prefix = self.tokenizer(PREFIX, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        prefix = self.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
         length = inputs["input_ids"].shape[1]
         for key, value in list(inputs.items()):  # per-token side inputs (attention mask, token types) grow too
             if key != "input_ids" and value.dim() == 2 and value.shape == (1, length):
@@ -142,9 +159,20 @@ class Reader:
         return inputs
 
     @torch.no_grad()
-    def read(self, rgb: np.ndarray, command: str, masks: np.ndarray, k: int) -> Reading:
-        """Where the visual attention goes at the box's first number, for target ``k`` of ``masks``."""
-        inputs = self.inputs(rgb, command)
+    def label_word(self, rgb: np.ndarray, command: str, before: str, choices: tuple[str, ...]) -> str:
+        """The most likely of ``choices`` as the next word of a label-first answer's label that
+        begins with ``before`` ("" or a colour)."""
+        inputs = self.inputs(rgb, command, LABEL_FIRST_OPEN + before)
+        logits = self.model(**inputs).logits[0, -1]
+        space = " " if before else ""
+        ids = self.tokenizer.convert_tokens_to_ids([space + w for w in choices])
+        return choices[int(logits[torch.tensor(ids)].argmax())]
+
+    @torch.no_grad()
+    def read(self, rgb: np.ndarray, command: str, masks: np.ndarray, k: int, label: str) -> Reading:
+        """Where the visual attention goes at the box's first number, for target ``k`` of ``masks``
+        (labelled ``label``)."""
+        inputs = self.inputs(rgb, command, self.prefix(label))
         out = self.model(**inputs, output_attentions=True, output_hidden_states=True)
         visual = (inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]
         _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
@@ -241,6 +269,12 @@ def word_spread(normed: np.ndarray, words: list[str]) -> dict:
     return {"varying": shown(varying), "word": shown(between / len(y) / total)}
 
 
+def label_choice(hits: list[tuple[bool, float]]) -> dict:
+    """How often a label-first model's label word was the target's (``hits``: whether it was, and
+    the share of the scene's objects it would be right for), against an object at random."""
+    return {"right": float(np.mean([h for h, _ in hits])), "any_object": float(np.mean([g for _, g in hits]))}
+
+
 def report(kind: str, r: dict) -> None:
     print(f"{kind}: {r['commands']} commands, uniform share {r['uniform']:.3f} (among objects "
           f"{r['uniform_among_objects']:.3f}), first number within 100 units {r['first_number_within_100']:.3f} "
@@ -256,6 +290,10 @@ def report(kind: str, r: dict) -> None:
         w = r["word_spread"]
         print(f"  each layer's normalised input there: share that varies between commands {w['varying']}, "
               f"of it the named word {w['word']}")
+    if "label_word" in r:
+        w = r["label_word"]
+        print(f"  label-first: the label's other word is the target's for {w['right']:.3f} "
+              f"(an object of the scene at random: {w['any_object']:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,17 +302,28 @@ def main(argv: list[str] | None = None) -> int:
     scene_cfg = DataConfig(width=args.width, height=args.height).scene_config()
     rows: dict[str, list] = {"colour": [], "shape": []}
     words: dict[str, list[str]] = {"colour": [], "shape": []}
+    labels: dict[str, list[tuple[bool, float]]] = {"colour": [], "shape": []}
     for index in range(args.first_scene, args.first_scene + args.scenes):
         scene, _ = generate_sample(split_seed(args.split, index), scene_cfg)
         masks, boxes = scene.masks(), scene.boxes()
         for kind, command, k in simple_commands(scene):
-            reading = reader.read(scene.rgb, command, masks, k)
+            target = scene.objects[k]
+            reading = reader.read(scene.rgb, command, masks, k, object_label(target.colour, target.shape, "object"))
+            if reader.label_first:  # the label word the command does not name
+                if kind == "colour":
+                    attr, before, choices = "shape", target.colour, SHAPES
+                else:
+                    attr, before, choices = "colour", "", COLOURS
+                word = reader.label_word(scene.rgb, command, before, choices)
+                share = np.mean([getattr(o, attr) == getattr(target, attr) for o in scene.objects])
+                labels[kind].append((word == getattr(target, attr), float(share)))
             error = first_number_error(reader.tokenizer, reading.token, boxes[k], args.width)
             # a guess at any object of the scene: the share of them whose left edge is near enough
             guess = float(np.mean(np.abs(boxes[:, 0] - boxes[k, 0]) * 1000.0 / args.width <= 100))
             rows[kind].append((reading, error, guess))
             words[kind].append(command.split()[1])  # "the red object" / "the mug"
-    results: dict = {"model": args.model, "split": args.split, "scenes": [args.first_scene, args.scenes]}
+    results: dict = {"model": args.model, "split": args.split, "scenes": [args.first_scene, args.scenes],
+                     "answer_format": "label_first" if reader.label_first else "box_first"}
     for kind, found in rows.items():
         if found:
             results[kind] = summarise(found)
@@ -282,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 states = np.stack([r.states for r, _, _ in found])
                 results[kind]["word_in_states"] = probe_states(states, words[kind])
                 results[kind]["word_spread"] = word_spread(reader.layer_inputs(states), words[kind])
+            if labels[kind]:
+                results[kind]["label_word"] = label_choice(labels[kind])
             report(kind, results[kind])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

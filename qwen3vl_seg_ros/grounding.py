@@ -178,18 +178,24 @@ def _object_fields(obj: Mapping | Sequence) -> tuple[list[int], str]:
     return coords, str(label)
 
 
-def format_answer(objects: Sequence[Mapping | Sequence], mask_token: bool) -> str:
+def format_answer(objects: Sequence[Mapping | Sequence], mask_token: bool, label_first: bool = False) -> str:
     """The exact answer text a model trained with our recipe produces (the training target).
 
     ``objects`` are ``{"bbox_2d": [x1, y1, x2, y2], "label": str}`` mappings or
     ``(box, label)`` pairs with relative integer coordinates (see :func:`boxes_to_relative`).
     With ``mask_token`` each object's JSON is followed by :data:`SEG_TOKEN`. No object gives
     ``"[]"``, the answer for "not in the image".
+
+    ``label_first`` writes each object's label before its box (``{"label": ..., "bbox_2d": [...]}``),
+    Qwen3-VL's order reversed: a model then names the object, word by word, before it places it,
+    so the choice of object falls on a word, whose token says what is sought, instead of on the
+    box's opening bracket (docs/training.md, "Round 17"). :func:`parse_answer` reads both orders.
     """
     entries = []
     for obj in objects:
         coords, label = _object_fields(obj)
-        entry = json.dumps({"bbox_2d": coords, "label": label}, ensure_ascii=False)
+        fields = {"label": label, "bbox_2d": coords} if label_first else {"bbox_2d": coords, "label": label}
+        entry = json.dumps(fields, ensure_ascii=False)
         entries.append(entry + (SEG_TOKEN if mask_token else ""))
     return "[" + ", ".join(entries) + "]"
 

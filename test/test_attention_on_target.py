@@ -68,6 +68,30 @@ def test_short_run_on_the_shipped_model(tmp_path: Path) -> None:
             assert all(0 <= w <= v <= 1 for v, w in zip(spread["varying"], spread["word"]))
 
 
+def test_label_first_model_reads_its_label_words(tmp_path: Path) -> None:
+    """A checkpoint trained with label-first answers (its training_info.json says so) is read with the
+    target's label before the first number, and gets the label-word choice as well."""
+    from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(tmp_path / "model", decoder=False, answer=None, seed=5)
+    (folder / "training_info.json").write_text(json.dumps({"answer_format": "label_first"}))
+    bench = _bench()
+    reader = bench.Reader(str(folder))
+    assert reader.label_first and reader.prefix("red mug") == '[{"label": "red mug", "bbox_2d": ['
+    out = tmp_path / "att.json"
+    args = ["--model", str(folder), "--scenes", "8", "--width", "128", "--height", "96", "--out", str(out)]
+    assert bench.main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["answer_format"] == "label_first"
+    found = [results[k]["label_word"] for k in ("colour", "shape") if k in results]
+    assert found and all(0 <= r["right"] <= 1 and 0 < r["any_object"] <= 1 for r in found)
+
+
+def test_label_choice_of_hand_made_hits() -> None:
+    r = _bench().label_choice([(True, 0.25), (False, 0.5), (True, 1 / 3), (False, 0.25)])
+    assert r["right"] == 0.5 and r["any_object"] == pytest.approx((0.25 + 0.5 + 1 / 3 + 0.25) / 4)
+
+
 def test_summary_of_hand_made_readings() -> None:
     """Two commands, one layer of two heads: the means, and the target's part of the attention on objects."""
     bench = _bench()

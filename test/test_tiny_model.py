@@ -13,7 +13,13 @@ from qwen3vl_seg_ros.grounding import SEG_TOKEN, build_prompt, format_answer
 from qwen3vl_seg_ros.model.checkpoint import has_decoder, load_decoder
 from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator
 from qwen3vl_seg_ros.model.loading import load_processor, load_qwen3vl
-from qwen3vl_seg_ros.model.tiny import DEFAULT_ANSWER, build_tiny_checkpoint, build_tokenizer
+from qwen3vl_seg_ros.model.tiny import (
+    DEFAULT_ANSWER,
+    LABEL_FIRST_PIECES,
+    build_tiny_checkpoint,
+    build_tokenizer,
+    tokenizer_vocabulary,
+)
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, merged_to_map, patches_to_raster
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
@@ -56,6 +62,20 @@ def test_tokenizer_covers_the_task() -> None:
     assert tok.decode(ids) == answer
     for prompt_command in ("the red mug left of the box", "all cubes", "the green ball and the cup"):
         assert unk not in tok(build_prompt(prompt_command)[0])["input_ids"]
+
+
+def test_label_first_answers_tokenize_as_compactly() -> None:
+    """Each fixed piece of a label-first answer is one token, as for Qwen3-VL's order, and the pieces
+    come last in the vocabulary, so every other token keeps the id older tokenizers gave it."""
+    tok = build_tokenizer()
+    objects = [([1, 20, 300, 1000], "red mug"), ([5, 5, 6, 6], "blue cube")]
+    first = format_answer(objects, mask_token=True, label_first=True)
+    assert first.startswith('[{"label": "red mug", "bbox_2d": [1, 20, 300, 1000]}')
+    ids = tok(first)["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == first
+    assert len(ids) == len(tok(format_answer(objects, mask_token=True))["input_ids"])
+    assert all(len(tok(p)["input_ids"]) == 1 for p in LABEL_FIRST_PIECES)
+    assert tokenizer_vocabulary()[-len(LABEL_FIRST_PIECES):] == list(LABEL_FIRST_PIECES)
 
 
 # ------------------------------------------------------------------------------- checkpoint

@@ -21,6 +21,7 @@ from qwen3vl_seg_ros.grounding import SEG_TOKEN, format_answer
 from qwen3vl_seg_ros.model.segmenter import _decoder_image
 from qwen3vl_seg_ros.training.collate import (
     IGNORE_INDEX,
+    Collator,
     RefExample,
     concat_batches,
     decoder_image_uint8,
@@ -136,6 +137,40 @@ def test_batch_matches_the_processor_and_inference(trainer: Trainer, batch) -> N
                                                      image_grid_thw=batch.image_grid_thw[batch.image_index],
                                                      attention_mask=batch.attention_mask)
     assert torch.equal(expected, batch.position_ids[1:])
+
+
+def test_label_first_batches(trainer: Trainer) -> None:
+    """``data.answer_format: label_first``: each object's label comes before its box, the answer
+    parses back to the same boxes, and the losses still find each box's four numbers and its
+    ``<|seg|>``; an unknown format is refused before training."""
+    from qwen3vl_seg_ros.grounding import parse_answer
+    from qwen3vl_seg_ros.training.losses import _box_queries
+
+    collator = Collator(trainer.processor, trainer.decoder.config.max_image_side, 0.0, label_first=True)
+    examples = [e for i in range(4) for e in synthetic_examples("train", i, trainer.cfg.data.scene_config())]
+    batch = collator(examples, np.random.default_rng(0))
+    tok = trainer.processor.tokenizer
+    for b, ex in enumerate(examples):
+        text, order = target_answer(ex.boxes, ex.labels, W, H, label_first=True)
+        length = int(batch.attention_mask[b].sum())
+        assert tok.decode(batch.input_ids[b, :length]).endswith(text + "<|im_end|>")
+        if len(order):
+            assert text.startswith(f'[{{"label": "{ex.labels[order[0]]}", "bbox_2d": [')
+        parsed = parse_answer(text.replace(SEG_TOKEN, ""), W, H)
+        np.testing.assert_allclose(parsed.boxes, np.asarray(ex.boxes)[order].reshape(-1, 4), atol=0.1 * W / 100)
+        seg = batch.object_seg_positions[batch.object_batch == b]
+        assert all(tok.convert_ids_to_tokens(int(batch.input_ids[b, p])) == SEG_TOKEN for p in seg)
+    sample_grids = batch.image_grid_thw[batch.image_index]
+    is_image = batch.input_ids == collator.image_token_id
+    found = _box_queries(batch.input_ids, batch.labels, batch.lm_rows, batch.lm_cols, sample_grids,
+                         batch.object_batch, trainer.coords, is_image, collator.merge)
+    assert found is not None
+    rows, cols, obj, slot = found
+    assert len(rows) == 4 * len(batch.object_batch)  # every box's four numbers, each of its own object
+    written = trainer.coords.value[batch.labels[rows, cols + 1]].float()
+    assert torch.allclose(written, batch.object_boxes[obj, slot] * 1000)  # no jitter: the answer's own boxes
+    with pytest.raises(ValueError, match="answer_format"):
+        DataConfig(answer_format="box_last")
 
 
 def test_answers_order_objects_and_jitter_boxes() -> None:
@@ -514,13 +549,16 @@ def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> Non
     assert info["step"] == 4 and info["finished"] and info["base"] == "tiny"
     assert training_frame_size(folder) == (cfg.data.width, cfg.data.height)  # evaluate's default size
     assert "base_training" not in info  # from scratch: no history before this run
-    # a round continued from this export carries the first round's history in its own export
-    again = config_from_dict(tiny_config(model={**tiny_config()["model"], "base": str(folder)}))
+    # a round continued from this export carries the first round's history in its own export (and
+    # may train another answer order: the task tokenizer has the pieces of both)
+    again = config_from_dict(tiny_config(model={**tiny_config()["model"], "base": str(folder)},
+                                         data={**tiny_config()["data"], "answer_format": "label_first"}))
     command = "python -m qwen3vl_seg_ros.train round2.yaml --out round2"
     logged: list[str] = []
     second = Trainer(again, tmp_path / "round2", log=logged.append, stop_at_step=1, command=command).run()
     info2 = json.loads((Path(second["model"]) / "training_info.json").read_text())
     assert info2["base"] == str(folder) and info2["step"] == 1
+    assert info["answer_format"] == "box_first" and info2["answer_format"] == "label_first"
     assert info2["config"] == command and "config" not in info  # the command line, when there was one
     assert info2["base_training"] == info
     # each export records the train scenes it may have rendered; a round starting inside them is warned

@@ -82,9 +82,14 @@ TABLETOP_WORDS = (
 #: object costs about 15 tokens instead of 35, which halves decoding time on a CPU.
 ANSWER_PIECES = ('{"bbox_2d": [', '], "label": "', '"}', ", ")
 
+#: The same for label-first answers (``format_answer(..., label_first=True)``); at the end of the
+#: vocabulary, so the ids of every other token are those of tokenizers built before them.
+LABEL_FIRST_PIECES = ('{"label": "', '", "bbox_2d": [', "]}")
+
 #: Pre-tokenizer: the answer pieces, words (with their leading space), integers, single whitespace
 #: characters, single symbols.
-_PIECES = "|".join(re.escape(p) for p in ANSWER_PIECES) + r"| ?[a-z_][a-z0-9_]*|\d+|\s|[^\sa-z0-9_]"
+_PIECES = ("|".join(re.escape(p) for p in (*ANSWER_PIECES, *LABEL_FIRST_PIECES))
+           + r"| ?[a-z_][a-z0-9_]*|\d+|\s|[^\sa-z0-9_]")
 
 #: Sizes of the real Qwen3-VL models (shared/notes/qwen3-vl-seg.md), for configs without weights.
 REFERENCE_SIZES: dict[str, dict[str, Any]] = {
@@ -124,6 +129,7 @@ def tokenizer_vocabulary(extra_words: Sequence[str] = ()) -> list[str]:
         for form in (word, " " + word):
             if form not in words:
                 words.append(form)
+    words += [p for p in LABEL_FIRST_PIECES if p not in words]
     return [*SPECIAL_TOKENS, *words]
 
 
@@ -293,6 +299,7 @@ def build_tiny_checkpoint(
     answer: Sequence[Any] | None = DEFAULT_ANSWER,
     mask_token: bool = True,
     fit_steps: int = 200,
+    label_first: bool = False,
     **sizes: Any,
 ) -> Path:
     """Builds and saves a tiny Qwen3-VL(-Seg) checkpoint that the production loader can read.
@@ -302,7 +309,8 @@ def build_tiny_checkpoint(
     model (``mask_decoder.safetensors`` + ``mask_decoder_config.json``), making it a combined
     folder. ``answer`` (objects as for :func:`~qwen3vl_seg_ros.grounding.format_answer`, relative
     coordinates) makes the model always answer that, followed by ``<|seg|>`` per object when
-    ``mask_token``; ``answer=None`` keeps the random model. ``sizes`` override :data:`TINY_SIZES`
+    ``mask_token`` (each label before its box with ``label_first``); ``answer=None`` keeps the
+    random model. ``sizes`` override :data:`TINY_SIZES`
     (e.g. ``text_hidden=256, vision_hidden=128, text_layers=4``). Takes a few seconds on a CPU.
     """
     from qwen3vl_seg_ros.model.checkpoint import save_decoder
@@ -321,7 +329,7 @@ def build_tiny_checkpoint(
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).float()
     if answer is not None:
-        _fit_answer(model, tokenizer, s, format_answer(answer, mask_token), fit_steps, seed)
+        _fit_answer(model, tokenizer, s, format_answer(answer, mask_token, label_first), fit_steps, seed)
     ids = tokenizer.convert_tokens_to_ids
     model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
     model.generation_config.pad_token_id = ids("<|endoftext|>")

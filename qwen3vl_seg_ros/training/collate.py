@@ -168,12 +168,13 @@ def answer_order(boxes: np.ndarray) -> np.ndarray:
     return np.lexsort((boxes[:, 1], boxes[:, 0]))
 
 
-def target_answer(boxes: np.ndarray, labels: Sequence[str], width: int, height: int) -> tuple[str, np.ndarray]:
+def target_answer(boxes: np.ndarray, labels: Sequence[str], width: int, height: int,
+                  label_first: bool = False) -> tuple[str, np.ndarray]:
     """The answer text a sample is trained to give, and the order of its objects in it."""
     order = answer_order(boxes)
     rel = boxes_to_relative(np.asarray(boxes)[order], width, height) if len(order) else np.zeros((0, 4), np.int64)
     objects = [{"bbox_2d": [int(v) for v in r], "label": labels[i]} for r, i in zip(rel, order)]
-    return format_answer(objects, mask_token=True), order
+    return format_answer(objects, mask_token=True, label_first=label_first), order
 
 
 def jitter_boxes(rel: np.ndarray, rng: np.random.Generator, scale: float | Sequence[float]) -> np.ndarray:
@@ -399,12 +400,14 @@ class Collator:
     the relative edge noise of the decoder's input boxes (0 = the exact ground-truth boxes), or
     several such scales, one drawn per box. ``attribute_groups`` (such as the colour words and
     the shape words) give each visual token its object's classes (:func:`token_attributes`)
-    for the attribute loss; empty, the batch carries none.
+    for the attribute loss; empty, the batch carries none. ``label_first`` trains answers that name
+    each object before its box (``data.answer_format``).
     """
 
     def __init__(self, processor: object, max_image_side: int, box_jitter: float | Sequence[float] = 0.0,
-                 attribute_groups: Sequence[Sequence[str]] = ()) -> None:
+                 attribute_groups: Sequence[Sequence[str]] = (), label_first: bool = False) -> None:
         self.processor = processor
+        self.label_first = bool(label_first)
         self.attribute_groups = tuple(tuple(g) for g in attribute_groups)
         self.tokenizer = processor.tokenizer  # type: ignore[attr-defined]
         self.image_processor = processor.image_processor  # type: ignore[attr-defined]
@@ -467,7 +470,7 @@ class Collator:
             grid, dec_image = grids[u], dec_images[u]
             height, width = ex.rgb.shape[:2]
             prompt = self.prompt_ids(self.prompt_text(ex.expression), grid)
-            answer, order = target_answer(ex.boxes, ex.labels, width, height)
+            answer, order = target_answer(ex.boxes, ex.labels, width, height, self.label_first)
             answer_ids = self.answer_ids(answer)
             ids = prompt + answer_ids
             seg = [len(prompt) + i for i, t in enumerate(answer_ids) if t == self.seg_token_id]

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from qwen3vl_seg_ros.training.synthetic import Scene, SceneConfig
 
 
+#: Orders of the fields in a target answer (``grounding.format_answer``).
+ANSWER_FORMATS = ("box_first", "label_first")
+
+
 @dataclass
 class DataConfig:
     """The ``data`` section of a training configuration."""
@@ -52,12 +56,15 @@ class DataConfig:
     first_scene: int = 0  # synthetic: index of the first train scene (a later round starts past the last one's)
     type_weights: dict[str, float] | None = None  # synthetic: query types drawn (None: the generator's mix)
     form_weights: dict[str, float] | None = None  # synthetic: forms of single-target commands (None: uniform)
+    answer_format: str = "box_first"  # target answers: Qwen3-VL's box-then-label, or "label_first"
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "coco"):
             raise ValueError(f"data.source must be 'synthetic' or 'coco', got {self.source!r}")
         if self.source == "coco" and not self.coco_json:
             raise ValueError("data.source 'coco' needs data.coco_json (a COCO-style referring file)")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"data.answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
         if self.first_scene < 0:
             raise ValueError(f"data.first_scene must be >= 0, got {self.first_scene}")
         box_jitter_scales(self.box_jitter)

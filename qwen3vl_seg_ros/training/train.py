@@ -572,7 +572,8 @@ class Trainer:
         self.coords = CoordinateTable(numbers, vocab, self.device) if numbers else None
         groups = ATTRIBUTE_GROUPS if cfg.loss.attribute > 0 else ()
         self.attribute_ids = [torch.tensor(attribute_word_ids(self.tokenizer, g), device=self.device) for g in groups]
-        self.collator = Collator(self.processor, self.decoder.config.max_image_side, cfg.data.box_jitter, groups)
+        self.collator = Collator(self.processor, self.decoder.config.max_image_side, cfg.data.box_jitter, groups,
+                                 label_first=cfg.data.answer_format == "label_first")
         micro = cfg.data.micro_batch or cfg.optim.batch_size
         if cfg.optim.batch_size % micro:
             raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not a multiple of data.micro_batch {micro}")
@@ -716,7 +717,7 @@ class Trainer:
                 "stages_done": self.state.stage, "finished": self.state.finished,
                 "data": f"{self.cfg.data.source} {self.cfg.data.width}x{self.cfg.data.height}",
                 "image_width": self.cfg.data.width, "image_height": self.cfg.data.height,
-                "base": self.cfg.model.base}
+                "answer_format": self.cfg.data.answer_format, "base": self.cfg.model.base}
         if self.cfg.data.source == "synthetic":
             info["train_scenes"] = list(train_scene_range(self.cfg.data.first_scene, self.micro_batch,
                                                           self.state.samples))
