@@ -36,6 +36,7 @@ class SegmenterOptions:
     max_objects: int = 50
     box_refine_passes: int = 1  # more decoder runs, each on its previous mask's box (which becomes the box)
     fast_decode: bool = True  # static KV cache + CUDA graphs on GPU
+    coordinate_window: int = -1  # choose a number token by its +-N-unit window's probability; -1 = plain greedy
     compile_cache_dir: str = ""  # persistent compilation cache ("" = default location)
     image_max_pixels: int = 0  # processor resize limit; 0 = the checkpoint's default
     num_threads: int = 0  # CPU threads for the model (torch.set_num_threads); 0 = torch's default

@@ -31,6 +31,7 @@ from qwen3vl_seg_ros.model.fast_generation import (
 from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator
 from qwen3vl_seg_ros.model.loading import load_processor, load_qwen3vl
 from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+from qwen3vl_seg_ros.model.token_choice import number_tokens
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
@@ -163,6 +164,22 @@ def test_generate_matches_eager(model: torch.nn.Module, processor: object) -> No
     fast = FastGreedyGenerator(model, NEVER).generate(inputs, 24)
     assert len(ref.token_ids) == 24 and not ref.finished
     assert_same(fast, ref)
+
+
+def test_coordinate_windows_alike_in_both_paths(model: torch.nn.Module, processor: object,
+                                                fake_graphs: list[FakeGraph]) -> None:
+    """With coordinates chosen by their window (:mod:`token_choice`) the graphed path writes what the
+    eager one does. The random model spreads most of its mass over the 1001 numbers, so every token
+    is a number, where plain greedy writes words too."""
+    numbers = number_tokens(processor.tokenizer, 3)
+    inputs = make_inputs(processor, seed=8)
+    ref = EagerGreedyGenerator(model, NEVER, numbers).generate(inputs, 12)
+    fast = graph_mode(FastGreedyGenerator(model, NEVER, numbers=numbers)).generate(inputs, 12)
+    assert_same(fast, ref)
+    values = set(numbers.ids.tolist())
+    assert all(t in values for t in ref.token_ids.tolist())
+    plain = EagerGreedyGenerator(model, NEVER).generate(inputs, 12)
+    assert not all(t in values for t in plain.token_ids.tolist())
 
 
 @pytest.mark.parametrize("check_every", [1, 4])

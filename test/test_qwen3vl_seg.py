@@ -66,6 +66,30 @@ def test_segment_with_decoder_and_mask_tokens(seg: Qwen3VLSeg) -> None:
     assert set(out.timings_ms) == {"grounding", "mask"}
 
 
+def test_label_first_answers_segment_alike(tmp_path: Path, seg: Qwen3VLSeg) -> None:
+    """A model that names each object before its box (``data.answer_format: label_first``) goes through
+    the same path: the same boxes and labels, and each object's mask from its own ``<|seg|>``."""
+    folder = build_tiny_checkpoint(tmp_path / "label_first", answer=ANSWER, label_first=True)
+    first = Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu"))
+    out = first.segment(image(), "the red cube and the blue ball")
+    assert out.raw_answer == format_answer(ANSWER, mask_token=False, label_first=True)
+    assert out.no_match_reason == "" and out.query_source == "mask_token"
+    assert [i.label for i in out.instances] == ["red cube", "blue ball"]
+    np.testing.assert_allclose(np.stack([i.model_box for i in out.instances]), expected_boxes(), atol=1e-4)
+    assert all(i.mask_source == "decoder" and 0 < i.box_score <= 1 for i in out.instances)
+    assert out.instances[0].mask_score != out.instances[1].mask_score  # each from its own query
+
+
+def test_coordinate_window_option(seg_folder: Path, seg: Qwen3VLSeg) -> None:
+    """``coordinate_window`` >= 0 groups the number tokens for both decoding paths; a model sure of
+    its numbers writes the same answer either way. The default is plain greedy."""
+    assert seg.numbers is None and SegmenterOptions().coordinate_window == -1
+    grouped = Qwen3VLSeg.from_options(SegmenterOptions(model=str(seg_folder), device="cpu", coordinate_window=5))
+    assert grouped.numbers is not None and grouped.numbers.window == 5
+    assert grouped.generator.numbers is grouped.numbers
+    assert grouped.segment(image(), "the red cube").raw_answer == format_answer(ANSWER, mask_token=False)
+
+
 def test_mask_boxes_and_empty_masks_keep_their_box() -> None:
     masks = np.zeros((3, 6, 8), bool)
     masks[0, 1:4, 2:5] = True

@@ -62,6 +62,7 @@ from torch import nn
 
 from qwen3vl_seg_ros.model.cuda_graph import capture_graph
 from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator, GenerationOutput, Generator, _mm_token_type_ids
+from qwen3vl_seg_ros.model.token_choice import NumberTokens, pick_tokens
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +220,12 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, wq: torch.Tensor, wk: torch
     return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
 
 
-def decode_head(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Final norm (the hidden state), greedy token and its probability, for ``x`` (1, D)."""
+def decode_head(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float,
+                numbers: NumberTokens | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final norm (the hidden state), the chosen token and its probability, for ``x`` (1, D)."""
     h = _rms_norm(x, norm, eps)
     logits = F.linear(h, lm_head).to(torch.float32)
-    token = torch.argmax(logits, dim=-1)
-    prob = torch.softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+    token, prob = pick_tokens(logits, numbers)
     return h, token, prob
 
 
@@ -371,7 +371,8 @@ class FastGreedyGenerator(Generator):
     """
 
     def __init__(self, model: nn.Module, stop_token_ids: Iterable[int], *, use_graphs: bool | None = None,
-                 compile: bool = False, compile_cache_dir: str = "", check_every: int = 1) -> None:
+                 compile: bool = False, compile_cache_dir: str = "", check_every: int = 1,
+                 numbers: NumberTokens | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise FastPathUnavailableError(f"fast decoding does not support this model: {reason}")
@@ -379,7 +380,8 @@ class FastGreedyGenerator(Generator):
         self.inner = model.model
         self.lm = model.model.language_model
         self.visual = getattr(model.model, "visual", None)
-        self._eager = EagerGreedyGenerator(model, stop_token_ids)
+        self._eager = EagerGreedyGenerator(model, stop_token_ids, numbers)
+        self.numbers = numbers
         self.stop_token_ids = self._eager.stop_token_ids
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -671,11 +673,9 @@ class FastGreedyGenerator(Generator):
         logits = self.model.lm_head(hidden).to(torch.float32)
         self._set_first_token(state, logits, hidden, last + 1, delta)
 
-    @staticmethod
-    def _set_first_token(state: _State, logits: torch.Tensor, hidden: torch.Tensor | None, length: torch.Tensor,
+    def _set_first_token(self, state: _State, logits: torch.Tensor, hidden: torch.Tensor | None, length: torch.Tensor,
                          delta: torch.Tensor) -> None:
-        token = torch.argmax(logits, dim=-1)
-        prob = torch.softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+        token, prob = pick_tokens(logits, self.numbers)
         state.tok_out[:1].copy_(token)
         state.prob_out[:1].copy_(prob)
         state.cur_tok.copy_(token)
@@ -798,7 +798,8 @@ class FastGreedyGenerator(Generator):
         for index, weights in enumerate(self._layer_weights()):
             x = self._layer_fn(x, *weights, state.k[index], state.v[index], state.pos, cos, sin_rot, bias,
                                spec.eps, spec.heads, spec.kv_heads, spec.scale)
-        hidden, token, prob = self._head_fn(x, self.lm.norm.weight, self.model.lm_head.weight, spec.eps)
+        hidden, token, prob = self._head_fn(x, self.lm.norm.weight, self.model.lm_head.weight, spec.eps,
+                                            self.numbers)
         state.hid_out.index_copy_(0, state.step, hidden)
         following = state.step + 1
         state.tok_out.index_copy_(0, following, token)

@@ -4,7 +4,8 @@
 token (the decoder's object query) or the probability of each token (the box confidence). The
 :class:`Generator` interface returns all three. :class:`EagerGreedyGenerator` is the reference
 implementation: a plain loop over a dynamic KV cache, token for token the same as
-``generate(do_sample=False)``. A faster implementation (static cache, CUDA graphs) can replace the
+``generate(do_sample=False)`` (unless coordinates are chosen by their window of values, see
+:mod:`.token_choice`). A faster implementation (static cache, CUDA graphs) can replace the
 per-token :meth:`EagerGreedyGenerator.decode_step` behind the same interface; the prefill, which
 runs the one vision pass of a frame, stays a separate step.
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache
+
+from qwen3vl_seg_ros.model.token_choice import NumberTokens, pick_tokens
 
 
 @dataclass
@@ -69,10 +72,15 @@ def _mm_token_type_ids(inputs: Mapping[str, torch.Tensor], image_token_id: int) 
 
 
 class EagerGreedyGenerator(Generator):
-    """Greedy decoding with a dynamic KV cache, one eager forward per token."""
+    """Greedy decoding with a dynamic KV cache, one eager forward per token.
 
-    def __init__(self, model: nn.Module, stop_token_ids: Iterable[int]) -> None:
+    ``numbers`` groups the coordinate tokens (:mod:`.token_choice`): a number is chosen by the
+    probability of its window of values; None is plain greedy.
+    """
+
+    def __init__(self, model: nn.Module, stop_token_ids: Iterable[int], numbers: NumberTokens | None = None) -> None:
         self.model = model
+        self.numbers = numbers
         self.inner = model.model
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         if not self.stop_token_ids:
@@ -140,8 +148,8 @@ class EagerGreedyGenerator(Generator):
         hiddens: list[torch.Tensor] = []
         finished = False
         for _ in range(max(0, int(max_new_tokens))):
-            token = torch.argmax(logits, dim=-1)
-            probs.append(torch.softmax(logits, dim=-1).gather(-1, token[:, None])[0, 0])
+            token, prob = pick_tokens(logits, self.numbers)
+            probs.append(prob[0])
             tokens.append(int(token.item()))
             if tokens[-1] in self.stop_token_ids:
                 finished = True

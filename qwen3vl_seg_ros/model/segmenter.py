@@ -43,6 +43,7 @@ from qwen3vl_seg_ros.model.loading import (
     resolve_model_folder,
 )
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput, upsample_logits
+from qwen3vl_seg_ros.model.token_choice import number_tokens
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.segmenter import ProgressFn, Segmenter, SegmenterOptions
 from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
@@ -151,8 +152,10 @@ class Qwen3VLSeg(Segmenter):
         self.fast_inputs: FastInputs | None = None
         self.fast_note = ""  # why the fast decoding path is not used, when it is not
         self.warmup_info: dict = {}  # what the fast path's warm-up did (timings, self-check)
+        window = options.coordinate_window
+        self.numbers = number_tokens(tokenizer, window, self.device) if window >= 0 else None
         self.generator = generator or (self._fast_generator() if fast else None) or EagerGreedyGenerator(
-            model, self._stop_tokens())
+            model, self._stop_tokens(), self.numbers)
         if fast:
             try:
                 self.fast_inputs = FastInputs(processor, self.device, self.dtype)
@@ -198,7 +201,7 @@ class Qwen3VLSeg(Segmenter):
         """The GPU decoding path (static cache, CUDA graphs, compiled step), or None if unsupported."""
         try:
             return FastGreedyGenerator(self.model, self._stop_tokens(), compile=compile_enabled_by_env(),
-                                       compile_cache_dir=self.options.compile_cache_dir)
+                                       compile_cache_dir=self.options.compile_cache_dir, numbers=self.numbers)
         except FastPathUnavailableError as exc:
             self.fast_note = str(exc)
             return None

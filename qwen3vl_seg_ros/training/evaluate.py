@@ -67,6 +67,7 @@ class EvalSettings:
     out: str = ""  # report folder ("" = no files)
     score_threshold: float = NODE_SCORE_THRESHOLD
     box_refine_passes: int = SegmenterOptions.box_refine_passes  # as the node's parameter of that name
+    coordinate_window: int = SegmenterOptions.coordinate_window  # as the node's parameter of that name
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,7 +98,8 @@ def _init_worker(settings: EvalSettings) -> None:
 
     torch.set_num_threads(max(1, settings.threads))
     options = SegmenterOptions(model=settings.model, device=settings.device, dtype=settings.dtype,
-                               box_refine_passes=settings.box_refine_passes)
+                               box_refine_passes=settings.box_refine_passes,
+                               coordinate_window=settings.coordinate_window)
     _WORKER["settings"] = settings
     _WORKER["seg"] = Qwen3VLSeg.from_options(options)
     _WORKER["dataset"] = None
@@ -515,6 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=6)
     parser.add_argument("--box-refine-passes", type=int, default=SegmenterOptions.box_refine_passes,
                         help="decoder passes on its own mask's box, as the node's parameter (0 = the model's boxes)")
+    parser.add_argument("--coordinate-window", type=int, default=SegmenterOptions.coordinate_window,
+                        help="choose box numbers by the probability of +-N units, as the node's parameter "
+                             "(-1 = plain greedy)")
     parser.add_argument("--out", default="", help="report folder (report.json, report.png, samples.jsonl)")
     args = parser.parse_args(argv)
     width, height = eval_frame_size(args.model, args.width, args.height)
@@ -524,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         coco_image_root=args.coco_image_root, coco_split=args.coco_split, max_samples=args.max_samples,
         device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
         time_limit_s=args.time_limit_s, heads=tuple(h for h in args.heads.split(",") if h), examples=args.examples,
-        out=args.out, box_refine_passes=args.box_refine_passes)
+        out=args.out, box_refine_passes=args.box_refine_passes, coordinate_window=args.coordinate_window)
     run_evaluation(settings)
     return 0
 
