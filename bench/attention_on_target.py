@@ -33,7 +33,9 @@ first number holds the target's true label, ``[{"label": "red mug", "bbox_2d": [
 is chosen earlier, at a label word. For such models the script also reports ``label_word``: for
 "the <colour> object", answered up to ``[{"label": "<colour>``, how often the most likely shape
 word is the target's; for "the <shape>", answered up to ``[{"label": "``, how often the most
-likely colour word is the target's; each against an object of the scene at random.
+likely colour word is the target's; each against an object of the scene at random. And, with that
+word in the label instead of the target's (the label as the model itself would write it), how often
+the first number is within 100 units (``first_number_within_100``).
 """
 
 from __future__ import annotations
@@ -169,6 +171,11 @@ class Reader:
         return choices[int(logits[torch.tensor(ids)].argmax())]
 
     @torch.no_grad()
+    def next_token(self, rgb: np.ndarray, command: str, answer: str) -> int:
+        """The token the model would write after the start of an ``answer``."""
+        return int(self.model(**self.inputs(rgb, command, answer)).logits[0, -1].argmax())
+
+    @torch.no_grad()
     def read(self, rgb: np.ndarray, command: str, masks: np.ndarray, k: int, label: str) -> Reading:
         """Where the visual attention goes at the box's first number, for target ``k`` of ``masks``
         (labelled ``label``)."""
@@ -269,10 +276,12 @@ def word_spread(normed: np.ndarray, words: list[str]) -> dict:
     return {"varying": shown(varying), "word": shown(between / len(y) / total)}
 
 
-def label_choice(hits: list[tuple[bool, float]]) -> dict:
-    """How often a label-first model's label word was the target's (``hits``: whether it was, and
-    the share of the scene's objects it would be right for), against an object at random."""
-    return {"right": float(np.mean([h for h, _ in hits])), "any_object": float(np.mean([g for _, g in hits]))}
+def label_choice(hits: list[tuple[bool, float, float]]) -> dict:
+    """How often a label-first model's label word was the target's (``hits``: whether it was, the
+    share of the scene's objects it would be right for, and the first number's error with the
+    model's word in the label), against an object at random."""
+    return {"right": float(np.mean([h for h, _, _ in hits])), "any_object": float(np.mean([g for _, g, _ in hits])),
+            "first_number_within_100": float(np.mean([e <= 100 for _, _, e in hits]))}
 
 
 def report(kind: str, r: dict) -> None:
@@ -293,7 +302,8 @@ def report(kind: str, r: dict) -> None:
     if "label_word" in r:
         w = r["label_word"]
         print(f"  label-first: the label's other word is the target's for {w['right']:.3f} "
-              f"(an object of the scene at random: {w['any_object']:.3f})")
+              f"(an object of the scene at random: {w['any_object']:.3f}); with the model's word in the "
+              f"label, first number within 100 units {w['first_number_within_100']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     scene_cfg = DataConfig(width=args.width, height=args.height).scene_config()
     rows: dict[str, list] = {"colour": [], "shape": []}
     words: dict[str, list[str]] = {"colour": [], "shape": []}
-    labels: dict[str, list[tuple[bool, float]]] = {"colour": [], "shape": []}
+    labels: dict[str, list[tuple[bool, float, float]]] = {"colour": [], "shape": []}
     for index in range(args.first_scene, args.first_scene + args.scenes):
         scene, _ = generate_sample(split_seed(args.split, index), scene_cfg)
         masks, boxes = scene.masks(), scene.boxes()
@@ -316,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                     attr, before, choices = "colour", "", COLOURS
                 word = reader.label_word(scene.rgb, command, before, choices)
                 share = np.mean([getattr(o, attr) == getattr(target, attr) for o in scene.objects])
-                labels[kind].append((word == getattr(target, attr), float(share)))
+                own = f"{target.colour} {word}" if kind == "colour" else f"{word} {target.shape}"  # the model's label
+                token = reader.next_token(scene.rgb, command, reader.prefix(own))
+                own_error = first_number_error(reader.tokenizer, token, boxes[k], args.width)
+                labels[kind].append((word == getattr(target, attr), float(share), own_error))
             error = first_number_error(reader.tokenizer, reading.token, boxes[k], args.width)
             # a guess at any object of the scene: the share of them whose left edge is near enough
             guess = float(np.mean(np.abs(boxes[:, 0] - boxes[k, 0]) * 1000.0 / args.width <= 100))

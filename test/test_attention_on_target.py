@@ -85,11 +85,14 @@ def test_label_first_model_reads_its_label_words(tmp_path: Path) -> None:
     assert results["answer_format"] == "label_first"
     found = [results[k]["label_word"] for k in ("colour", "shape") if k in results]
     assert found and all(0 <= r["right"] <= 1 and 0 < r["any_object"] <= 1 for r in found)
+    assert all(0 <= r["first_number_within_100"] <= 1 for r in found)
 
 
 def test_label_choice_of_hand_made_hits() -> None:
-    r = _bench().label_choice([(True, 0.25), (False, 0.5), (True, 1 / 3), (False, 0.25)])
+    r = _bench().label_choice([(True, 0.25, 50.0), (False, 0.5, 300.0), (True, 1 / 3, 100.0),
+                               (False, 0.25, float("inf"))])
     assert r["right"] == 0.5 and r["any_object"] == pytest.approx((0.25 + 0.5 + 1 / 3 + 0.25) / 4)
+    assert r["first_number_within_100"] == 0.5
 
 
 def test_summary_of_hand_made_readings() -> None:
