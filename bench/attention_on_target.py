@@ -149,8 +149,9 @@ class Reader:
         return np.stack([layer.input_layernorm(torch.from_numpy(states[:, i])).float().numpy()
                          for i, layer in enumerate(layers)], axis=1)
 
-    def inputs(self, rgb: np.ndarray, command: str, answer: str) -> dict[str, torch.Tensor]:
-        """The node's inputs for ``command``, followed by the start of an ``answer``."""
+    def inputs(self, rgb: np.ndarray, command: str, answer: str = PREFIX) -> dict[str, torch.Tensor]:
+        """The node's inputs for ``command``, followed by the start of an ``answer`` (by default
+        Qwen3-VL's, up to the box's first number)."""
         inputs = dict(self.seg._inputs(rgb, build_prompt(command)[0]))
         prefix = self.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
         length = inputs["input_ids"].shape[1]
