@@ -34,16 +34,22 @@ class NumberTokens:
     window: int
 
 
+def number_token_ids(tokenizer: object, limit: int = COORD_MAX) -> list[int] | None:
+    """Ids of the tokens "0" .. ``limit`` when each is a single distinct token (the task tokenizer),
+    else None. Training's coordinate losses use them too."""
+    ids = [tokenizer.convert_tokens_to_ids(str(v)) for v in range(limit + 1)]  # type: ignore[attr-defined]
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if any(i is None or i == unknown for i in ids) or len(set(ids)) != len(ids):
+        return None
+    return ids
+
+
 def number_tokens(tokenizer: object, window: int, device: torch.device | str = "cpu") -> NumberTokens | None:
     """The grouping for ``tokenizer``, or None where "0".."1000" are not one distinct token each."""
     if window < 0:
         raise ValueError(f"the coordinate window must be >= 0 units, got {window}")
-    convert = tokenizer.convert_tokens_to_ids  # type: ignore[attr-defined]
-    ids = [convert(str(v)) for v in range(COORD_MAX + 1)]
-    unknown = getattr(tokenizer, "unk_token_id", None)
-    if any(i is None or i == unknown for i in ids) or len(set(ids)) != len(ids):
-        return None
-    return NumberTokens(torch.tensor(ids, dtype=torch.long, device=device), int(window))
+    ids = number_token_ids(tokenizer)
+    return None if ids is None else NumberTokens(torch.tensor(ids, dtype=torch.long, device=device), int(window))
 
 
 def window_mass(number_probs: torch.Tensor, window: int, triangular: bool = False) -> torch.Tensor:

@@ -29,6 +29,7 @@ from qwen3vl_seg_ros.grounding import SEG_TOKEN
 from qwen3vl_seg_ros.model.checkpoint import DECODER_CONFIG, DECODER_WEIGHTS, has_decoder, load_decoder, save_decoder
 from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder
+from qwen3vl_seg_ros.model.token_choice import number_token_ids
 
 #: LoRA targets: the language model's attention and MLP projections (not the vision tower's).
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -188,15 +189,6 @@ def write_image_pixels(folder: Path, pixels: Sequence[int]) -> None:
     config.pop("min_pixels", None)
     config.pop("max_pixels", None)
     path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def number_token_ids(tokenizer: Any, limit: int = 1000) -> list[int] | None:
-    """Ids of the tokens "0" .. "1000" when each is a single token (the task tokenizer), else None."""
-    ids = [tokenizer.convert_tokens_to_ids(str(v)) for v in range(limit + 1)]
-    unk = tokenizer.unk_token_id
-    if any(i is None or i == unk for i in ids) or len(set(ids)) != len(ids):
-        return None
-    return ids
 
 
 @torch.no_grad()
