@@ -51,14 +51,14 @@ def test_quality_on_held_out_scenes(report: dict) -> None:
     """Regression floors of the shipped model on 100 held-out samples, not the issue's bars.
 
     The shipped model (round 19b) was trained in nine rounds (about 5.6 hours on 2 CPU cores and
-    21 minutes on H200s) and still localises poorly (issue #5 stays open; docs/training.md, "The
-    shipped model"): on these 100 samples, with the default box refinement (one more decoder pass
-    on each mask's own box), gIoU 0.710 and box accuracy 0.639 (the model's own boxes: 0.458;
-    round 7, shipped before it: gIoU 0.577, box accuracy 0.518; box-as-mask 0.450), against the
-    targets 0.85 / 0.95 / 0.9. The floors sit below that with room for float noise but above round
-    7, so a broken export, loader, decoder or refinement, or a worse model, fails here (an
-    untrained model scores ~0); the comparisons on the same answers say the decoder and the
-    refinement work.
+    20 minutes on two lent H200s) and still localises poorly (issue #5 stays open;
+    docs/training.md, "The shipped model"): on these 100 samples, with the default box refinement
+    (one more decoder pass on each mask's own box), gIoU 0.710 and box accuracy 0.639 (the model's
+    own boxes: 0.458; round 7, shipped before it: gIoU 0.577, box accuracy 0.518; box-as-mask
+    0.450), against the targets 0.85 / 0.95 / 0.9. The floors sit below that with room for float
+    noise but above round 7, so a broken export, loader, decoder or refinement, or a worse model,
+    fails here (an untrained model scores ~0); the comparisons on the same answers say the decoder
+    and the refinement work.
     """
     decoder = report["methods"]["decoder"]["overall"]
     box = report["methods"]["box"]["overall"]  # the model's own boxes, as masks
