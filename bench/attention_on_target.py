@@ -134,7 +134,9 @@ class Reader:
         self.image_token_id = int(self.model.config.image_token_id)
         self.merge = int(self.seg.processor.image_processor.merge_size)
         info = Path(folder) / "training_info.json"
-        self.label_first = info.is_file() and json.loads(info.read_text()).get("answer_format") == "label_first"
+        recorded = json.loads(info.read_text()).get("answer_format") if info.is_file() else None
+        self.answer_format = recorded or "box_first"
+        self.label_first = self.answer_format in ("label_first", "label_echo")
 
     def prefix(self, label: str) -> str:
         """The answer up to the box's first number for an object labelled ``label``."""
@@ -319,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         masks, boxes = scene.masks(), scene.boxes()
         for kind, command, k in simple_commands(scene):
             target = scene.objects[k]
-            reading = reader.read(scene.rgb, command, masks, k, object_label(target.colour, target.shape, "object"))
-            if reader.label_first:  # the label word the command does not name
+            # label-echo answers label the target with the command's words ("red object", "mug")
+            label = (command.removeprefix("the ") if reader.answer_format == "label_echo"
+                     else object_label(target.colour, target.shape, "object"))
+            reading = reader.read(scene.rgb, command, masks, k, label)
+            if reader.answer_format == "label_first":  # the label word the command does not name
                 if kind == "colour":
                     attr, before, choices = "shape", target.colour, SHAPES
                 else:
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[kind].append((reading, error, guess))
             words[kind].append(command.split()[1])  # "the red object" / "the mug"
     results: dict = {"model": args.model, "split": args.split, "scenes": [args.first_scene, args.scenes],
-                     "answer_format": "label_first" if reader.label_first else "box_first"}
+                     "answer_format": reader.answer_format}
     for kind, found in rows.items():
         if found:
             results[kind] = summarise(found)

@@ -88,6 +88,27 @@ def test_label_first_model_reads_its_label_words(tmp_path: Path) -> None:
     assert all(0 <= r["first_number_within_100"] <= 1 for r in found)
 
 
+def test_label_echo_model_is_read_with_the_commands_words(tmp_path: Path, monkeypatch) -> None:
+    """A label-echo checkpoint is read with the command's own words as the label ("red object",
+    "mug"), and has no label word of its own to choose."""
+    from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(tmp_path / "model", decoder=False, answer=None, seed=5)
+    (folder / "training_info.json").write_text(json.dumps({"answer_format": "label_echo"}))
+    bench = _bench()
+    labels: list[str] = []
+    read = bench.Reader.read
+    monkeypatch.setattr(bench.Reader, "read", lambda self, rgb, command, masks, k, label: (
+        labels.append((command, label)), read(self, rgb, command, masks, k, label))[1])
+    out = tmp_path / "att.json"
+    args = ["--model", str(folder), "--scenes", "6", "--width", "128", "--height", "96", "--out", str(out)]
+    assert bench.main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["answer_format"] == "label_echo"
+    assert labels and all(command == f"the {label}" for command, label in labels)
+    assert not any("label_word" in results[k] for k in ("colour", "shape") if k in results)
+
+
 def test_label_choice_of_hand_made_hits() -> None:
     r = _bench().label_choice([(True, 0.25, 50.0), (False, 0.5, 300.0), (True, 1 / 3, 100.0),
                                (False, 0.25, float("inf"))])

@@ -501,3 +501,27 @@ def test_cli_writes_a_dataset_the_reader_loads_back(tmp_path) -> None:
         np.testing.assert_array_equal(sample.masks, np.array(expected, dtype=bool).reshape(-1, 240, 320))
         np.testing.assert_allclose(sample.depth, scene.depth, atol=5e-4)
         assert sample.intrinsics.fx == pytest.approx(scene.intrinsics.fx)
+
+
+def test_target_words_name_each_target_in_the_commands_own_words(queried_scenes) -> None:
+    """``Query.target_words`` (the labels of ``label_echo`` answers): one per target, in the order of
+    ``target_ids``, made of the command's own words for that object and true of it."""
+    seen = set()
+    for scene, queries in queried_scenes:
+        for q in queries:
+            assert len(q.target_words) == len(q.target_ids), q
+            for obj_id, words in zip(q.target_ids, q.target_words):
+                obj = scene.objects[obj_id - 1]
+                assert obj.id == obj_id
+                *attrs, noun = words.split()
+                assert noun == "object" or noun in ex.SHAPE_WORDS[obj.shape], (q, obj)
+                for w in attrs:  # a size word or the colour, each the object's
+                    assert w == obj.colour or w in ex.SIZE_WORDS.get(obj.size, ()), (q, obj)
+                plural = " ".join([*attrs, ex.PLURALS[noun]])
+                said = f" {q.expression} "
+                assert f" {words} " in said or f"all {plural}" == q.expression, q
+            if q.query_type == "referring" and form_of(q.expression) == "attribute":
+                assert q.expression == f"the {q.target_words[0]}"
+                seen.add("attribute")
+            seen.add(q.query_type)
+    assert seen == {"attribute", "referring", "category", "multi", "no_target"}

@@ -173,6 +173,33 @@ def test_label_first_batches(trainer: Trainer) -> None:
         DataConfig(answer_format="box_last")
 
 
+def test_label_echo_batches(trainer: Trainer) -> None:
+    """``data.answer_format: label_echo``: label-first answers whose labels are the command's own words
+    for each target (``Query.target_words``), in the training stream as in the collated answer."""
+    from qwen3vl_seg_ros.training.synthetic import generate_sample, split_seed
+
+    data = dataclasses.replace(trainer.cfg.data, answer_format="label_echo", first_scene=5)
+    stream = SyntheticStream(trainer.collator, 4, data)
+    assert stream.echo and not SyntheticStream(trainer.collator, 4, trainer.cfg.data).echo
+    examples = stream.examples(0, np.random.default_rng(0))
+    _, queries = generate_sample(split_seed("train", 5), data.scene_config())
+    by_command = {q.expression: q for q in queries}
+    checked = 0
+    for ex in examples:
+        q = by_command.get(ex.expression)
+        if q is None:  # from the item's next scene
+            continue
+        assert ex.labels == list(q.target_words)
+        text, order = target_answer(ex.boxes, ex.labels, W, H, label_first=True)
+        if len(order):
+            assert text.startswith(f'[{{"label": "{q.target_words[order[0]]}", "bbox_2d": [')
+            assert all(f'"label": "{w}"' in text for w in q.target_words)
+        checked += 1
+    assert checked >= 2
+    with pytest.raises(ValueError, match="label_echo"):
+        DataConfig(source="coco", coco_json="refs.json", answer_format="label_echo")
+
+
 def test_answers_order_objects_and_jitter_boxes() -> None:
     boxes = np.array([[50, 10, 60, 20], [5, 30, 15, 40], [5, 2, 15, 8]], np.float32)
     text, order = target_answer(boxes, ["a", "b", "c"], 100, 100)

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from qwen3vl_seg_ros.training.synthetic import Scene, SceneConfig
 
 
-#: Orders of the fields in a target answer (``grounding.format_answer``).
-ANSWER_FORMATS = ("box_first", "label_first")
+#: Target answers (``grounding.format_answer``): Qwen3-VL's box then label; the label first; the
+#: label first, made of the command's own words for each target (``Query.target_words``:
+#: "red object" for "the red object"), so that it never needs a word the command does not give.
+ANSWER_FORMATS = ("box_first", "label_first", "label_echo")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class DataConfig:
     first_scene: int = 0  # synthetic: index of the first train scene (a later round starts past the last one's)
     type_weights: dict[str, float] | None = None  # synthetic: query types drawn (None: the generator's mix)
     form_weights: dict[str, float] | None = None  # synthetic: forms of single-target commands (None: uniform)
-    answer_format: str = "box_first"  # target answers: Qwen3-VL's box-then-label, or "label_first"
+    answer_format: str = "box_first"  # target answers: one of ANSWER_FORMATS
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "coco"):
@@ -65,6 +67,9 @@ class DataConfig:
             raise ValueError("data.source 'coco' needs data.coco_json (a COCO-style referring file)")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"data.answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
+        if self.answer_format == "label_echo" and self.source != "synthetic":
+            raise ValueError("data.answer_format 'label_echo' needs synthetic data: a COCO-style file does not "
+                             "say which words of an expression name which target")
         if self.first_scene < 0:
             raise ValueError(f"data.first_scene must be >= 0, got {self.first_scene}")
         box_jitter_scales(self.box_jitter)
@@ -94,26 +99,29 @@ def scene_instances(scene: Scene) -> tuple[np.ndarray, list[str]]:
     return scene.instance_ids, [object_label(o.colour, o.shape, "object") for o in scene.objects]
 
 
-def scene_examples(scene: Scene, queries: list, image_key: object = None, with_depth: bool = False) -> list[RefExample]:
-    """The referring samples of one synthetic scene, one per query."""
+def scene_examples(scene: Scene, queries: list, image_key: object = None, with_depth: bool = False,
+                   echo: bool = False) -> list[RefExample]:
+    """The referring samples of one synthetic scene, one per query; ``echo`` labels each target with
+    the command's own words for it (``label_echo`` answers) instead of its colour and shape."""
     masks, boxes = scene.masks(), scene.boxes()
     everything = scene_instances(scene)
     out = []
     for q in queries:
         index = [i - 1 for i in q.target_ids]
-        labels = [everything[1][i] for i in index]
+        labels = list(q.target_words) if echo else [everything[1][i] for i in index]
         out.append(RefExample(scene.rgb, q.expression, q.query_type, boxes[index].reshape(-1, 4), masks[index],
                               labels, image_key=image_key, depth=scene.depth if with_depth else None,
                               intrinsics=scene.intrinsics, instances=everything))
     return out
 
 
-def synthetic_examples(split: str, index: int, scene_cfg: SceneConfig, with_depth: bool = False) -> list[RefExample]:
+def synthetic_examples(split: str, index: int, scene_cfg: SceneConfig, with_depth: bool = False,
+                       echo: bool = False) -> list[RefExample]:
     """All samples of scene ``index`` of a split (deterministic)."""
     from qwen3vl_seg_ros.training.synthetic import generate_sample, split_seed
 
     scene, queries = generate_sample(split_seed(split, index), scene_cfg)
-    return scene_examples(scene, queries, image_key=(split, index), with_depth=with_depth)
+    return scene_examples(scene, queries, image_key=(split, index), with_depth=with_depth, echo=echo)
 
 
 def heldout_examples(split: str, num_scenes: int, scene_cfg: SceneConfig, first: int = 0,
@@ -235,6 +243,7 @@ class SyntheticStream(_ItemStream):
         self.split = split
         self.stride = scenes_per_item(self.micro_batch)
         self.first_scene = int(data.first_scene)
+        self.echo = data.answer_format == "label_echo"
 
     def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
         out: list[RefExample] = []
@@ -242,7 +251,7 @@ class SyntheticStream(_ItemStream):
             if len(out) == self.micro_batch:
                 return out
             index = (self.first_scene + k * self.stride + i) % 1_000_000_000
-            scene = synthetic_examples(self.split, index, self.scene_cfg)
+            scene = synthetic_examples(self.split, index, self.scene_cfg, echo=self.echo)
             out.extend(scene[: min(self.queries_per_scene, self.micro_batch - len(out))])
         if len(out) < self.micro_batch:
             raise RuntimeError(f"{self.stride} scenes gave only {len(out)} queries for item {k}")

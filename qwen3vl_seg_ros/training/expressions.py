@@ -73,6 +73,10 @@ class Query:
     expression: str
     target_ids: tuple[int, ...]
     query_type: str  # one of QUERY_TYPES
+    #: The command's own words for each target (singular, same synonyms), aligned with target_ids:
+    #: "red mug" for "all red mugs", "mug" for "the mug left of the red can". Label-echo answers
+    #: (``data.answer_format: label_echo``) label each object with them.
+    target_words: tuple[str, ...] = ()
 
 
 class Descriptor(NamedTuple):
@@ -89,11 +93,20 @@ class Descriptor(NamedTuple):
             and (self.shape is None or self.shape == shape)
         )
 
-    def phrase(self, rng: np.random.Generator, plural: bool = False) -> str:
-        """Words for the descriptor, with random synonyms: ``"tiny red boxes"``."""
+    def words(self, rng: np.random.Generator) -> tuple[str, ...]:
+        """Words for the descriptor, singular, with random synonyms: ``("tiny", "red", "box")``."""
         noun = _pick(rng, SHAPE_WORDS[self.shape]) if self.shape else "object"
         size = _pick(rng, SIZE_WORDS[self.size]) if self.size else None
-        return " ".join(w for w in (size, self.colour, PLURALS[noun] if plural else noun) if w)
+        return tuple(w for w in (size, self.colour, noun) if w)
+
+    def phrase(self, rng: np.random.Generator, plural: bool = False) -> str:
+        """Words for the descriptor, with random synonyms: ``"tiny red boxes"``."""
+        return _say(self.words(rng), plural)
+
+
+def _say(words: tuple[str, ...], plural: bool = False) -> str:
+    """``("tiny", "red", "box")`` as ``"tiny red box"``, or ``"tiny red boxes"``."""
+    return " ".join((*words[:-1], PLURALS[words[-1]])) if plural else " ".join(words)
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
@@ -306,25 +319,34 @@ class _Candidates:
 # Wording
 
 
-def _ids(objects: list, mask: int) -> tuple[int, ...]:
-    return tuple(sorted(objects[i].id for i in _members(mask)))
+def _say_single(form: str, item: tuple, rng: np.random.Generator) -> tuple[str, str]:
+    """Words of a single-target candidate of one of the referring forms, and the target's own words.
 
-
-def _say_single(form: str, item: tuple, rng: np.random.Generator) -> str:
-    """Words of a single-target candidate of one of the referring forms."""
+    The random draws are those of the phrases alone, in the same order, so that every scene's
+    commands stay what they were before the target's words were kept.
+    """
     if form == "attr":
-        return f"the {item[0].phrase(rng)}"
+        words = item[0].words(rng)
+        return f"the {_say(words)}", _say(words)
     if form == "superlative":
-        return f"the {item[0]} {item[1].phrase(rng)}"
+        words = item[1].words(rng)
+        return f"the {item[0]} {_say(words)}", _say(words)
     if form == "place":
-        return f"the {item[1].phrase(rng)} {item[0]}"
+        words = item[1].words(rng)
+        return f"the {_say(words)} {item[0]}", _say(words)
     d, relation, anchor, _ = item
-    return f"the {d.phrase(rng)} {relation} the {anchor.phrase(rng)}"
+    words = d.words(rng)
+    return f"the {_say(words)} {relation} the {anchor.phrase(rng)}", _say(words)
+
+
+#: What a command maker returns: the words, the bit mask of the targets, and each target's own
+#: words by object index.
+Made = tuple[str, int, dict[int, str]]
 
 
 def _referring(
     c: _Candidates, rng: np.random.Generator, form_weights: dict[str, float] | None = None
-) -> tuple[str, int] | None:
+) -> Made | None:
     """A single-target command of one of the forms the scene allows: uniform, or by ``form_weights``."""
     forms = [(f, pool) for f, pool in
              (("attr", c.attr), ("superlative", c.superlative), ("place", c.place), ("relation", c.relation))
@@ -337,21 +359,26 @@ def _referring(
         p = np.array([form_weights[f] for f, _ in forms], dtype=np.float64)
         form, pool = forms[int(rng.choice(len(forms), p=p / p.sum()))]
     item = pool[int(rng.integers(len(pool)))]
-    return _say_single(form, item, rng), item[-1]
+    text, words = _say_single(form, item, rng)
+    return text, item[-1], {m: words for m in _members(item[-1])}
 
 
-def _category(c: _Candidates, rng: np.random.Generator) -> tuple[str, int] | None:
+def _category(c: _Candidates, rng: np.random.Generator) -> Made | None:
     if not c.category:
         return None
     d, mask = c.category[int(rng.integers(len(c.category)))]
-    return _say_all(d, rng), mask
+    text, words = _say_all(d, rng)
+    return text, mask, {m: words for m in _members(mask)}
 
 
-def _say_all(d: Descriptor, rng: np.random.Generator) -> str:
-    return f"all {d.phrase(rng, plural=True)}" if rng.random() < 0.5 else f"every {d.phrase(rng)}"
+def _say_all(d: Descriptor, rng: np.random.Generator) -> tuple[str, str]:
+    """"all red mugs" or "every red mug", and the singular words ("red mug")."""
+    plural = rng.random() < 0.5
+    words = d.words(rng)
+    return (f"all {_say(words, plural=True)}" if plural else f"every {_say(words)}"), _say(words)
 
 
-def _multi(c: _Candidates, rng: np.random.Generator) -> tuple[str, int] | None:
+def _multi(c: _Candidates, rng: np.random.Generator) -> Made | None:
     """Two or three single-target phrases joined by "and", each naming a different object."""
     by_target: dict[int, list[tuple[str, tuple]]] = {}
     for form, pool in (("attr", c.attr), ("superlative", c.superlative)):
@@ -361,20 +388,21 @@ def _multi(c: _Candidates, rng: np.random.Generator) -> tuple[str, int] | None:
         return None
     k = 3 if len(by_target) >= 3 and rng.random() < 0.3 else 2
     targets = [list(by_target)[int(i)] for i in rng.choice(len(by_target), size=k, replace=False)]
-    parts = []
+    parts, own = [], {}
     for t in targets:
         form, item = by_target[t][int(rng.integers(len(by_target[t])))]
-        parts.append(_say_single(form, item, rng))
-    return " and ".join(parts), sum(targets)
+        text, own[t.bit_length() - 1] = _say_single(form, item, rng)
+        parts.append(text)
+    return " and ".join(parts), sum(targets), own
 
 
-def _no_target(c: _Candidates, rng: np.random.Generator) -> tuple[str, int] | None:
+def _no_target(c: _Candidates, rng: np.random.Generator) -> Made | None:
     groups = [g for g in c.absent.values() if g]
     if not groups:
         return None
     group = groups[int(rng.integers(len(groups)))]
     d = group[int(rng.integers(len(group)))]
-    return (f"the {d.phrase(rng)}" if rng.random() < 0.6 else _say_all(d, rng)), 0
+    return (f"the {d.phrase(rng)}" if rng.random() < 0.6 else _say_all(d, rng)[0]), 0, {}
 
 
 _MAKERS = {"referring": _referring, "category": _category, "multi": _multi, "no_target": _no_target}
@@ -423,9 +451,10 @@ def make_queries(
         if made is None:
             weights[qtype] = 0.0
             continue
-        text, mask = made
+        text, mask, own = made
         if text not in seen:
             seen.add(text)
-            queries.append(Query(text, _ids(scene.objects, mask), qtype))
+            targets = sorted((scene.objects[i].id, own[i]) for i in _members(mask))
+            queries.append(Query(text, tuple(t for t, _ in targets), qtype, tuple(w for _, w in targets)))
     return queries
 
