@@ -55,14 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scri
 from probe_visual_tokens import linear_probe
 
 from qwen3vl_seg_ros.grounding import build_prompt
-from qwen3vl_seg_ros.training.dataset import DataConfig, object_label
+from qwen3vl_seg_ros.model.tiny import ANSWER_PIECES, LABEL_FIRST_PIECES
+from qwen3vl_seg_ros.training.dataset import LABEL_FIRST_FORMATS, DataConfig, object_label
 from qwen3vl_seg_ros.training.synthetic import COLOURS, SHAPES, Scene, generate_sample, split_seed
 
 #: The answer up to the box's first number, as the model writes it (Qwen3-VL's grounding format).
-PREFIX = '[{"bbox_2d": ['
+PREFIX = "[" + ANSWER_PIECES[0]  # '[{"bbox_2d": ['
 
 #: The same for a model trained with label-first answers, before and after the label.
-LABEL_FIRST_OPEN, LABEL_FIRST_CLOSE = '[{"label": "', '", "bbox_2d": ['
+LABEL_FIRST_OPEN, LABEL_FIRST_CLOSE = "[" + LABEL_FIRST_PIECES[0], LABEL_FIRST_PIECES[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,7 +137,7 @@ class Reader:
         info = Path(folder) / "training_info.json"
         recorded = json.loads(info.read_text()).get("answer_format") if info.is_file() else None
         self.answer_format = recorded or "box_first"
-        self.label_first = self.answer_format in ("label_first", "label_echo")
+        self.label_first = self.answer_format in LABEL_FIRST_FORMATS
 
     def prefix(self, label: str) -> str:
         """The answer up to the box's first number for an object labelled ``label``."""

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 #: label first, made of the command's own words for each target (``Query.target_words``:
 #: "red object" for "the red object"), so that it never needs a word the command does not give.
 ANSWER_FORMATS = ("box_first", "label_first", "label_echo")
+#: The formats whose answers name each object before its box.
+LABEL_FIRST_FORMATS = ("label_first", "label_echo")
 
 
 @dataclass

@@ -61,6 +61,7 @@ from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutp
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.training.collate import Batch, Collator, concat_batches, pixel_values_from_patches
 from qwen3vl_seg_ros.training.dataset import (
+    LABEL_FIRST_FORMATS,
     DataConfig,
     build_stream,
     make_loader,
@@ -573,7 +574,7 @@ class Trainer:
         groups = ATTRIBUTE_GROUPS if cfg.loss.attribute > 0 else ()
         self.attribute_ids = [torch.tensor(attribute_word_ids(self.tokenizer, g), device=self.device) for g in groups]
         self.collator = Collator(self.processor, self.decoder.config.max_image_side, cfg.data.box_jitter, groups,
-                                 label_first=cfg.data.answer_format in ("label_first", "label_echo"))
+                                 label_first=cfg.data.answer_format in LABEL_FIRST_FORMATS)
         micro = cfg.data.micro_batch or cfg.optim.batch_size
         if cfg.optim.batch_size % micro:
             raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not a multiple of data.micro_batch {micro}")
