@@ -140,6 +140,19 @@ def test_frame_size_defaults_to_the_models_training_size(box_model: Path, tmp_pa
     assert training_frame_size(tmp_path) is None
 
 
+def test_settings_without_a_size_use_the_models_training_size(box_model: Path, tmp_path: Path) -> None:
+    """Scripts that build EvalSettings by hand get the same frames as the command line."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(box_model, folder)
+    (folder / "training_info.json").write_text(json.dumps({"image_width": 96, "image_height": 64}))
+    report = run_evaluation(EvalSettings(model=str(folder), scenes=1, queries_per_scene=1, heads=("box",),
+                                         examples=0), log=lambda m: None)
+    assert (report["settings"]["width"], report["settings"]["height"]) == (96, 64)
+    assert report["samples"] == 1
+
+
 def test_grounding_statistics_by_hand(box_report: tuple[dict, Path]) -> None:
     from qwen3vl_seg_ros.training.evaluate import grounding_statistics
 

@@ -29,7 +29,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,8 @@ class EvalSettings:
     scenes: int = 200  # synthetic scenes
     first_scene: int = 0
     queries_per_scene: int = 0  # 0 = every query of a scene
-    width: int = 320
-    height: int = 240
+    width: int = 0  # synthetic frame size; 0 = the model's training size (training_info.json), else 320x240
+    height: int = 0
     coco_json: str = ""  # evaluate a COCO-style referring file instead
     coco_image_root: str = ""
     coco_split: str = ""
@@ -325,6 +325,10 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
     from tqdm import tqdm
 
     log = log or (lambda m: print(m, flush=True))
+    if settings.width <= 0 or settings.height <= 0:
+        # resolved once here, so that the workers and the report see the size that was used
+        settings = replace(settings, **dict(zip(("width", "height"),
+                                                eval_frame_size(settings.model, settings.width, settings.height))))
     t0 = time.monotonic()
     deadline = t0 + settings.time_limit_s if settings.time_limit_s > 0 else None
     tasks = _tasks(settings)
