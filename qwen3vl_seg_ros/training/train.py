@@ -875,7 +875,10 @@ class Trainer:
         stream = build_stream(cfg.data, self.collator, self.micro_batch, self.state.step * self.items_per_step,
                               cfg.run.seed)
         workers, prefetch = self._loader_size()
-        loader = make_loader(stream, workers, prefetch, self.device.type == "cuda")
+        # A CUDA parent's workers are spawned, not forked: forked from a process whose CUDA runtime
+        # threads were running, the GPU rounds' workers died with SIGABRT when torn down at exit.
+        cuda = self.device.type == "cuda"
+        loader = make_loader(stream, workers, prefetch, pin_memory=cuda, spawn=cuda)
         iterator = iter(loader)
         deadline = self._deadline()
         log_path = self.run_dir / "train_log.jsonl"
