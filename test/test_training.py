@@ -707,6 +707,19 @@ def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
     assert labels and all(len(lab.split()) == 2 for lab in labels)  # "colour shape" from the attributes
 
 
+def test_every_training_config_loads() -> None:
+    """A round's file is its record: one that no longer parses cannot be re-run or continued."""
+    needs = {"train_qwen3vl_lora.yaml": ["data.coco_json=/data/refs.json"]}  # the user's data
+    files = sorted((REPO / "config").glob("train_*.yaml"))
+    assert len(files) > 20
+    for path in files:
+        assert load_config(path, needs.get(path.name, [])).stages, path.name
+    for name in ("train_tiny_cpu_round21.yaml", "train_tiny_gpu_round22.yaml"):  # the tower holds its shape
+        cfg = load_config(REPO / "config" / name)
+        assert cfg.data.answer_format == "label_echo"
+        assert all(stage.vision_lr_scale == 0 for stage in cfg.stages)
+
+
 def test_configurations(tmp_path: Path) -> None:
     for name in ("train_tiny.yaml", "train_tiny_cpu_smoke.yaml", "train_tiny_cpu.yaml"):
         cfg = load_config(REPO / "config" / name)
