@@ -325,10 +325,9 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
     from tqdm import tqdm
 
     log = log or (lambda m: print(m, flush=True))
-    if settings.width <= 0 or settings.height <= 0:
-        # resolved once here, so that the workers and the report see the size that was used
-        settings = replace(settings, **dict(zip(("width", "height"),
-                                                eval_frame_size(settings.model, settings.width, settings.height))))
+    # resolved once here, so that the workers and the report see the size that was used
+    width, height = eval_frame_size(settings.model, settings.width, settings.height)
+    settings = replace(settings, width=width, height=height)
     t0 = time.monotonic()
     deadline = t0 + settings.time_limit_s if settings.time_limit_s > 0 else None
     tasks = _tasks(settings)
@@ -526,10 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(-1 = plain greedy)")
     parser.add_argument("--out", default="", help="report folder (report.json, report.png, samples.jsonl)")
     args = parser.parse_args(argv)
-    width, height = eval_frame_size(args.model, args.width, args.height)
     settings = EvalSettings(
         model=args.model, split=args.split, scenes=args.scenes, first_scene=args.first_scene,
-        queries_per_scene=args.queries_per_scene, width=width, height=height, coco_json=args.coco,
+        queries_per_scene=args.queries_per_scene, width=args.width, height=args.height, coco_json=args.coco,
         coco_image_root=args.coco_image_root, coco_split=args.coco_split, max_samples=args.max_samples,
         device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
         time_limit_s=args.time_limit_s, heads=tuple(h for h in args.heads.split(",") if h), examples=args.examples,

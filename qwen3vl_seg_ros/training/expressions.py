@@ -391,7 +391,8 @@ def _multi(c: _Candidates, rng: np.random.Generator) -> Made | None:
     parts, own = [], {}
     for t in targets:
         form, item = by_target[t][int(rng.integers(len(by_target[t])))]
-        text, own[t.bit_length() - 1] = _say_single(form, item, rng)
+        (index,) = _members(t)
+        text, own[index] = _say_single(form, item, rng)
         parts.append(text)
     return " and ".join(parts), sum(targets), own
 
