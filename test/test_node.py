@@ -229,3 +229,42 @@ def test_without_depth_results_are_2d_with_reason():
         client.close()
         node.close()
         context.try_shutdown()
+
+
+def test_track_ids_follow_objects_across_results_and_commands(system):
+    node, client = system
+    scene = Scene()
+    fresh(system, scene)
+    first = {o.label: o.track_id for o in client.call("the red and the blue blobs").result.objects}
+    assert set(first) == {"red blob", "blue blob"} and 0 not in first.values()
+    assert first["red blob"] != first["blue blob"]
+
+    # both blobs shifted by 2 px (2 cm at 1 m): the same objects, whatever order the result lists them in
+    moved = Scene(rects={"red": (22, 30, 62, 80, 1.0), "blue": (92, 40, 142, 70, 0.8)})
+    fresh(system, moved)
+    again = {o.label: o.track_id for o in client.call("the red and the blue blobs").result.objects}
+    assert again == first
+
+    # another command that finds one of them names it the same way
+    (red,) = client.call("red").result.objects
+    assert red.track_id == first["red blob"]
+
+    # the red blob jumps 60 cm nearer and across the image: a new object; blue keeps its id
+    jumped = Scene(rects={"red": (100, 80, 140, 110, 0.4), "blue": (92, 40, 142, 70, 0.8)})
+    fresh(system, jumped)
+    last = {o.label: o.track_id for o in client.call("the red and the blue blobs").result.objects}
+    assert last["blue blob"] == first["blue blob"]
+    assert last["red blob"] not in first.values()
+
+
+def test_tracking_off_gives_track_id_zero(system):
+    from rclpy.parameter import Parameter
+
+    node, client = system
+    fresh(system)
+    assert node.node.set_parameters([Parameter("tracking", value=False)])[0].successful
+    try:
+        objects = client.call("the red and the blue blobs").result.objects
+        assert len(objects) == 2 and all(o.track_id == 0 for o in objects)
+    finally:
+        node.node.set_parameters([Parameter("tracking", value=True)])

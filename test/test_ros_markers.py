@@ -106,3 +106,19 @@ def test_serialises() -> None:
     back = deserialize_message(raw, MarkerArray)
     assert serialize_message(back) == raw  # (colours are float32 on the wire: compare bytes)
     assert [m.text for m in back.markers] == ["", "", "mug 0.90", ""]
+
+
+def test_a_tracked_object_shows_its_track_and_keeps_its_colour() -> None:
+    """Object 1 of this result is track 7; in the next result it is object 2, the same colour."""
+    now = make_object(1, "mug", 0.9)
+    now.track_id = 7
+    later = make_object(2, "mug", 0.8)
+    later.track_id = 7
+    untracked = make_object(1, "mug", 0.9)
+    first = build_markers([now], Header(frame_id="cam")).markers[1:]
+    second = build_markers([later], Header(frame_id="cam")).markers[1:]
+    assert first[1].text == "#7 mug 0.90" and untracked.track_id == 0
+    assert build_markers([untracked], Header(frame_id="cam")).markers[2].text == "mug 0.90"
+    for a, b in zip(first, second):
+        assert (a.color.r, a.color.g, a.color.b) == (b.color.r, b.color.g, b.color.b)
+    assert [m.id for m in second] == [2, 2, 2]  # marker ids stay the result's object ids

@@ -540,7 +540,8 @@ def _object_row(obj: Any, width: int, height: int, labels: np.ndarray | None, gt
                 frame: str) -> dict[str, Any]:
     """One answered object with its best-overlapping ground-truth object and 3D error."""
     mask = object_mask(obj, width, height)
-    entry: dict[str, Any] = {"id": int(obj.id), "label": obj.label, "score": round(float(obj.score), 3),
+    entry: dict[str, Any] = {"id": int(obj.id), "track_id": int(obj.track_id), "label": obj.label,
+                             "score": round(float(obj.score), 3),
                              "has_3d": bool(obj.has_3d), "status_3d": obj.status_3d,
                              "num_points": int(obj.num_points)}
     if obj.has_3d:

@@ -50,7 +50,8 @@ def describe(result: SegmentationResult) -> str:
         box = obj.box
         where = (f"centroid ({obj.centroid.x:+.3f}, {obj.centroid.y:+.3f}, {obj.centroid.z:+.3f}) m in '{frame}', "
                  f"{obj.num_points} points" if obj.has_3d else f"no 3D ({obj.status_3d})")
-        lines.append(f"  {obj.id}: {obj.label}, score {obj.score:.2f}, box {box.width}x{box.height} at "
+        track = f" (track {obj.track_id})" if obj.track_id else ""
+        lines.append(f"  {obj.id}{track}: {obj.label}, score {obj.score:.2f}, box {box.width}x{box.height} at "
                      f"({box.x_offset}, {box.y_offset}), {where}")
     return "\n".join(lines)
 

@@ -76,11 +76,13 @@ def delete_all_marker(header: Header, namespace: str = "") -> Marker:
 def object_markers(obj: Any, header: Header, style: MarkerStyle) -> list[Marker]:
     """Box, label and centroid markers of one ``SegmentedObject`` with ``has_3d``."""
     oid = int(obj.id)
+    track = int(getattr(obj, "track_id", 0))
+    hue = track or oid  # a tracked object keeps its colour from result to result
     box = _marker(header, f"{style.namespace}/boxes", oid, Marker.CUBE, style)
     box.pose = obj.bbox_center
     size = obj.bbox_size
     box.scale = Vector3(x=max(size.x, _MIN_SCALE_M), y=max(size.y, _MIN_SCALE_M), z=max(size.z, _MIN_SCALE_M))
-    box.color = _color(oid, style.box_alpha)
+    box.color = _color(hue, style.box_alpha)
 
     # The label floats just beyond the box's top face along the box's own z axis (the "up" of an
     # upright box), so it never hides inside the box.
@@ -92,14 +94,14 @@ def object_markers(obj: Any, header: Header, style: MarkerStyle) -> list[Marker]
     label = _marker(header, f"{style.namespace}/labels", oid, Marker.TEXT_VIEW_FACING, style)
     label.pose = Pose(position=_point(text_pos), orientation=Quaternion(w=1.0))
     label.scale = Vector3(z=float(style.text_height_m))
-    label.color = _color(oid, 1.0)
-    label.text = f"{obj.label} {obj.score:.2f}"
+    label.color = _color(hue, 1.0)
+    label.text = (f"#{track} " if track else "") + f"{obj.label} {obj.score:.2f}"
 
     dot = _marker(header, f"{style.namespace}/centroids", oid, Marker.SPHERE, style)
     dot.pose = Pose(position=obj.centroid, orientation=Quaternion(w=1.0))
     d = float(style.centroid_diameter_m)
     dot.scale = Vector3(x=d, y=d, z=d)
-    dot.color = _color(oid, 1.0)
+    dot.color = _color(hue, 1.0)
     return [box, label, dot]
 
 

@@ -62,6 +62,7 @@ from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
 from qwen3vl_seg_ros.ros.three_d import ThreeDStage
 from qwen3vl_seg_ros.segmenter import Segmenter, SegmenterOptions, create_segmenter
 from qwen3vl_seg_ros.srv import Segment
+from qwen3vl_seg_ros.tracking import ObjectTracker, Observation, TrackerSettings
 from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
 
 NODE_NAME = "qwen3vl_seg"
@@ -111,6 +112,7 @@ class SegmentationNode(LifecycleNode):
         self._scheduler = Scheduler(self._frames, self._run_job, self._error_result)
         self._apply_scheduler_params()
         self._three_d: ThreeDStage | None = None
+        self._tracker = ObjectTracker()
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
         # Diagnostics exist in every lifecycle state, so a monitor also sees "loading" and
@@ -292,6 +294,7 @@ class SegmentationNode(LifecycleNode):
             finally:
                 self._segmenter = None
         self._frames.clear()
+        self._tracker.clear()
 
     def _image_qos(self) -> QoSProfile:
         choice = self.p("image_qos")
@@ -496,6 +499,8 @@ class SegmentationNode(LifecycleNode):
             t_geo = time.monotonic()
             result.geometry_frame_id = three_d.fill(result, instances, rgb, inputs, header, warnings)
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
+        if result.objects and self.p("tracking"):
+            self._track(result)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         self._publish_images(rgb, instances, ids, header)
 
@@ -530,6 +535,19 @@ class SegmentationNode(LifecycleNode):
             warnings.append(f"{len(kept)} objects found; kept the {limit} best (max_objects)")
             kept = kept[:limit]
         return kept, below
+
+    def _track(self, result: SegmentationResult) -> None:
+        """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
+        frame = result.geometry_frame_id
+        observations = [Observation(
+            box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),
+            centroid=(o.centroid.x, o.centroid.y, o.centroid.z) if o.has_3d else None,
+            frame_id=frame if o.has_3d else "") for o in result.objects]
+        settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),
+                                   max_distance_m=float(self.p("track_max_distance_m")),
+                                   max_age_s=float(self.p("track_max_age_s")))
+        for obj, track_id in zip(result.objects, self._tracker.update(observations, time.monotonic(), settings)):
+            obj.track_id = track_id
 
     @staticmethod
     def _check_instance(k: int, inst: Any, h: int, w: int, problems: dict[str, list[int]]) -> Instance | None:

@@ -107,6 +107,16 @@ PARAMETERS: tuple[Param, ...] = (
           "Longest command accepted (characters); longer ones are refused with an error.", RUNTIME, 1, 100000),
     Param("max_image_pixels", 16777216, "Largest image accepted (pixels); larger ones are refused.",
           RUNTIME, 1, 1 << 30),
+    Param("tracking", True,
+          "Give each object a track_id that stays the same across results, whatever command found it, "
+          "while some result holds it at least every track_max_age_s.", RUNTIME),
+    Param("track_max_distance_m", 0.05,
+          "Largest move of an object's 3D centroid between two results of its track (m); used when both "
+          "have 3D in the same frame (a fixed target_frame survives camera motion).", RUNTIME, 0.0, 100.0),
+    Param("track_iou_threshold", 0.3,
+          "Smallest 2D box IoU between two results of one track; used when 3D is missing.",
+          RUNTIME, 0.0, 1.0),
+    Param("track_max_age_s", 2.0, "A track not seen for this long is forgotten (s).", RUNTIME, 0.0, 3600.0),
     # --- 3D (runtime) ---
     Param("target_frame", "",
           "Frame for 3D outputs ('' = the camera's optical frame). Looked up in TF at the image's stamp.",
