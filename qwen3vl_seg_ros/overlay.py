@@ -66,8 +66,9 @@ def draw_overlay(
         text = f"{obj_id}:{_ascii(inst.label)} {inst.score:.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
         ty = y1 - 3 if y1 - th - base - 3 >= 0 else min(h - 1, y1 + th + 3)
-        cv2.rectangle(bgr, (x1, ty - th - 2), (x1 + tw + 2, ty + base - 1), colour, -1)
-        cv2.putText(bgr, text, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
+        tx = max(0, min(x1, w - tw - 3))  # a box at the right edge would cut its score off
+        cv2.rectangle(bgr, (tx, ty - th - 2), (tx + tw + 2, ty + base - 1), colour, -1)
+        cv2.putText(bgr, text, (tx + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
                     cv2.LINE_AA)
     return bgr
 

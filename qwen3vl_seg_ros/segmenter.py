@@ -40,6 +40,7 @@ class SegmenterOptions:
     compile_cache_dir: str = ""  # persistent compilation cache ("" = default location)
     image_max_pixels: int = 0  # processor resize limit; 0 = the checkpoint's default
     num_threads: int = 0  # CPU threads for the model (torch.set_num_threads); 0 = torch's default
+    calibrate_scores: bool = True  # use the model folder's score_calibration.json where it applies
 
 
 ProgressFn = Callable[[str], None]

@@ -8,7 +8,9 @@ trained decoder, or when asked, a weight-free head (:mod:`qwen3vl_seg_ros.masks`
 
 Scores: ``box_score`` is the geometric mean of the probabilities of the tokens that wrote the
 box's coordinates; ``mask_score`` is the decoder's predicted IoU (or the weight-free head's
-heuristic); ``score = box_score * mask_score``, the chance that both are right if independent.
+heuristic). ``score`` is the probability that the object is a right answer from the model
+folder's ``score_calibration.json`` (:mod:`qwen3vl_seg_ros.model.score_calibration`) where one
+applies, else ``box_score * mask_score``, the chance that both are right if independent.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image
 
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
 from qwen3vl_seg_ros.masks import MaskEstimate, weight_free_mask
-from qwen3vl_seg_ros.model.checkpoint import DecoderCheckpointError, has_decoder, load_decoder
+from qwen3vl_seg_ros.model.checkpoint import DECODER_WEIGHTS, DecoderCheckpointError, has_decoder, load_decoder
 from qwen3vl_seg_ros.model.fast_generation import (
     FastGreedyGenerator,
     FastInputs,
@@ -43,6 +45,13 @@ from qwen3vl_seg_ros.model.loading import (
     resolve_model_folder,
 )
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput, upsample_logits
+from qwen3vl_seg_ros.model.score_calibration import (
+    CALIBRATION_FILE,
+    CalibrationError,
+    ScoreCalibration,
+    file_sha256,
+    load_calibration,
+)
 from qwen3vl_seg_ros.model.token_choice import number_tokens
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.segmenter import ProgressFn, Segmenter, SegmenterOptions
@@ -139,8 +148,10 @@ class Qwen3VLSeg(Segmenter):
         decoder: BoxGuidedMaskDecoder | None,
         options: SegmenterOptions,
         generator: Generator | None = None,
+        calibration: ScoreCalibration | None = None,
     ) -> None:
         self.model = model
+        self.calibration = calibration
         self.processor = processor
         self.decoder = decoder
         self.options = options
@@ -187,7 +198,8 @@ class Qwen3VLSeg(Segmenter):
         processor = load_processor(folder, options.image_max_pixels)
         model = load_qwen3vl(folder, device, dtype)
         decoder = cls._load_decoder(options, folder, model, device, dtype, progress)
-        segmenter = cls(model, processor, decoder, options)
+        calibration = cls._load_calibration(options, folder, decoder, progress)
+        segmenter = cls(model, processor, decoder, options, calibration=calibration)
         if options.fast_decode and device.type == "cuda":
             if isinstance(segmenter.generator, FastGreedyGenerator):
                 compiled = "compiled, " if segmenter.generator.compiled else ""
@@ -222,6 +234,37 @@ class Qwen3VLSeg(Segmenter):
         _check_decoder_fits(decoder, model)
         _say(progress, f"loaded mask decoder from {decoder_folder}")
         return decoder
+
+    @staticmethod
+    def _load_calibration(options: SegmenterOptions, folder: Path, decoder: BoxGuidedMaskDecoder | None,
+                          progress: ProgressFn | None) -> ScoreCalibration | None:
+        """The folder's score calibration where it fits this setup; says why where it does not."""
+        if not options.calibrate_scores:
+            return None
+        try:
+            calibration = load_calibration(folder)
+        except CalibrationError as exc:
+            raise SegmenterError(f"{exc}; fix or delete the file, or set calibrate_scores to false") from exc
+        if calibration is None:
+            return None
+        why_not = ""
+        if decoder is None or options.decoder.strip() or options.mask_head not in ("auto", "decoder"):
+            why_not = "it was fitted on this folder's own mask decoder, which is not in use"
+        elif calibration.decoder_sha256 and calibration.decoder_sha256 != file_sha256(folder / DECODER_WEIGHTS):
+            why_not = f"it was fitted for another mask decoder than this folder's {DECODER_WEIGHTS}"
+        elif calibration.box_refine_passes != options.box_refine_passes:
+            why_not = (f"it was fitted with box_refine_passes={calibration.box_refine_passes}, "
+                       f"not {options.box_refine_passes}")
+        if why_not:
+            _say(progress, f"score calibration in {folder} not used ({why_not}): scores are box_score * mask_score")
+            return None
+        _say(progress, f"scores calibrated by {folder / CALIBRATION_FILE}")
+        return calibration
+
+    def _score(self, box_score: float, estimate: MaskEstimate) -> float:
+        if self.calibration is not None and estimate.source == self.calibration.mask_source:
+            return self.calibration.probability(box_score, estimate.score)
+        return box_score * estimate.score
 
     def _stop_tokens(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -317,7 +360,7 @@ class Qwen3VLSeg(Segmenter):
             bscore = box_score(grounding.text, grounding.generated.token_probs, obj.coord_span)
             output.instances.append(Instance(
                 box=obj.box if estimate.box is None else estimate.box, label=obj.label or default_label,
-                score=bscore * estimate.score, mask=estimate.mask, box_score=bscore, mask_score=estimate.score,
+                score=self._score(bscore, estimate), mask=estimate.mask, box_score=bscore, mask_score=estimate.score,
                 mask_source=estimate.source, model_box=obj.box,
             ))
         output.timings_ms["mask"] = _ms(t1)

@@ -196,7 +196,8 @@ class SegmentationNode(LifecycleNode):
             local_files_only=self.p("local_files_only"), max_new_tokens=self.p("max_new_tokens"),
             max_objects=self.p("max_objects"), fast_decode=self.p("fast_decode"),
             compile_cache_dir=self.p("compile_cache_dir"), image_max_pixels=self.p("image_max_pixels"),
-            num_threads=self.p("num_threads"), box_refine_passes=self.p("box_refine_passes"))
+            num_threads=self.p("num_threads"), box_refine_passes=self.p("box_refine_passes"),
+            calibrate_scores=self.p("calibrate_scores"))
 
     # ------------------------------------------------------------------------------------------
     # lifecycle

@@ -164,7 +164,8 @@ def _evaluate_task(task: tuple[str, int]) -> list[dict[str, Any]]:
             "task": list(task), "query": q, "expression": ex.expression, "query_type": ex.query_type,
             "answer": result.raw_answer, "ms": ms, "timings_ms": result.timings_ms, "results": results,
             "box_scores": [float(i.box_score) for i in inst], "mask_scores": [float(i.mask_score) for i in inst],
-            "scores": [float(i.score) for i in inst], "hit": hit.tolist(),
+            "scores": [float(i.score) for i in inst], "mask_sources": [i.mask_source for i in inst],
+            "hit": hit.tolist(),
             "pred_boxes": boxes.tolist(), "model_boxes": model_boxes.tolist(),
             "gt_boxes": np.asarray(ex.boxes).tolist(), "scene_boxes": scene_boxes(ex),
             "pred_mask": np.packbits(masks["decoder"].any(0) if len(inst) else np.zeros(shape, bool)),
@@ -249,7 +250,26 @@ def score_statistics(records: list[dict[str, Any]], threshold: float) -> dict[st
         return {"count": len(pairs), "box_score_mean": float(box.mean()), "box_score_median": float(np.median(box)),
                 "score_mean": float(score.mean()), "kept_at_threshold": float((score >= threshold).mean())}
 
-    return {"threshold": threshold, "hits": stats(hits), "misses": stats(misses)}
+    return {"threshold": threshold, "hits": stats(hits), "misses": stats(misses),
+            "reported": reported_score_quality(records)}
+
+
+def reported_score_quality(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is ``score`` a probability? Each reported object is right when its reported box overlaps a
+    target at IoU >= 0.5; the expected calibration error compares the stated and the observed rate."""
+    from qwen3vl_seg_ros.calibrate import auc, object_outcomes
+    from qwen3vl_seg_ros.model.score_calibration import expected_calibration_error
+
+    scores, right = [], []
+    for r in records:
+        outcomes = object_outcomes({**r, "mask_sources": ["decoder"] * len(r["scores"])})
+        scores.extend(r["scores"])
+        right.extend(o[2] for o in outcomes)
+    if not scores:
+        return {"objects": 0}
+    score, ok = np.asarray(scores, float), np.asarray(right, bool)
+    return {"objects": len(score), "right": float(ok.mean()), "score_mean": float(score.mean()),
+            "ece": expected_calibration_error(score, ok), "auc": auc(score, ok)}
 
 
 def grounding_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
