@@ -235,6 +235,22 @@ def test_readme_images_are_one_command(tmp_path):
     assert (cloud < 250).any(axis=2).mean() > 0.02  # something was drawn on the white figure
 
 
+@pytest.mark.ros
+def test_continuous_mode_keeps_each_objects_track_id(tmp_path):
+    """A still scene streamed at 10 Hz: every result names each object by the same track id."""
+    index = first_scene_with_two_double_colours()
+    demo = DemoProcess(["--segmenter", DOUBLE, "--flat-colours", "--seed", str(index), "--scenes", "1",
+                        "--command", "the red, green, blue, yellow and white objects", "--continuous-s", "1.5",
+                        "--rate-hz", "10", "--timeout", "90", "--out", str(tmp_path)])
+    code, stdout, stderr = demo.wait(120)
+    assert code == 0, stdout + stderr
+    continuous = json.loads((tmp_path / "summary.json").read_text())["continuous"]
+    assert continuous["statuses"] == ["OK"] and continuous["results"] >= 2, continuous
+    assert len(continuous["track_ids"]) >= 2, continuous
+    assert set(continuous["track_ids"].values()) == {continuous["results"]}, continuous
+    assert "object track ids (results holding each)" in stdout
+
+
 def first_scene_with_two_double_colours() -> int:
     for index in range(60):
         if len({o.colour for o in render_scene(index).scene.objects} & DOUBLE_COLOURS) >= 2:

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -683,11 +683,16 @@ def _continuous(client: DemoClient, command: str, seconds: float, deadline: floa
     summary = {"command": command, "seconds": round(stopped - start, 2), "results": len(runs),
                "rate_hz": round(len(runs) / max(stopped - start, 1e-6), 2),
                "median_latency_ms": round(float(np.median(latencies)), 1) if latencies else None,
-               "statuses": sorted({STATUS_NAMES.get(r.status, str(r.status)) for r in runs})}
+               "statuses": sorted({STATUS_NAMES.get(r.status, str(r.status)) for r in runs}),
+               # how many results held each track: one object seen in every frame keeps one id
+               "track_ids": dict(Counter(str(o.track_id) for r in runs for o in r.objects if o.track_id))}
     latency = f", median latency {summary['median_latency_ms']:.0f} ms" if latencies else ""
     print(f"[demo] continuous mode: {len(runs)} results in {summary['seconds']:.1f} s "
           f"({summary['rate_hz']:.1f} Hz, at most the node's max_rate_hz){latency}; stopped with an empty command",
           flush=True)
+    if summary["track_ids"]:
+        tracks = ", ".join(f"#{k} in {v}" for k, v in summary["track_ids"].items())
+        print(f"[demo] continuous mode: object track ids (results holding each): {tracks} of {len(runs)}", flush=True)
     return summary
 
 
