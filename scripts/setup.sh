@@ -58,8 +58,8 @@ if [ ! -f "$VENV/.cmake-patched" ]; then
     touch "$VENV/.cmake-patched"
 fi
 
-# --- 3. build our interfaces (and the tf2_msgs shim when tf2_msgs is missing) -------------
-build_stamp="$(stamp_of msg/* srv/* CMakeLists.txt package.xml scripts/ros_shims/tf2_msgs/*/* scripts/ros_shims/tf2_msgs/*.txt scripts/ros_shims/tf2_msgs/*.xml)"
+# --- 3. build our interfaces (and the tf2_msgs / vision_msgs shims when missing) ----------
+build_stamp="$(stamp_of msg/* srv/* CMakeLists.txt package.xml scripts/ros_shims/*/*/* scripts/ros_shims/*/*.txt scripts/ros_shims/*/*.xml)"
 if [ "$(cat "$ROSDIR/.build-stamp" 2>/dev/null)" != "$build_stamp" ]; then
     export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
     export AMENT_PREFIX_PATH="$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
@@ -78,9 +78,14 @@ if [ "$(cat "$ROSDIR/.build-stamp" 2>/dev/null)" != "$build_stamp" ]; then
             || { echo "[setup] building $1 failed; see $ROSDIR/build-$1.log" >&2; tail -30 "$ROSDIR/build-$1.log" >&2; exit 1; }
     }
     mkdir -p "$ROSDIR"
-    if [ ! -d "$VENV/share/tf2_msgs" ] && [ ! -d "$ROSDIR/install/share/tf2_msgs" ]; then
-        cmake_pkg tf2_msgs "$ROOT/scripts/ros_shims/tf2_msgs"
-    fi
+    # Stand-ins for interface packages that have no wheel (scripts/ros_shims): built only when
+    # the environment lacks the real one, and rebuilt when their definitions change.
+    for shim in tf2_msgs vision_msgs; do
+        if [ ! -d "$VENV/share/$shim" ]; then
+            rm -rf "$ROSDIR/install/share/$shim"
+            cmake_pkg "$shim" "$ROOT/scripts/ros_shims/$shim"
+        fi
+    done
     # CMake refuses exported include folders (the venv's) inside the source folder: build the
     # interfaces from a staging copy instead of the repository root.
     rm -rf "$ROSDIR/src/qwen3vl_seg_ros" && mkdir -p "$ROSDIR/src/qwen3vl_seg_ros"
@@ -121,6 +126,6 @@ EOF
 # --- 6. smoke check ---------------------------------------------------------------------------
 # shellcheck disable=SC1091
 source "$ROOT/env.sh"
-python -c "import rclpy, qwen3vl_seg_ros.msg, qwen3vl_seg_ros.srv, tf2_msgs.msg" \
+python -c "import rclpy, qwen3vl_seg_ros.msg, qwen3vl_seg_ros.srv, tf2_msgs.msg, vision_msgs.msg" \
     || { echo "[setup] the environment does not import; see messages above" >&2; exit 1; }
 log "ready in $(( $(date +%s) - t0 )) s; use: source env.sh"

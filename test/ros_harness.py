@@ -26,6 +26,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import String
+from vision_msgs.msg import Detection2DArray, Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from qwen3vl_seg_ros.msg import SegmentationResult
@@ -117,6 +118,12 @@ class Client:
         self.node.create_subscription(Image, f"{node_fqn}/overlay", self._keep(self.overlays), reliable)
         self.node.create_subscription(PointCloud2, f"{node_fqn}/cloud", self._keep(self.clouds), reliable)
         self.node.create_subscription(MarkerArray, f"{node_fqn}/markers", self._keep(self.markers), reliable)
+        self.detections: list[Any] = []
+        self.detections_3d: list[Any] = []
+        self.node.create_subscription(Detection2DArray, f"{node_fqn}/detections", self._keep(self.detections),
+                                      reliable)
+        self.node.create_subscription(Detection3DArray, f"{node_fqn}/detections_3d",
+                                      self._keep(self.detections_3d), reliable)
         self.segment_client = self.node.create_client(Segment, f"{node_fqn}/segment")
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)

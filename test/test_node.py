@@ -268,3 +268,35 @@ def test_tracking_off_gives_track_id_zero(system):
         assert len(objects) == 2 and all(o.track_id == 0 for o in objects)
     finally:
         node.node.set_parameters([Parameter("tracking", value=True)])
+
+
+def test_vision_msgs_detections_mirror_the_result(system):
+    node, client = system
+    scene = fresh(system)
+    n2, n3 = len(client.snapshot(client.detections)), len(client.snapshot(client.detections_3d))
+    result = client.call("the red and the blue blobs").result
+    assert result.status == SegmentationResult.OK, result.message
+    assert wait_for(lambda: len(client.snapshot(client.detections)) > n2
+                    and len(client.snapshot(client.detections_3d)) > n3, 5)
+    flat, deep = client.snapshot(client.detections)[-1], client.snapshot(client.detections_3d)[-1]
+    assert flat.header.stamp == result.header.stamp and flat.header.frame_id == "camera_optical"
+    assert deep.header.frame_id == result.geometry_frame_id == "camera_optical"
+    by_id = {str(o.track_id): o for o in result.objects}
+    assert sorted(d.id for d in flat.detections) == sorted(by_id) == sorted(d.id for d in deep.detections)
+    for det in flat.detections:
+        obj = by_id[det.id]
+        (hyp,) = det.results
+        assert hyp.hypothesis.class_id == obj.label and hyp.hypothesis.score == pytest.approx(obj.score)
+        x1, y1, x2, y2, _ = scene.rects[obj.label.split()[0]]
+        assert (det.bbox.center.position.x, det.bbox.center.position.y) == ((x1 + x2) / 2, (y1 + y2) / 2)
+        assert (det.bbox.size_x, det.bbox.size_y) == (x2 - x1, y2 - y1)
+    for det in deep.detections:
+        obj = by_id[det.id]
+        assert det.results[0].pose.pose.position == obj.centroid
+        assert det.bbox.center == obj.bbox_center and det.bbox.size == obj.bbox_size
+
+    # nothing there: both arrays are published empty, so a consumer sees the objects are gone
+    n2 = len(client.snapshot(client.detections))
+    assert client.call("green").result.status == SegmentationResult.NO_MATCH
+    assert wait_for(lambda: len(client.snapshot(client.detections)) > n2, 5)
+    assert client.snapshot(client.detections)[-1].detections == []

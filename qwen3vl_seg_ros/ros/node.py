@@ -52,7 +52,7 @@ from visualization_msgs.msg import MarkerArray
 from qwen3vl_seg_ros.commands import clean_command
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
-from qwen3vl_seg_ros.ros import conversions
+from qwen3vl_seg_ros.ros import conversions, detections
 from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
 from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
 from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, safe_text, truncate
@@ -233,6 +233,14 @@ class SegmentationNode(LifecycleNode):
             "cloud": self.create_publisher(PointCloud2, "~/cloud", images),
             "markers": self.create_publisher(MarkerArray, "~/markers", reliable),
         }
+        if detections.AVAILABLE:
+            self._pubs["detections"] = self.create_publisher(
+                detections.Detection2DArray, "~/detections", reliable)
+            self._pubs["detections_3d"] = self.create_publisher(
+                detections.Detection3DArray, "~/detections_3d", reliable)
+        else:
+            log.warning("vision_msgs is not installed: ~/detections and ~/detections_3d are not published "
+                        "(install ros-$ROS_DISTRO-vision-msgs); everything else is")
         self._three_d = ThreeDStage(self)
         self._scheduler.start()
         return TransitionCallbackReturn.SUCCESS
@@ -504,6 +512,7 @@ class SegmentationNode(LifecycleNode):
             self._track(result)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         self._publish_images(rgb, instances, ids, header)
+        self._publish_detections(result)
 
     def _select(self, instances: Any, h: int, w: int, warnings: list[str]) -> tuple[list[Instance], list[float]]:
         """Checks the segmenter's objects, then the score threshold and the best max_objects.
@@ -629,6 +638,12 @@ class SegmentationNode(LifecycleNode):
         if self.p("publish_overlay") and "overlay" in self._pubs:
             bgr = draw_overlay(rgb, instances, float(self.p("overlay_alpha")), ids)
             self._pubs["overlay"].publish(conversions.array_to_image(bgr, "bgr8", header))
+
+    def _publish_detections(self, result: SegmentationResult) -> None:
+        """The result as vision_msgs detections (empty arrays for NO_MATCH: nothing there now)."""
+        if self.p("publish_detections") and "detections" in self._pubs:
+            self._pubs["detections"].publish(detections.detections_2d(result))
+            self._pubs["detections_3d"].publish(detections.detections_3d(result))
 
     @staticmethod
     def _box_mask(inst: Instance, h: int, w: int) -> np.ndarray:

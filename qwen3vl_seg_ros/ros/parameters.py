@@ -96,6 +96,9 @@ PARAMETERS: tuple[Param, ...] = (
     Param("publish_mask", True, "Publish ~/mask (label image: 0 background, k for object k).", RUNTIME),
     Param("publish_cloud", True, "Publish ~/cloud (all objects' points, with rgb and instance id).", RUNTIME),
     Param("publish_markers", True, "Publish ~/markers (oriented boxes, labels, centroids for RViz).", RUNTIME),
+    Param("publish_detections", True,
+          "Publish ~/detections and ~/detections_3d (vision_msgs Detection2DArray / Detection3DArray; "
+          "needs vision_msgs installed).", RUNTIME),
     Param("diagnostics_period_s", 1.0, "Period of /diagnostics status messages (s).", CONFIGURE, 0.1, 60.0),
     # --- commands (runtime) ---
     Param("score_threshold", 0.2, "Objects with a lower score are dropped.", RUNTIME, 0.0, 1.0),
