@@ -472,6 +472,23 @@ def test_form_weights_pick_the_form_of_single_target_commands() -> None:
     assert any(_spatial(e) for e in default) and not all(_spatial(e) for e in default)
 
 
+def test_shape_form_names_the_target_by_its_shape_alone() -> None:
+    """form_weights {"shape": 1}: "the mug" where the mug is the scene's only one (round 22c)."""
+    cfg = SceneConfig(min_objects=3, type_weights={"referring": 1.0}, form_weights={"shape": 1.0})
+    seen = 0
+    for seed in range(8):
+        scene, queries = generate_sample(seed, cfg)
+        for q in queries:
+            noun = q.expression.removeprefix("the ")
+            (shape,) = [s for s, words in ex.SHAPE_WORDS.items() if noun in words]
+            same_shape = [o.id for o in scene.objects if o.shape == shape]
+            assert q.query_type == "referring" and list(q.target_ids) == same_shape, (q, same_shape)
+            seen += 1
+    assert seen >= 8
+    # opt-in only: the default mix never asks for it, so the held-out splits stay as they were
+    assert "shape" not in ex.REFERRING_FORMS
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"form_weights": {"colour": 1.0}}, "unknown referring forms"),
     ({"type_weights": {"referring": -1.0, "multi": 1.0}}, "finite, >= 0"),

@@ -228,6 +228,8 @@ class _Candidates:
         self.descriptors = self._descriptors()
         self.unique = {d: m for d, m in self.descriptors.items() if m.bit_count() == 1 and d != Descriptor()}
         self.attr = [(d, m) for d, m in self.unique.items()]
+        # "the mug" alone (no colour or size): a form a training round may ask for by name only
+        self.shape = [(d, m) for d, m in self.attr if d.shape and d.colour is None and d.size is None]
         self.superlative = self._superlatives()
         self.place = self._places()
         self.relation = self._relations(rng)
@@ -325,7 +327,7 @@ def _say_single(form: str, item: tuple, rng: np.random.Generator) -> tuple[str, 
     The random draws are those of the phrases alone, in the same order, so that every scene's
     commands stay what they were before the target's words were kept.
     """
-    if form == "attr":
+    if form in ("attr", "shape"):
         words = item[0].words(rng)
         return f"the {_say(words)}", _say(words)
     if form == "superlative":
@@ -348,9 +350,10 @@ def _referring(
     c: _Candidates, rng: np.random.Generator, form_weights: dict[str, float] | None = None
 ) -> Made | None:
     """A single-target command of one of the forms the scene allows: uniform, or by ``form_weights``."""
-    forms = [(f, pool) for f, pool in
-             (("attr", c.attr), ("superlative", c.superlative), ("place", c.place), ("relation", c.relation))
-             if pool and (form_weights is None or form_weights.get(f, 0.0) > 0)]
+    pools = [("attr", c.attr), ("superlative", c.superlative), ("place", c.place), ("relation", c.relation)]
+    if form_weights is not None and form_weights.get("shape", 0.0) > 0:
+        pools.append(("shape", c.shape))  # opt-in, so that the default mix (and the held-out splits) stay
+    forms = [(f, pool) for f, pool in pools if pool and (form_weights is None or form_weights.get(f, 0.0) > 0)]
     if not forms:
         return None
     if form_weights is None:
@@ -409,6 +412,9 @@ def _no_target(c: _Candidates, rng: np.random.Generator) -> Made | None:
 _MAKERS = {"referring": _referring, "category": _category, "multi": _multi, "no_target": _no_target}
 DEFAULT_TYPE_WEIGHTS = {"referring": 0.45, "category": 0.2, "multi": 0.15, "no_target": 0.2}
 REFERRING_FORMS = ("attr", "superlative", "place", "relation")
+#: Forms a round may name in ``form_weights`` beyond the default ones: "shape" is an "attr" command
+#: with the shape word alone ("the mug"), for rounds that must learn to find an object by shape.
+EXTRA_REFERRING_FORMS = ("shape",)
 
 
 def check_weights(weights: dict[str, float] | None, known: tuple[str, ...], what: str) -> None:
@@ -436,7 +442,7 @@ def make_queries(
     likely. Both exist so that a training round can dwell on one kind of command.
     """
     check_weights(type_weights, QUERY_TYPES, "query types")
-    check_weights(form_weights, REFERRING_FORMS, "referring forms")
+    check_weights(form_weights, REFERRING_FORMS + EXTRA_REFERRING_FORMS, "referring forms")
     weights = dict(type_weights or DEFAULT_TYPE_WEIGHTS)
     makers = {**_MAKERS, "referring": partial(_referring, form_weights=form_weights)}
     cands = _Candidates(scene, rng)

@@ -32,6 +32,7 @@ from qwen3vl_seg_ros.training import render
 from qwen3vl_seg_ros.training.coco import CocoRefWriter, mask_box
 from qwen3vl_seg_ros.training.expressions import (
     COLOURS,
+    EXTRA_REFERRING_FORMS,
     QUERY_TYPES,
     REFERRING_FORMS,
     SHAPES,
@@ -121,7 +122,7 @@ class SceneConfig:
         if not 1 <= self.min_objects <= self.max_objects <= 255:
             raise ValueError("need 1 <= min_objects <= max_objects <= 255")
         check_weights(self.type_weights, QUERY_TYPES, "query types")
-        check_weights(self.form_weights, REFERRING_FORMS, "referring forms")
+        check_weights(self.form_weights, REFERRING_FORMS + EXTRA_REFERRING_FORMS, "referring forms")
         for name in self.shapes:
             if name not in SHAPES:
                 raise ValueError(f"unknown shape {name!r}; expected some of {SHAPES}")
