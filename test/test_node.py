@@ -235,9 +235,14 @@ def test_track_ids_follow_objects_across_results_and_commands(system):
     node, client = system
     scene = Scene()
     fresh(system, scene)
+    n_markers = len(client.snapshot(client.markers))
     first = {o.label: o.track_id for o in client.call("the red and the blue blobs").result.objects}
     assert set(first) == {"red blob", "blue blob"} and 0 not in first.values()
     assert first["red blob"] != first["blue blob"]
+    # RViz's labels name the track (the markers go out after the ids are known)
+    assert wait_for(lambda: len(client.snapshot(client.markers)) > n_markers, 5)
+    texts = {m.text for m in client.snapshot(client.markers)[-1].markers if m.text}
+    assert f"#{first['red blob']} red blob 1.00" in texts, texts
 
     # both blobs shifted by 2 px (2 cm at 1 m): the same objects, whatever order the result lists them in
     moved = Scene(rects={"red": (22, 30, 62, 80, 1.0), "blue": (92, 40, 142, 70, 0.8)})

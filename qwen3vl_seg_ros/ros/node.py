@@ -491,6 +491,7 @@ class SegmentationNode(LifecycleNode):
         warnings.extend(safe_text(w) for w in output.warnings)
 
         h, w = rgb.shape[:2]
+        cloud = None
         instances, below = self._select(output.instances, h, w, warnings)
         ids = list(range(1, len(instances) + 1))
         result.objects = objects_from_instances(instances, ids, w, h, header)
@@ -506,10 +507,12 @@ class SegmentationNode(LifecycleNode):
             warnings.insert(0, safe_text(reason))
         elif three_d is not None and inputs is not None:
             t_geo = time.monotonic()
-            result.geometry_frame_id = three_d.fill(result, instances, rgb, inputs, header, warnings)
+            result.geometry_frame_id, cloud = three_d.fill(result, instances, rgb, inputs, header, warnings)
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
         if result.objects and self.p("tracking"):
             self._track(result)
+        if cloud is not None and three_d is not None:
+            three_d.publish(result, cloud)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         self._publish_images(rgb, instances, ids, header)
         self._publish_detections(result)

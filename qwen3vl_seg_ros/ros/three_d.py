@@ -17,7 +17,7 @@ frame, what is usable and says why when something is not:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from std_msgs.msg import Header
@@ -115,12 +115,13 @@ class ThreeDStage:
             max_depth_m=float(p("max_depth_m")), voxel_size_m=float(p("voxel_size_m")))
 
     def fill(self, result: SegmentationResult, instances: list[Instance], rgb: np.ndarray,
-             inputs: ThreeDInputs, header: Header, warnings: list[str]) -> str:
-        """Fills the objects' 3D fields, publishes ~/cloud and ~/markers; returns their frame."""
+             inputs: ThreeDInputs, header: Header, warnings: list[str]) -> tuple[str, Any]:
+        """Fills the objects' 3D fields; returns their frame and the objects' combined cloud (None
+        without 3D), which :meth:`publish` sends once the node has given the objects their track ids."""
         if inputs.intrinsics is None:
             for obj in result.objects:
                 obj.has_3d, obj.status_3d = False, inputs.reason
-            return ""
+            return "", None
         transform, out_frame = self._target_transform(header, inputs.frame_id, warnings)
         masks = [inst.mask if inst.mask is not None else _box_mask(inst, rgb.shape[:2]) for inst in instances]
         geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics,
@@ -136,10 +137,15 @@ class ThreeDStage:
         missing = [f"{obj.id} ({obj.status_3d})" for obj in result.objects if not obj.has_3d]
         if missing:
             warnings.append("no 3D for object " + ", ".join(missing))
-        self._node.publish_cloud(cloud_to_msg(concat_clouds(clouds), cloud_header))
-        self._node.publish_markers(build_markers(result.objects, cloud_header,
+        return out_frame, cloud_to_msg(concat_clouds(clouds), cloud_header)
+
+    def publish(self, result: SegmentationResult, cloud: Any) -> None:
+        """~/cloud and ~/markers of a filled result (markers show each object's track id)."""
+        if cloud is None:
+            return
+        self._node.publish_cloud(cloud)
+        self._node.publish_markers(build_markers(result.objects, cloud.header,
                                                  lifetime_s=float(self._node.p("marker_lifetime_s"))))
-        return out_frame
 
     def _target_transform(self, header: Header, camera_frame: str, warnings: list[str]):
         target = str(self._node.p("target_frame")).strip().lstrip("/")
