@@ -75,6 +75,20 @@ class EvalSettings:
 # work items
 
 
+def eval_frame_size(model: str, width: int, height: int) -> tuple[int, int]:
+    """The synthetic frame size: what was asked, else the model's training size, else 320x240."""
+    if width > 0 and height > 0:
+        return width, height
+    from qwen3vl_seg_ros.model.loading import resolve_model_folder, training_frame_size
+    from qwen3vl_seg_ros.types import SegmenterError
+
+    trained = None
+    with contextlib.suppress(SegmenterError):
+        trained = training_frame_size(resolve_model_folder(model))
+    default = trained or (320, 240)
+    return (width if width > 0 else default[0]), (height if height > 0 else default[1])
+
+
 def _tasks(settings: EvalSettings) -> list[tuple[str, int]]:
     """Units of work: synthetic scene indices or COCO sample indices."""
     if settings.coco_json:
@@ -498,20 +512,6 @@ def _pick_examples(records: list[dict[str, Any]], count: int) -> list[dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # command line
-
-
-def eval_frame_size(model: str, width: int, height: int) -> tuple[int, int]:
-    """The synthetic frame size: what was asked, else the model's training size, else 320x240."""
-    if width > 0 and height > 0:
-        return width, height
-    from qwen3vl_seg_ros.model.loading import resolve_model_folder, training_frame_size
-    from qwen3vl_seg_ros.types import SegmenterError
-
-    trained = None
-    with contextlib.suppress(SegmenterError):
-        trained = training_frame_size(resolve_model_folder(model))
-    default = trained or (320, 240)
-    return (width if width > 0 else default[0]), (height if height > 0 else default[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
