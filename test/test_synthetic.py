@@ -473,7 +473,7 @@ def test_form_weights_pick_the_form_of_single_target_commands() -> None:
 
 
 def test_shape_form_names_the_target_by_its_shape_alone() -> None:
-    """form_weights {"shape": 1}: "the mug" where the mug is the scene's only one (round 22c)."""
+    """form_weights {"shape": 1}: "the mug" where the mug is the scene's only one (round 21c)."""
     cfg = SceneConfig(min_objects=3, type_weights={"referring": 1.0}, form_weights={"shape": 1.0})
     seen = 0
     for seed in range(8):
