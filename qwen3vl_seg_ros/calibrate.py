@@ -36,15 +36,17 @@ from qwen3vl_seg_ros.model.score_calibration import (
 from qwen3vl_seg_ros.training.metrics import BOX_IOU_THRESHOLD, box_iou_matrix
 
 
-def object_outcomes(record: dict[str, Any]) -> list[tuple[float, float, bool]]:
-    """(box score, mask score, right) of each decoder-masked object of one evaluation sample."""
+def object_outcomes(record: dict[str, Any], decoder_only: bool = True) -> list[tuple[float, float, bool]]:
+    """(box score, mask score, right) of each object of one evaluation sample: only those masked by
+    the decoder (what a calibration is fitted on), or all of them."""
     boxes = np.asarray(record["pred_boxes"], dtype=np.float64).reshape(-1, 4)
     targets = np.asarray(record["gt_boxes"], dtype=np.float64).reshape(-1, 4)
-    iou = box_iou_matrix(boxes, targets) if len(boxes) and len(targets) else np.zeros((len(boxes), 0))
+    iou = box_iou_matrix(boxes, targets)
     right = iou.max(axis=1) >= BOX_IOU_THRESHOLD if iou.shape[1] else np.zeros(len(boxes), bool)
     sources = record.get("mask_sources") or ["decoder"] * len(boxes)
     return [(float(b), float(m), bool(r))
-            for b, m, r, s in zip(record["box_scores"], record["mask_scores"], right, sources) if s == "decoder"]
+            for b, m, r, s in zip(record["box_scores"], record["mask_scores"], right, sources)
+            if s == "decoder" or not decoder_only]
 
 
 def read_evaluation(folder: str | Path) -> tuple[dict[str, Any], list[tuple[float, float, bool]]]:

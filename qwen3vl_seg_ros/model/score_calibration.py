@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,7 @@ class ScoreCalibration:
     fitted_on: dict[str, Any] = field(default_factory=dict)
 
     def probability(self, box_score: float, mask_score: float) -> float:
-        z = (_features([box_score], [mask_score])[0] - np.asarray(self.mean)) / np.asarray(self.std)
-        return float(expit(float(z @ np.asarray(self.weights)) + self.bias))
+        return float(self.probabilities([box_score], [mask_score])[0])
 
     def probabilities(self, box_scores: Sequence[float], mask_scores: Sequence[float]) -> np.ndarray:
         z = (_features(box_scores, mask_scores) - np.asarray(self.mean)) / np.asarray(self.std)
@@ -174,4 +173,4 @@ def fit_calibration(box_scores: Sequence[float], mask_scores: Sequence[float], c
                  "ece_calibrated": expected_calibration_error(stated, y)}
     if note:
         fitted_on["note"] = note
-    return ScoreCalibration(**{**asdict(calibration), "fitted_on": fitted_on})
+    return replace(calibration, fitted_on=fitted_on)

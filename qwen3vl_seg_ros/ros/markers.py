@@ -76,7 +76,7 @@ def delete_all_marker(header: Header, namespace: str = "") -> Marker:
 def object_markers(obj: Any, header: Header, style: MarkerStyle) -> list[Marker]:
     """Box, label and centroid markers of one ``SegmentedObject`` with ``has_3d``."""
     oid = int(obj.id)
-    track = int(getattr(obj, "track_id", 0))
+    track = int(obj.track_id)
     hue = track or oid  # a tracked object keeps its colour from result to result
     box = _marker(header, f"{style.namespace}/boxes", oid, Marker.CUBE, style)
     box.pose = obj.bbox_center

@@ -276,7 +276,7 @@ def reported_score_quality(records: list[dict[str, Any]]) -> dict[str, Any]:
 
     scores, right = [], []
     for r in records:
-        outcomes = object_outcomes({**r, "mask_sources": ["decoder"] * len(r["scores"])})
+        outcomes = object_outcomes(r, decoder_only=False)
         scores.extend(r["scores"])
         right.extend(o[2] for o in outcomes)
     if not scores:
