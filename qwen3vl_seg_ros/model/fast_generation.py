@@ -381,7 +381,6 @@ class FastGreedyGenerator(Generator):
         self.lm = model.model.language_model
         self.visual = getattr(model.model, "visual", None)
         self._eager = EagerGreedyGenerator(model, stop_token_ids, numbers)
-        self.numbers = numbers
         self.stop_token_ids = self._eager.stop_token_ids
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -430,6 +429,11 @@ class FastGreedyGenerator(Generator):
     def eager(self) -> EagerGreedyGenerator:
         """The reference generator (used as the fallback)."""
         return self._eager
+
+    @property
+    def numbers(self) -> NumberTokens | None:
+        """The coordinate tokens, shared with the eager twin so both pick numbers alike."""
+        return self._eager.numbers
 
     def describe(self) -> str:
         """One line saying which path runs."""

@@ -248,7 +248,7 @@ class Qwen3VLSeg(Segmenter):
         if calibration is None:
             return None
         why_not = ""
-        if decoder is None or options.decoder.strip() or options.mask_head not in ("auto", "decoder"):
+        if not _decoder_in_use(decoder, options.mask_head) or options.decoder.strip():
             why_not = "it was fitted on this folder's own mask decoder, which is not in use"
         elif calibration.decoder_sha256 and calibration.decoder_sha256 != file_sha256(folder / DECODER_WEIGHTS):
             why_not = f"it was fitted for another mask decoder than this folder's {DECODER_WEIGHTS}"
@@ -336,7 +336,7 @@ class Qwen3VLSeg(Segmenter):
         return inputs
 
     def _uses_decoder(self) -> bool:
-        return self.decoder is not None and self.mask_head in ("auto", "decoder")
+        return _decoder_in_use(self.decoder, self.mask_head)
 
     def _segment(self, rgb: np.ndarray, command: str, depth: np.ndarray | None,
                  max_new_tokens: int) -> SegmentationOutput:
@@ -442,6 +442,11 @@ def _valid_mask_head(head: str) -> str:
     if head not in MASK_HEADS:
         raise SegmenterError(f"mask_head '{head}' is unknown; use one of {', '.join(MASK_HEADS)}")
     return head
+
+
+def _decoder_in_use(decoder: BoxGuidedMaskDecoder | None, mask_head: str) -> bool:
+    """Whether masks come from the trained decoder: "auto" and "decoder" use it when one is loaded."""
+    return decoder is not None and mask_head in ("auto", "decoder")
 
 
 def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
