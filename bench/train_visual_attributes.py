@@ -11,7 +11,7 @@ Why: the linear probe (``probe_visual_tokens.py``) found no shape in the tiny mo
 round 9's attribute loss did not put it there. Before a round spends an hour on the language
 model, this asks the cheaper question: can the tower's tokens hold the shape at all, given a
 clean signal? Only the tower runs (about 1 s a step for 32 frames on 2 CPU cores, 16 times the
-frames of a full training step). Labels are those of the attribute loss
+frames of a full training step; ``--device cuda`` trains it on a GPU). Labels are those of the attribute loss
 (:func:`~qwen3vl_seg_ros.training.collate.token_attributes`). Frames are flipped left-right at
 random. ``--scale 2`` upsamples the frames before the processor, so each object spans 4 times
 the merged tokens (the same as 8-pixel patches), at 4-5 times the cost. ``--cnn-epochs`` trains
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--cnn-epochs", type=int, default=0, help="also train the token-crop CNN")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes")
+    parser.add_argument("--device", default="cpu", help="where the tower trains: cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--position", action="store_true",
                         help="also heads for the row and column of each token on an object")
@@ -130,14 +131,16 @@ def token_crops(rgb: np.ndarray, classes: np.ndarray, grid_hw: tuple[int, int], 
 class TokenEncoder:
     """The checkpoint's processor and vision tower: frames in, merged tokens ``(N, h * w, D)`` out."""
 
-    def __init__(self, model_dir: Path, scale: int, reinit: bool, frame_pixels: int) -> None:
+    def __init__(self, model_dir: Path, scale: int, reinit: bool, frame_pixels: int,
+                 device: str | torch.device = "cpu") -> None:
         from qwen3vl_seg_ros.model.loading import load_processor, load_qwen3vl
 
         self.scale = scale
         # upsampled frames must go through unresized: raise the processor's limit to their size
         limit = frame_pixels * scale * scale if scale > 1 else 0
         self.image_processor = load_processor(model_dir, image_max_pixels=limit).image_processor
-        self.visual = load_qwen3vl(model_dir, torch.device("cpu"), torch.float32).model.visual
+        self.device = torch.device(device)
+        self.visual = load_qwen3vl(model_dir, self.device, torch.float32).model.visual
         if reinit:
             for module in self.visual.modules():
                 if module is not self.visual and hasattr(module, "reset_parameters"):
@@ -162,7 +165,8 @@ class TokenEncoder:
     def outputs(self, rgb: np.ndarray, visual: nn.Module | None = None) -> list[torch.Tensor]:
         """What the language model receives: the merged tokens ``(N, h * w, D)``, then each deepstack feature."""
         inputs, (h, w) = self.inputs(rgb)
-        out = (visual or self.visual)(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True)
+        out = (visual or self.visual)(inputs["pixel_values"].to(self.device),
+                                      grid_thw=inputs["image_grid_thw"].to(self.device), return_dict=True)
         return [t.reshape(len(rgb), h * w, -1) for t in (out.pooler_output, *(out.deepstack_features or ()))]
 
 
@@ -190,7 +194,8 @@ def head_accuracy(encoder: TokenEncoder, heads: nn.ModuleList, rgb: np.ndarray, 
     with torch.no_grad():
         tokens = torch.cat([encoder(rgb[i:i + chunk]) for i in range(0, len(rgb), chunk)])
     encoder.visual.train()
-    flat, labels = tokens.reshape(-1, tokens.shape[-1]), torch.tensor(classes.reshape(-1, classes.shape[-1]))
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    labels = torch.tensor(classes.reshape(-1, classes.shape[-1]), device=flat.device)
     out = {}
     for g, (name, head) in enumerate(zip(names, heads)):
         keep = labels[:, g] >= 0
@@ -205,7 +210,7 @@ def train_tower(args: argparse.Namespace, encoder: TokenEncoder, train: tuple[np
     width = encoder.visual.merger.linear_fc2.out_features
     groups = {**GROUPS, **({"row": range(grid_hw[0]), "col": range(grid_hw[1])} if args.position else {})}
     names = tuple(groups)
-    heads = nn.ModuleList([nn.Linear(width, len(words)) for words in groups.values()])
+    heads = nn.ModuleList([nn.Linear(width, len(words)) for words in groups.values()]).to(encoder.device)
     place = (lambda c: token_places(c, grid_hw)) if args.position else (lambda c: c)
     val = (val[0], place(val[1]))
     params = list(encoder.visual.parameters()) + list(heads.parameters())
@@ -224,8 +229,8 @@ def train_tower(args: argparse.Namespace, encoder: TokenEncoder, train: tuple[np
         if rng.random() < 0.5:
             rgb, classes = flip(rgb, classes, grid_hw)
         outputs = encoder.outputs(rgb)
-        loss = head_loss(heads, outputs[0], torch.tensor(place(classes)))
-        moved = torch.zeros(())
+        loss = head_loss(heads, outputs[0], torch.tensor(place(classes), device=encoder.device))
+        moved = torch.zeros((), device=encoder.device)
         if reference is not None:
             with torch.no_grad():
                 before = encoder.outputs(rgb, reference)
@@ -261,7 +266,7 @@ def save_model(source: Path, target: Path, visual: nn.Module) -> None:
     if missing:
         raise KeyError(f"the tower's weights {missing[:3]} are not in {source}/model.safetensors")
     for key, value in tower.items():
-        weights[key] = value.detach().to(weights[key].dtype).contiguous()
+        weights[key] = value.detach().to("cpu", weights[key].dtype).contiguous()
     save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -308,7 +313,7 @@ def majority(classes: np.ndarray, names: tuple[str, ...] = tuple(GROUPS)) -> dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    encoder = TokenEncoder(Path(args.model), args.scale, args.reinit, args.width * args.height)
+    encoder = TokenEncoder(Path(args.model), args.scale, args.reinit, args.width * args.height, args.device)
     grid_hw = encoder.grid(args.height, args.width)
     size = (args.width, args.height)
     train = render_scenes("train", args.first_scene, args.train_scenes, size, grid_hw, args.workers)
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                      "position": args.position,
                      "first_scene": args.first_scene, "grid": list(grid_hw),
                      "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "batch": args.batch,
-                     "lr": args.lr,
+                     "lr": args.lr, "device": args.device,
                      "majority": majority(token_places(val[1], grid_hw), (*GROUPS, "row", "col")) if args.position
                      else majority(val[1]),
                      "labelled_val_tokens": int((val[1][..., 0] >= 0).sum())}
