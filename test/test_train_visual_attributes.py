@@ -91,3 +91,19 @@ def test_drift_is_the_relative_squared_change() -> None:
     # first output: |(0, 1)|^2 / |(3, 4)|^2 = 1 / 25; second unchanged; the mean of the two
     assert _bench().drift(new, old).item() == pytest.approx(0.5 / 25)
     assert _bench().drift(old, old).item() == 0.0
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="no shipped model")
+def test_fast_pixel_values_equal_the_processors() -> None:
+    """The bench builds pixel values by table lookup; they must be the processor's, bit for bit."""
+    encoder = _bench().TokenEncoder(MODEL, scale=1, reinit=False, frame_pixels=256 * 192)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(3, 192, 256, 3), dtype=np.uint8)
+    fast, grid = encoder.inputs(rgb)
+    assert encoder.fast_sizes == {(192, 256): True}
+    slow, slow_grid = encoder._processor_inputs(rgb)
+    assert grid == slow_grid == (6, 8)
+    assert torch.equal(fast["pixel_values"], slow["pixel_values"])
+    assert torch.equal(fast["image_grid_thw"], slow["image_grid_thw"])
+    # a size the processor resizes goes through the processor
+    odd = np.zeros((1, 100, 130, 3), np.uint8)
+    assert encoder._fast_inputs(odd) is None

@@ -1079,7 +1079,8 @@ class FastInputs:
         get = size.get if isinstance(size, Mapping) else (lambda k, d=None: getattr(size, k, d))
         return int(get("shortest_edge", 0) or 0), int(get("longest_edge", 0) or 0)
 
-    def _keeps_size(self, height: int, width: int) -> bool:
+    def keeps_size(self, height: int, width: int) -> bool:
+        """Whether the processor would pass a frame of this size through unresized."""
         try:
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
         except ImportError:  # the torchvision-free module is missing: the other one needs torchvision
@@ -1124,7 +1125,7 @@ class FastInputs:
         if self.disabled:
             return None
         height, width = rgb.shape[:2]
-        if not self._keeps_size(height, width) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        if not self.keeps_size(height, width) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             return None
         gh, gw = height // self.patch, width // self.patch
         text = self._text(prompt_text, gh * gw // (self.merge * self.merge))
