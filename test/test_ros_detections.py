@@ -71,3 +71,12 @@ def test_without_vision_msgs_the_node_serves_everything_else(monkeypatch: pytest
         client.close()
         node.close()
         context.try_shutdown()
+
+
+def test_per_result_bench_rows_run() -> None:
+    """bench/bench_geometry.py's per-result rows run and report ordered times (median >= minimum)."""
+    from helpers import load_bench
+
+    rows = load_bench("bench_geometry")._bench_per_result(repeat=3)
+    assert [r[0] for r in rows] == ["track ids, 5 objects", "vision_msgs, 5 objects"]
+    assert all(r[1] > 0 and r[3] <= r[1] for r in rows)
