@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import shutil
 import sys
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import cv2
@@ -88,11 +88,12 @@ def _render(job: tuple[str, int, int, int]) -> tuple[np.ndarray, np.ndarray, lis
 
 
 def render_scenes(split: str, first: int, count: int, size: tuple[int, int], grid_hw: tuple[int, int],
-                  workers: int) -> tuple[np.ndarray, np.ndarray]:
+                  workers: int, spawn: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(N, H, W, 3)`` frames and ``(N, h * w, G)`` token classes of scenes ``first..first+count-1``."""
     jobs = [(split, i, *size) for i in range(first, first + count)]
     if workers > 1:
-        with Pool(workers) as pool:
+        # spawn once CUDA is up in this process: forked children would inherit its context
+        with multiprocessing.get_context("spawn" if spawn else None).Pool(workers) as pool:
             scenes = pool.map(_render, jobs, chunksize=16)
     else:
         scenes = [_render(job) for job in jobs]
@@ -346,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = TokenEncoder(Path(args.model), args.scale, args.reinit, args.width * args.height, args.device)
     grid_hw = encoder.grid(args.height, args.width)
     size = (args.width, args.height)
-    train = render_scenes("train", args.first_scene, args.train_scenes, size, grid_hw, args.workers)
-    val = render_scenes("val", 0, args.val_scenes, size, grid_hw, args.workers)
+    spawn = encoder.device.type != "cpu"
+    train = render_scenes("train", args.first_scene, args.train_scenes, size, grid_hw, args.workers, spawn)
+    val = render_scenes("val", 0, args.val_scenes, size, grid_hw, args.workers, spawn)
     results: dict = {"model": args.model, "scale": args.scale, "reinit": args.reinit, "keep": args.keep,
                      "position": args.position,
                      "first_scene": args.first_scene, "grid": list(grid_hw),
