@@ -133,13 +133,14 @@ def _bench_per_result(repeat: int) -> list[Row]:
     """What each result costs after its 3D stage: track ids and the two vision_msgs arrays.
 
     Five objects with 3D against five live tracks (the continuous-mode case: every object
-    matched), observations built as the node builds them.
+    matched), observations built by the node's own ``track_observations``.
     """
     from sensor_msgs.msg import RegionOfInterest
 
     from qwen3vl_seg_ros.msg import SegmentationResult, SegmentedObject
     from qwen3vl_seg_ros.ros import detections
-    from qwen3vl_seg_ros.tracking import ObjectTracker, Observation
+    from qwen3vl_seg_ros.ros.node import track_observations
+    from qwen3vl_seg_ros.tracking import ObjectTracker
 
     result = SegmentationResult(geometry_frame_id="camera_color_optical_frame")
     result.header.frame_id = "camera_color_optical_frame"
@@ -148,10 +149,7 @@ def _bench_per_result(repeat: int) -> list[Row]:
                               box=RegionOfInterest(x_offset=40 + 110 * k, y_offset=200, width=60, height=80))
         obj.centroid.x, obj.centroid.y, obj.centroid.z = -0.24 + 0.12 * k, 0.0, 0.75 + 0.05 * k
         result.objects.append(obj)
-    observations = [Observation(
-        box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),
-        centroid=(o.centroid.x, o.centroid.y, o.centroid.z), frame_id=result.geometry_frame_id)
-        for o in result.objects]
+    observations = track_observations(result)
     tracker, clock = ObjectTracker(), [0.0]
 
     def track() -> list[int]:

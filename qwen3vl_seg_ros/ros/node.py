@@ -551,11 +551,7 @@ class SegmentationNode(LifecycleNode):
 
     def _track(self, result: SegmentationResult) -> None:
         """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
-        frame = result.geometry_frame_id
-        observations = [Observation(
-            box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),
-            centroid=(o.centroid.x, o.centroid.y, o.centroid.z) if o.has_3d else None,
-            frame_id=frame if o.has_3d else "") for o in result.objects]
+        observations = track_observations(result)
         settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),
                                    max_distance_m=float(self.p("track_max_distance_m")),
                                    max_age_s=float(self.p("track_max_age_s")))
@@ -742,6 +738,15 @@ class SegmentationNode(LifecycleNode):
                     break
             time.sleep(0.02)
         time.sleep(0.1)  # the executor sends a response just after the service coroutine returns
+
+
+def track_observations(result: SegmentationResult) -> list[Observation]:
+    """What the tracker sees of each object: its box, and its centroid in the geometry frame where it has 3D."""
+    frame = result.geometry_frame_id
+    return [Observation(
+        box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),
+        centroid=(o.centroid.x, o.centroid.y, o.centroid.z) if o.has_3d else None,
+        frame_id=frame if o.has_3d else "") for o in result.objects]
 
 
 def main(args: list[str] | None = None) -> int:
