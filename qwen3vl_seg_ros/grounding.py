@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qwen3vl_seg_ros.training.metrics import box_iou_matrix
+
 #: The mask token a Qwen3-VL-Seg model emits after each object's JSON.
 SEG_TOKEN = "<|seg|>"
 
@@ -348,13 +350,7 @@ class _Deduplicator:
             return True
         buffer, count = self._by_label.get(obj.label, (np.empty((8, 4)), 0))
         if count:
-            kept = buffer[:count]
-            ix = np.clip(np.minimum(kept[:, 2], obj.box[2]) - np.maximum(kept[:, 0], obj.box[0]), 0, None)
-            iy = np.clip(np.minimum(kept[:, 3], obj.box[3]) - np.maximum(kept[:, 1], obj.box[1]), 0, None)
-            inter = ix * iy
-            area = (obj.box[2] - obj.box[0]) * (obj.box[3] - obj.box[1])
-            union = (kept[:, 2] - kept[:, 0]) * (kept[:, 3] - kept[:, 1]) + area - inter
-            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            iou = box_iou_matrix(buffer[:count], np.asarray(obj.box, dtype=np.float64)[None])
             if np.any(iou >= self.iou_threshold):
                 return True
         self._exact.add(key)
