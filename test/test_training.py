@@ -1038,20 +1038,20 @@ def test_choice_loss_scores_the_target_among_the_objects() -> None:
         return choice_loss(layers, input_ids, labels, lm_rows, lm_cols, grids, owners, instances, token_objects,
                            coords, image_token, merge)
 
-    good, stats = run(layers)
+    good, _, stats = run(layers)
     assert float(stats["choice_share"]) == pytest.approx(1.0) and float(good) == pytest.approx(0.0, abs=1e-5)
     background = [layers[0], 0.5 * layers[1] + 0.5 * _lookup_case(0, 0)[0][1]]  # half on cell 0: no object
-    assert float(run(background)[1]["choice_share"]) == pytest.approx(1.0)  # only the attention on objects counts
+    assert float(run(background)[2]["choice_share"]) == pytest.approx(1.0)  # only the attention on objects counts
     half = [layers[0], 0.5 * layers[1] + 0.5 * _lookup_case(1, 0)[0][1]]  # half on the other object
-    loss, stats = run(half)
+    loss, _, stats = run(half)
     assert float(stats["choice_share"]) == pytest.approx(0.5) and float(loss) == pytest.approx(np.log(2.0))
-    assert run(layers, token_objects=torch.tensor([[0, 0, 0, 0, 0, 1]]))[1] == {}  # no other object: no choice
-    assert run(layers, instances=torch.tensor([0]))[1] == {}  # unknown instance
+    assert run(layers, token_objects=torch.tensor([[0, 0, 0, 0, 0, 1]]))[2] == {}  # no other object: no choice
+    assert run(layers, instances=torch.tensor([0]))[2] == {}  # unknown instance
 
 
 def test_choice_loss_at_the_first_number_alone() -> None:
-    """``first_only`` scores the position that writes a box's first number (the only one where the
-    command alone says which object), and ``choice_first_share`` reports it either way."""
+    """The second loss scores the position that writes a box's first number (the only one where
+    the command alone says which object), and ``choice_first_share`` reports it."""
     from qwen3vl_seg_ros.training.losses import choice_loss
 
     layers, args = _lookup_case(on_cell=5, layer0_cell=0)
@@ -1062,19 +1062,18 @@ def test_choice_loss_at_the_first_number_alone() -> None:
     layer1[0, :, first_position] = _lookup_case(on_cell=1, layer0_cell=0)[0][1][0, :, first_position]
     late_choice = [layers[0], layer1]  # the first number looks at the other object, the other three at the target
 
-    def run(layers, first_only):
+    def run(layers):
         return choice_loss(layers, input_ids, labels, lm_rows, lm_cols, grids, owners, torch.tensor([1]), objects,
-                           coords, image_token, merge, first_only=first_only)
+                           coords, image_token, merge)
 
-    loss, stats = run(late_choice, False)
+    loss, loss_first, stats = run(late_choice)
     assert float(stats["choice_share"]) == pytest.approx(0.75) and float(stats["choice_first_share"]) == 0.0
-    loss_first, stats = run(late_choice, True)
-    assert float(stats["choice_share"]) == 0.0 and float(loss_first) > 10.0 > float(loss)
+    assert float(loss_first) > 10.0 > float(loss)
     early = layers[1].clone()
     early[0, :, first_position + 1:] = _lookup_case(on_cell=1, layer0_cell=0)[0][1][0, :, first_position + 1:]
-    loss_first, stats = run([layers[0], early], True)  # right at the first number, wrong after it
+    loss, loss_first, stats = run([layers[0], early])  # right at the first number, wrong after it
     assert float(loss_first) == pytest.approx(0.0, abs=1e-5) and float(stats["choice_first_share"]) == 1.0
-    assert float(run([layers[0], early], False)[1]["choice_share"]) == pytest.approx(0.25)
+    assert float(stats["choice_share"]) == pytest.approx(0.25) and float(loss) > float(loss_first)
 
 
 @pytest.mark.parametrize("weight, share", [("choice", "choice_share"), ("choice_first", "choice_first_share")])

@@ -177,8 +177,8 @@ def lookup_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
 def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
                 lm_rows: torch.Tensor, lm_cols: torch.Tensor, sample_grids: torch.Tensor,
                 object_batch: torch.Tensor, object_instances: torch.Tensor, token_objects: torch.Tensor,
-                coords: CoordinateTable, image_token_id: int, merge: int,
-                first_only: bool = False) -> tuple[torch.Tensor, dict]:
+                coords: CoordinateTable, image_token_id: int,
+                merge: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Auxiliary grounding loss on the choice between objects: at the positions that write a
     box's numbers, of the visual attention that lands on objects, the target's part.
 
@@ -191,11 +191,12 @@ def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
     over their attention on the tokens of all objects, as a negative log. Boxes whose scene has
     no other object (nothing to choose) and objects without an instance map are left out.
     ``token_objects`` ``(B, T)`` is per *sample* (the batch's per-image rows indexed by sample),
-    ``object_instances`` ``(N,)`` each object's id in it. Returns the loss and ``choice_share``
-    (the target's mean part; uniform ~ 1 / objects) and ``choice_first_share``, the same at each
-    box's first number alone.
+    ``object_instances`` ``(N,)`` each object's id in it. Returns the loss over all four
+    positions, the same loss at each box's first number alone, and ``choice_share`` (the
+    target's mean part; uniform ~ 1 / objects) and ``choice_first_share``, the same at the first
+    number. Both losses come from one pass over the attention.
 
-    ``first_only`` trains that position alone. Why: once a box's first number is written, the
+    The first-number loss trains that position alone. Why: once a box's first number is written, the
     positions that write the other three can find the object by its place (a token in that
     column) rather than by what the command says, so over all four positions the share looks
     chosen (0.73-0.75 in round 15b's training) while at the first number, the only position
@@ -204,26 +205,25 @@ def choice_loss(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, lab
     zero, found = _attention_queries(attentions, input_ids, labels, lm_rows, lm_cols, sample_grids, object_batch,
                                      coords, image_token_id, merge)
     if found is None:
-        return zero, {}
+        return zero, zero, {}
     rows, cols, obj, slot, positions, n_image = found
     owner = token_objects[rows][:, :positions.shape[1]]  # (N, T): instance id on each visual token
     valid = torch.arange(owner.shape[1], device=owner.device)[None, :] < n_image[rows, None]
     target = (owner == object_instances[obj][:, None]) & valid
     on_objects = (owner > 0) & valid
     keep = (object_instances[obj] > 0) & target.any(1) & (on_objects & ~target).any(1)
-    if first_only:
-        keep &= slot == 0
     if not bool(keep.any()):
-        return zero, {}
+        return zero, zero, {}
     rows, cols, target, on_objects, first = rows[keep], cols[keep], target[keep], on_objects[keep], slot[keep] == 0
     shares = []
     for visual in _visual_attention(attentions, rows, cols, positions[rows]):
         visual = visual.mean(1)  # (N, T): the heads' mean
         shares.append((visual * target).sum(-1) / (visual * on_objects).sum(-1).clamp_min(1e-12))
     loss, stats = _log_share_loss(shares, "choice_share")
-    if bool(first.any()):
-        stats["choice_first_share"] = torch.stack([share[first].detach().mean() for share in shares]).mean()
-    return loss, stats
+    if not bool(first.any()):
+        return loss, zero, stats
+    first_loss, first_stats = _log_share_loss([share[first] for share in shares], "choice_first_share")
+    return loss, first_loss, {**stats, **first_stats}
 
 
 def _attention_queries(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,

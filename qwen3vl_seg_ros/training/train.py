@@ -802,13 +802,11 @@ class Trainer:
                 total = total + cfg.loss.lookup * loss_look
                 stats.update(lstats, lookup=loss_look.detach())
             if choice:
-                choice_args = (out.attentions or (), *answers, batch.object_batch, batch.object_instances,
-                               batch.token_objects[batch.image_index], *tokens)
-                loss_choice, cstats = choice_loss(*choice_args)
+                loss_choice, loss_first, cstats = choice_loss(out.attentions or (), *answers, batch.object_batch,
+                                                              batch.object_instances,
+                                                              batch.token_objects[batch.image_index], *tokens)
                 stats.update(cstats, choice=loss_choice.detach())
-                total = total + cfg.loss.choice * loss_choice
-                if cfg.loss.choice_first > 0:
-                    total = total + cfg.loss.choice_first * choice_loss(*choice_args, first_only=True)[0]
+                total = total + cfg.loss.choice * loss_choice + cfg.loss.choice_first * loss_first
             with_attributes = bool(self.attribute_ids) and vision_trainable and batch.token_attributes.numel() > 0
             if has_objects or with_attributes:
                 unique = capture.features(batch.image_grid_thw)
