@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
 from qwen3vl_seg_ros.types import InputError
 
@@ -41,3 +42,30 @@ def clean_command(text: str, max_length: int) -> tuple[str, list[str]]:
     if not cleaned:
         raise InputError("command is empty: say what to find, e.g. 'the red mug' or 'all screwdrivers'")
     return cleaned, warnings
+
+
+def markup_tokens(added_tokens: Iterable[str]) -> list[str]:
+    """The tokenizer's added tokens that look like markup (``<|im_end|>``, ``<|image_pad|>``,
+    ``<think>``): the ones a command must never contain. Added plain words are left alone."""
+    return sorted({t for t in added_tokens if len(t) > 2 and t.startswith("<") and t.endswith(">")},
+                  key=len, reverse=True)
+
+
+def strip_markup_tokens(text: str, tokens: Iterable[str]) -> tuple[str, list[str]]:
+    """Returns the command without the tokenizer's control tokens, and a warning if any were there.
+
+    Why: the tokenizer reads ``<|im_end|>`` inside a command as the real control token, so a
+    command could end the user's turn and write the model's answer for it, and ``<|image_pad|>``
+    makes the processor fail on a count of image tokens. Each is replaced by a space, so pieces
+    around a removed one cannot join into another token.
+    """
+    tokens = list(tokens)
+    if not tokens or "<" not in text:
+        return text, []
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    found = pattern.findall(text)
+    if not found:
+        return text, []
+    cleaned = _WHITESPACE.sub(" ", pattern.sub(" ", text)).strip()
+    names = ", ".join(sorted(set(found)))
+    return cleaned, [f"removed {len(found)} tokenizer control token(s) from the command ({names})"]

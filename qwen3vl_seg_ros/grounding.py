@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwen3vl_seg_ros.training.metrics import box_iou_matrix
+from qwen3vl_seg_ros.types import InputError
 
 #: The mask token a Qwen3-VL-Seg model emits after each object's JSON.
 SEG_TOKEN = "<|seg|>"
@@ -137,11 +138,13 @@ def build_prompt(command: str) -> tuple[str, str]:
     Returns ``(prompt_text, query_kind)`` with ``query_kind`` one of :data:`QUERY_KINDS`:
     ``"category"`` for "all screwdrivers" or "mugs" (every instance), ``"multi"`` for several
     targets in one command, ``"referring"`` for one described object ("the red mug left of the
-    laptop"). Raises ``ValueError`` for an empty command.
+    laptop"). Raises :class:`InputError` for a command with nothing to find, such as "find" or
+    "pick up" alone (their verbs are dropped).
     """
     targets = split_targets(command)
     if not targets:
-        raise ValueError("the command is empty: say what to segment, e.g. 'the red mug'")
+        what = f"'{command.strip()[:80]}' names nothing to find" if command.strip() else "is empty"
+        raise InputError(f"the command {what}: say what to segment, e.g. 'the red mug'")
     categories = [_category_of(t) for t in targets]
     if all(c is not None for c in categories):
         joined = ", ".join(c for c in categories if c)
@@ -235,20 +238,26 @@ class ParsedAnswer:
 
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_BOX_KEY = re.compile(r"""["']?(bbox_2d|bbox|box_2d|box)["']?\s*:\s*""", re.IGNORECASE)
+# a key starts the object or follows a comma, so "lunch box: blue" inside a label is no key
+_BOX_KEY = re.compile(r"""(?:^|(?<=[{,]))\s*["']?(bbox_2d|bbox|box_2d|box)["']?\s*:\s*""", re.IGNORECASE)
 _POINT_KEY = re.compile(r"""["']?point_2d["']?\s*:""", re.IGNORECASE)
 _LIST = re.compile(r"""["']?\[([^\[\]{}]*)(\]|$)""")
 _QUAD = re.compile(
     rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]"
 )
-_LABEL = re.compile(r"""["']label["']\s*:\s*(?:"((?:[^"\\]|\\.)*)("|$)|'([^']*)('|$))""", re.IGNORECASE)
+# a double quote followed by something other than , : } ] (or the end) is part of the label
+_LABEL = re.compile(r"""["']label["']\s*:\s*(?:"((?:[^"\\]|\\.|"(?!\s*(?:[,:}\]]|$)))*)("|$)|'([^']*)('|$))""",
+                    re.IGNORECASE)
+_AFTER_STRING = re.compile(r"\s*(?:[,:}\]]|$)")
 _EMPTY_LIST = re.compile(r"^\s*(?:```(?:json)?\s*)?\[\s*\]\s*(?:```)?\s*$", re.IGNORECASE)
 
 
 def _object_segments(text: str) -> list[tuple[int, int]]:
     """Character spans of the outermost ``{...}`` in ``text``; a last unclosed one runs to the end.
 
-    Braces inside double-quoted strings do not count, so a label like "cup {blue}" is safe.
+    Braces inside double-quoted strings do not count, so a label like "cup {blue}" is safe. A
+    quote ends a string only where JSON could go on after it (:func:`_closes_string`), so an
+    unescaped quote inside a label ("12" screw") does not swallow the objects after it.
     """
     segments = []
     depth, start, in_string, escaped = 0, -1, False, False
@@ -258,7 +267,7 @@ def _object_segments(text: str) -> list[tuple[int, int]]:
                 escaped = False
             elif ch == "\\":
                 escaped = True
-            elif ch == '"':
+            elif ch == '"' and _closes_string(text, i):
                 in_string = False
             continue
         if ch == '"' and depth > 0:
@@ -274,6 +283,12 @@ def _object_segments(text: str) -> list[tuple[int, int]]:
     if depth > 0:
         segments.append((start, len(text)))
     return segments
+
+
+def _closes_string(text: str, quote: int) -> bool:
+    """Whether the quote at ``quote`` ends a JSON string: what follows it is the end, a comma,
+    a colon or a closing bracket."""
+    return _AFTER_STRING.match(text, quote + 1) is not None
 
 
 def _read_label(segment: str) -> tuple[str, bool]:

@@ -14,6 +14,7 @@ from qwen3vl_seg_ros.grounding import (
     parse_answer,
     split_targets,
 )
+from qwen3vl_seg_ros.types import InputError
 
 W, H = 640, 480
 
@@ -48,9 +49,21 @@ def test_build_prompt_kinds(command: str, kind: str, needle: str) -> None:
     assert "JSON" in prompt
 
 
-def test_build_prompt_rejects_empty_command() -> None:
-    with pytest.raises(ValueError, match="empty"):
-        build_prompt("  please find  ")
+@pytest.mark.parametrize("command", ["  please find  ", "find", "pick up", "where is", "   "])
+def test_build_prompt_rejects_a_command_with_nothing_to_find(command: str) -> None:
+    """A command of verbs alone is the user's input error (the node answers it as such), not an
+    internal failure: :class:`InputError`, which callers catching ``ValueError`` still see."""
+    with pytest.raises(InputError, match=r"nothing to find|empty"):
+        build_prompt(command)
+
+
+def test_a_label_that_says_box_keeps_its_box() -> None:
+    """"box:" inside a label is no box key: label-first answers with such labels parse back."""
+    for label_first in (False, True):
+        text = format_answer([([100, 200, 300, 400], "lunch box: blue")], False, label_first=label_first)
+        parsed = parse_answer(text, 1000, 1000)
+        assert parsed.labels == ["lunch box: blue"] and parsed.warnings == []
+        assert np.allclose(parsed.boxes, [[100, 200, 300, 400]])
 
 
 def test_normalize_and_split() -> None:
@@ -195,3 +208,13 @@ def test_coord_span_selects_the_numbers() -> None:
     obj = parse_answer(answer, W, H).objects[0]
     assert answer[obj.coord_span[0]:obj.coord_span[1]] == "[11, 22, 33, 44]"
     assert answer[obj.span[0]:obj.span[1]] == '{"label": "a", "bbox_2d": [11, 22, 33, 44]}'
+
+
+def test_an_unescaped_quote_in_a_label_loses_no_object() -> None:
+    """A model may write an inch mark unescaped; the quote is part of the label, since no JSON
+    can follow it there, and the next object is still read."""
+    text = ('[{"bbox_2d": [100, 200, 300, 400], "label": "12" screw"}, '
+            '{"bbox_2d": [500, 500, 600, 600], "label": "nut"}]')
+    parsed = parse_answer(text, 1000, 1000)
+    assert parsed.labels == ['12" screw', "nut"]
+    assert np.allclose(parsed.boxes, [[100, 200, 300, 400], [500, 500, 600, 600]])

@@ -17,14 +17,17 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, pool: Any = None,
 
     The warm-up runs on a side stream because capture must not see allocations and lazy
     initialisation that happen on a first call; ``pool`` shares a memory pool between graphs.
+    All of it runs with ``device`` current: ``torch.cuda.graph`` takes its capture stream on the
+    current device, which for ``cuda:1`` need not be the tensors' device.
     """
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_RUNS):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode):
-        out = fn()
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode):
+            out = fn()
     return graph, out

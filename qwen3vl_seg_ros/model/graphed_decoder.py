@@ -68,8 +68,9 @@ class GraphedMaskDecoder:
             entry = self._capture(key, images, vision, llm_states, bucket)
         else:
             self._graphs.move_to_end(key)
-        self._fill(entry, images, vision, llm_states, boxes)
-        entry.graph.replay()
+        with torch.cuda.device(images.device):  # replay on the captured device's stream (cuda:N)
+            self._fill(entry, images, vision, llm_states, boxes)
+            entry.graph.replay()
         out = entry.output
         return DecoderOutput(mask_logits=tuple(m[:count].clone() for m in out.mask_logits),  # type: ignore[arg-type]
                              iou=out.iou[:count].clone())

@@ -107,7 +107,13 @@ def check_qwen3vl_folder(folder: Path) -> None:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SegmenterError(f"'{folder}' has no config.json: it is not a Hugging Face model folder")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SegmenterError(f"'{config_path}' is not readable JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SegmenterError(f"'{config_path}' holds a JSON {type(config).__name__}, not a model config object")
+    model_type = config.get("model_type")
     if model_type != "qwen3_vl":
         raise SegmenterError(f"'{folder}' holds a '{model_type}' model; a Qwen3-VL (qwen3_vl) one is needed")
     if not any(folder.glob("*.safetensors")):

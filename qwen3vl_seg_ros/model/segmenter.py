@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qwen3vl_seg_ros.commands import markup_tokens, strip_markup_tokens
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
 from qwen3vl_seg_ros.masks import MaskEstimate, weight_free_mask
 from qwen3vl_seg_ros.model.checkpoint import DECODER_WEIGHTS, DecoderCheckpointError, has_decoder, load_decoder
@@ -58,6 +59,7 @@ from qwen3vl_seg_ros.segmenter import ProgressFn, Segmenter, SegmenterOptions
 from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
 
 MASK_HEADS = ("auto", "decoder", "grabcut", "depth", "box")
+MAX_ASPECT_RATIO = 200  # the Qwen3-VL image processor refuses images at or beyond this
 
 
 def _say(progress: ProgressFn | None, message: str) -> None:
@@ -159,6 +161,7 @@ class Qwen3VLSeg(Segmenter):
         self.dtype = next(model.parameters()).dtype
         tokenizer = processor.tokenizer
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN) if SEG_TOKEN in tokenizer.get_vocab() else None
+        self.markup_tokens = markup_tokens(_added_tokens(tokenizer))
         fast = options.fast_decode and self.device.type == "cuda"
         self.fast_inputs: FastInputs | None = None
         self.fast_note = ""  # why the fast decoding path is not used, when it is not
@@ -341,10 +344,11 @@ class Qwen3VLSeg(Segmenter):
     def _segment(self, rgb: np.ndarray, command: str, depth: np.ndarray | None,
                  max_new_tokens: int) -> SegmentationOutput:
         _check_inputs(rgb, command, depth)
+        command, stripped = strip_markup_tokens(command, self.markup_tokens)
         t0 = time.perf_counter()
         grounding = self._ground(rgb, command, max_new_tokens)
         parsed = grounding.parsed
-        output = SegmentationOutput(raw_answer=grounding.text.text, warnings=list(parsed.warnings))
+        output = SegmentationOutput(raw_answer=grounding.text.text, warnings=stripped + list(parsed.warnings))
         if not grounding.generated.finished:
             output.warnings.append(f"the answer reached max_new_tokens={max_new_tokens} and may be cut off")
         if not parsed.objects:
@@ -487,12 +491,23 @@ def _cap_objects(parsed: ParsedAnswer, max_objects: int, warnings: list[str]) ->
         parsed.labels = parsed.labels[:max_objects]
 
 
+def _added_tokens(tokenizer: object) -> list[str]:
+    """Every added token's text (special or not); a tokenizer without that table gives its specials."""
+    table = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(table, dict):
+        return [str(getattr(token, "content", token)) for token in table.values()]
+    return list(getattr(tokenizer, "all_special_tokens", []))
+
+
 def _check_inputs(rgb: np.ndarray, command: str, depth: np.ndarray | None) -> None:
     if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         shape = getattr(rgb, "shape", None)
         raise InputError(f"the image must be an HxWx3 uint8 RGB array, got {shape} {getattr(rgb, 'dtype', '')}")
     if min(rgb.shape[:2]) < 2:
         raise InputError(f"the image is too small ({rgb.shape[1]}x{rgb.shape[0]})")
+    if max(rgb.shape[:2]) >= MAX_ASPECT_RATIO * min(rgb.shape[:2]):
+        raise InputError(f"the image ({rgb.shape[1]}x{rgb.shape[0]}) is too elongated: Qwen3-VL takes sides "
+                         f"less than {MAX_ASPECT_RATIO}:1")
     if not command or not command.strip():
         raise InputError("the command is empty: say what to segment, e.g. 'the red mug'")
     if depth is not None and (not isinstance(depth, np.ndarray) or depth.shape != rgb.shape[:2]):
