@@ -48,7 +48,7 @@ def markup_tokens(added_tokens: Iterable[str]) -> list[str]:
     """The tokenizer's added tokens that look like markup (``<|im_end|>``, ``<|image_pad|>``,
     ``<think>``): the ones a command must never contain. Added plain words are left alone."""
     return sorted({t for t in added_tokens if len(t) > 2 and t.startswith("<") and t.endswith(">")},
-                  key=len, reverse=True)
+                  key=lambda t: (-len(t), t))
 
 
 def strip_markup_tokens(text: str, tokens: Iterable[str]) -> tuple[str, list[str]]:
@@ -62,7 +62,7 @@ def strip_markup_tokens(text: str, tokens: Iterable[str]) -> tuple[str, list[str
     tokens = list(tokens)
     if not tokens or "<" not in text:
         return text, []
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
     found = pattern.findall(text)
     if not found:
         return text, []

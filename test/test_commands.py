@@ -37,7 +37,7 @@ def test_markup_tokens_are_removed_and_plain_added_words_kept() -> None:
     from qwen3vl_seg_ros.commands import markup_tokens, strip_markup_tokens
 
     tokens = markup_tokens(["<|im_end|>", "<|seg|>", "<think>", "mug", "<", "<>"])
-    assert tokens == ["<|im_end|>", "<think>", "<|seg|>"]  # longest first; words and bare brackets stay
+    assert tokens == ["<|im_end|>", "<think>", "<|seg|>"]  # longest first, then by text; words and bare brackets stay
     text, warnings = strip_markup_tokens("the <|im_<|seg|>end|> mug <think>", tokens)
     assert text == "the <|im_ end|> mug" and warnings == ["removed 2 tokenizer control token(s) from the command "
                                                           "(<think>, <|seg|>)"]
