@@ -154,6 +154,56 @@ def test_continuous_mode_does_not_rerun_an_unchanged_frame():
         sched.stop()
 
 
+def test_continuous_command_published_again_changes_nothing():
+    """Planners re-publish their goal at a fixed rate: the same command again neither re-runs the
+    frame already seen nor bypasses max_rate_hz; a new command runs the latest frame at once."""
+    frames, rec, sched = make()
+    sched.max_rate_hz = 1.0
+    sched.max_input_age_s = 100.0
+    try:
+        frames.add_image("img", 0.0, time.monotonic())  # one frame, never a new one
+        for _ in range(10):
+            sched.set_continuous("the red mug")
+            time.sleep(0.05)
+        assert wait_for(lambda: len(rec.runs) >= 1)
+        time.sleep(0.2)
+        assert [seq for _, seq in rec.runs] == [1]
+        sched.set_continuous("the blue cube")
+        assert wait_for(lambda: len(rec.runs) == 2)
+    finally:
+        sched.stop()
+
+
+def test_a_huge_timeout_does_not_stop_the_watchdog():
+    """timeout_s is any positive float32: 1e10 s is past threading's longest wait. The watchdog
+    must survive it and still answer a later request at its own deadline while the model is busy."""
+    frames, rec, gate = RgbdSynchronizer(use_depth=False), Recorder(), threading.Event()
+
+    def busy_run(job, frame):
+        gate.wait(5.0)  # the model is busy until the test lets it go
+        return rec.run(job, frame)
+
+    sched = Scheduler(frames, busy_run, rec.fail)
+    sched.start()
+    sched.set_active(True)
+    try:
+        frames.add_image("img", 0.0, time.monotonic())
+        now = time.monotonic()
+        huge = []
+        assert sched.submit(Job("cmd", "huge", now, deadline=now + 1e10, reply=huge.append)) is None
+        assert wait_for(lambda: sched._busy_job is not None)
+        _, answers, refusal = one_shot(sched, "short", timeout=0.3)
+        assert refusal is None
+        assert wait_for(lambda: len(answers) == 1, timeout=2.0)
+        assert answers[0][0] == "error" and "timed out" in answers[0][2]
+        assert sched._watchdog.is_alive()
+        gate.set()
+        assert wait_for(lambda: len(huge) == 1) and huge[0][0] == "ok"
+    finally:
+        gate.set()
+        sched.stop()
+
+
 def test_one_shot_has_priority_over_continuous():
     frames, rec, sched = make(delay=0.05)
     sched.max_rate_hz = 0.0

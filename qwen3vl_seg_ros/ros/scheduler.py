@@ -28,6 +28,9 @@ from typing import Any
 
 from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
 
+#: The watchdog's longest single wait; it wakes and re-plans after it (far below threading.TIMEOUT_MAX).
+MAX_WAIT_S = 3600.0
+
 
 @dataclass
 class Job:
@@ -142,8 +145,14 @@ class Scheduler:
         return None
 
     def set_continuous(self, command: str | None) -> None:
-        """Starts (or replaces) continuous mode with ``command``; None or '' stops it."""
+        """Starts (or replaces) continuous mode with ``command``; None or '' stops it.
+
+        The same command again changes nothing: planners often re-publish their goal at a fixed
+        rate, and restarting would re-run the last frame each time, past ``max_rate_hz``.
+        """
         with self._cv:
+            if (command or None) == self._continuous:
+                return
             self._continuous = command or None
             self._next_continuous_at = 0.0
             self._last_seen_seq = 0
@@ -230,7 +239,9 @@ class Scheduler:
                     deadlines = [j.deadline for j in self._pending if j.deadline is not None]
                     if busy is not None and busy.deadline is not None and not busy.answered:
                         deadlines.append(busy.deadline)
-                    self._cv.wait(timeout=max(0.001, min(deadlines) - now) if deadlines else None)
+                    # capped: threading refuses waits past TIMEOUT_MAX (a timeout_s of 1e10 would kill this thread)
+                    wait = min(MAX_WAIT_S, max(0.001, min(deadlines) - now)) if deadlines else None
+                    self._cv.wait(timeout=wait)
                     continue
             for job, reason in expired:
                 self._answer_failure(job, reason)
