@@ -160,6 +160,28 @@ def test_stale_input_times_out_with_reason(system):
         node.node.set_parameters([Parameter("max_input_age_s", value=2.0)])
 
 
+def test_live_parameters_take_effect_when_set(system):
+    """A parameter set at runtime is in effect when set_parameters returns: applied from the
+    accepted values, not by a deferred timer that could read the old ones back."""
+    from rclpy.parameter import Parameter
+
+    node, _ = system
+    scheduler, frames = node.node._scheduler, node.node._frames
+    before = (scheduler.max_rate_hz, scheduler.max_pending, frames.slop_s)
+    try:
+        results = node.node.set_parameters([Parameter("max_rate_hz", value=2.5),
+                                            Parameter("max_pending_requests", value=7),
+                                            Parameter("sync_slop_s", value=0.04)])
+        assert all(r.successful for r in results)
+        assert (scheduler.max_rate_hz, scheduler.max_pending, frames.slop_s) == (2.5, 7, 0.04)
+        time.sleep(0.2)  # and nothing later puts the old values back
+        assert (scheduler.max_rate_hz, scheduler.max_pending, frames.slop_s) == (2.5, 7, 0.04)
+    finally:
+        node.node.set_parameters([Parameter("max_rate_hz", value=before[0]),
+                                  Parameter("max_pending_requests", value=before[1]),
+                                  Parameter("sync_slop_s", value=before[2])])
+
+
 def test_concurrent_requests_each_get_exactly_one_answer(system):
     node, client = system
     fresh(system)

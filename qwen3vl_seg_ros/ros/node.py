@@ -171,23 +171,22 @@ class SegmentationNode(LifecycleNode):
                 return SetParametersResult(
                     successful=False,
                     reason=f"{param.name} must be one of {', '.join(spec.choices)}, not '{param.value}'")
-        # Applied after the change is accepted (a timer of 0 s runs it on the executor).
-        timer_box: list[Any] = []
-
-        def apply() -> None:
-            self._apply_scheduler_params()
-            timer_box[0].cancel()
-            self.destroy_timer(timer_box[0])
-
-        timer_box.append(self.create_timer(0.0, apply))
+        # Applied here from the accepted values themselves: rclpy stores them only after this
+        # returns, and a deferred apply (a 0 s timer) could run before that and keep the old ones.
+        self._apply_scheduler_params({param.name: param.value for param in params})
         return SetParametersResult(successful=True)
 
-    def _apply_scheduler_params(self) -> None:
-        self._scheduler.max_input_age_s = float(self.p("max_input_age_s"))
-        self._scheduler.max_rate_hz = float(self.p("max_rate_hz"))
-        self._scheduler.max_pending = int(self.p("max_pending_requests"))
-        self._frames.slop_s = float(self.p("sync_slop_s"))
-        self._frames.depth_timeout_s = float(self.p("depth_timeout_s"))
+    def _apply_scheduler_params(self, new: dict[str, Any] | None = None) -> None:
+        """Puts the live-tunable parameters into the scheduler and synchronizer; ``new`` holds
+        values being set that the node does not hold yet."""
+        def value(name: str) -> Any:
+            return new[name] if new and name in new else self.p(name)
+
+        self._scheduler.max_input_age_s = float(value("max_input_age_s"))
+        self._scheduler.max_rate_hz = float(value("max_rate_hz"))
+        self._scheduler.max_pending = int(value("max_pending_requests"))
+        self._frames.slop_s = float(value("sync_slop_s"))
+        self._frames.depth_timeout_s = float(value("depth_timeout_s"))
 
     def _segmenter_options(self) -> SegmenterOptions:
         return SegmenterOptions(
