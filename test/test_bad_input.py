@@ -253,6 +253,10 @@ def test_depth_in_another_frame_is_not_mixed(system):
     result = ask(system, "red", "D09")
     expect(system, result, OK, "depth frame 'other_camera_optical' differs from the colour image frame", level=INFO)
     assert not only_object(result).has_3d
+    assert system.node._segmenter.last_depth_shape is None  # nor given to a mask head that cuts by depth
+    publish(system)  # registered depth again: the segmenter gets it
+    assert ask(system, "red", "D09b").status == OK
+    assert system.node._segmenter.last_depth_shape == (120, 160)
 
 
 def test_depth_never_within_sync_slop_times_out_with_reason(system):

@@ -51,7 +51,8 @@ _IMPLAUSIBLY_FAR_M = 100.0
 class ThreeDInputs:
     """Depth for one frame: at image resolution for the segmenter, native for the geometry."""
 
-    depth_m: np.ndarray  # image resolution, metres, NaN = no reading (what the segmenter sees)
+    depth_m: np.ndarray | None  # image resolution, metres, NaN = no reading (what the segmenter sees;
+    # None when the depth is not registered to the colour image, so no mask head cuts by it)
     depth_native: np.ndarray  # the depth image's own resolution
     intrinsics: CameraIntrinsics | None  # of depth_native; None -> no 3D
     frame_id: str  # the camera optical frame of the geometry
@@ -103,7 +104,10 @@ class ThreeDStage:
                                float(self._node.p("max_depth_m")))
         if hint:
             warnings.append(hint)
-        at_image = depth if (dh, dw) == (h, w) else mask_to_depth_resolution(depth, (h, w))
+        if mismatch:
+            at_image = None
+        else:
+            at_image = depth if (dh, dw) == (h, w) else mask_to_depth_resolution(depth, (h, w))
         return ThreeDInputs(at_image, depth, intrinsics, frame_id, reason, hint)
 
     def geometry_config(self) -> GeometryConfig:

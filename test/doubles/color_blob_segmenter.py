@@ -102,6 +102,7 @@ class ColorBlobSegmenterDouble(Segmenter):
 
     def segment(self, rgb, command, depth=None) -> SegmentationOutput:
         self.calls += 1
+        self.last_depth_shape = None if depth is None else depth.shape  # what the node handed over
         sleep = re.search(r"sleep:([0-9.]+)", command)
         if sleep:
             time.sleep(float(sleep.group(1)))
