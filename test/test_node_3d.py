@@ -80,6 +80,29 @@ def test_cloud_and_markers_are_published_for_all_objects(system):
     assert all(m.header.frame_id == "camera_optical" for m in markers[1:])
 
 
+def test_a_result_without_3d_clears_the_objects_on_display(system):
+    """After an answer with 3D objects, a NO_MATCH (or an answer without 3D) publishes one lone
+    DELETEALL and an empty cloud, so RViz does not go on showing the old objects; the next one
+    without 3D publishes nothing more."""
+    node, client = system
+    scene = Scene()
+    publish(system, scene, scene.depth_m())
+    assert client.call("red").result.status == SegmentationResult.OK
+    assert wait_for(lambda: len(client.snapshot(client.markers)) > 0, 5)
+    time.sleep(0.3)
+    n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
+    assert client.call("green").result.status == SegmentationResult.NO_MATCH  # no green blob in the scene
+    assert wait_for(lambda: len(client.snapshot(client.markers)) == n_markers + 1, 5)
+    assert wait_for(lambda: len(client.snapshot(client.clouds)) == n_clouds + 1, 5)
+    cleared = client.snapshot(client.markers)[-1].markers
+    assert [m.action for m in cleared] == [Marker.DELETEALL] and cleared[0].header.frame_id == "camera_optical"
+    empty = client.snapshot(client.clouds)[-1]
+    assert empty.width * empty.height == 0 and empty.header.frame_id == "camera_optical"
+    assert client.call("green").result.status == SegmentationResult.NO_MATCH
+    time.sleep(0.3)  # nothing more to clear
+    assert len(client.snapshot(client.markers)) == n_markers + 1 and len(client.snapshot(client.clouds)) == n_clouds + 1
+
+
 def test_depth_at_half_resolution_scales_intrinsics(system):
     node, client = system
     scene = Scene()

@@ -459,6 +459,8 @@ class SegmentationNode(LifecycleNode):
             self.get_logger().error(f"{job.request_id}: {result.message}\n{traceback.format_exc()}")
         if result.status == SegmentationResult.ERROR:
             result.objects = []
+            if self._three_d is not None:
+                self._three_d.publish(result, None, header)  # RViz shows no objects of an earlier result
         if job.answered:  # the watchdog already answered the request with a timeout ERROR
             result.message = safe_text("; ".join(m for m in (
                 "late: this request had already been answered with a timeout ERROR", result.message) if m))
@@ -510,8 +512,8 @@ class SegmentationNode(LifecycleNode):
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
         if result.objects and self.p("tracking"):
             self._track(result)
-        if cloud is not None and three_d is not None:
-            three_d.publish(result, cloud)
+        if three_d is not None:
+            three_d.publish(result, cloud, header)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         self._publish_images(rgb, instances, ids, header)
         self._publish_detections(result)

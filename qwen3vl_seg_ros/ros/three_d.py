@@ -64,6 +64,7 @@ class ThreeDStage:
     def __init__(self, node: SegmentationNode) -> None:
         self._node = node
         self._tf = TransformLookup(node)
+        self._shown_frame = ""  # the frame of the cloud and markers on display, "" when none
 
     def close(self) -> None:
         self._tf.close()
@@ -143,13 +144,24 @@ class ThreeDStage:
             warnings.append("no 3D for object " + ", ".join(missing))
         return out_frame, cloud_to_msg(concat_clouds(clouds), cloud_header)
 
-    def publish(self, result: SegmentationResult, cloud: Any) -> None:
-        """~/cloud and ~/markers of a filled result (markers show each object's track id)."""
+    def publish(self, result: SegmentationResult, cloud: Any, image_header: Header) -> None:
+        """~/cloud and ~/markers of a filled result (markers show each object's track id).
+
+        A result without a cloud (NO_MATCH, ERROR, no 3D) clears what an earlier one put on
+        display, once: an empty cloud and a lone DELETEALL in that frame. Else, with markers that
+        last until replaced, RViz would go on showing objects the last answer no longer holds.
+        """
+        lifetime = float(self._node.p("marker_lifetime_s"))
         if cloud is None:
+            if self._shown_frame:
+                header = Header(stamp=image_header.stamp, frame_id=self._shown_frame)
+                self._node.publish_cloud(cloud_to_msg(concat_clouds([]), header))
+                self._node.publish_markers(build_markers([], header, lifetime_s=lifetime))
+                self._shown_frame = ""
             return
         self._node.publish_cloud(cloud)
-        self._node.publish_markers(build_markers(result.objects, cloud.header,
-                                                 lifetime_s=float(self._node.p("marker_lifetime_s"))))
+        self._node.publish_markers(build_markers(result.objects, cloud.header, lifetime_s=lifetime))
+        self._shown_frame = cloud.header.frame_id
 
     def _target_transform(self, header: Header, camera_frame: str, warnings: list[str]):
         target = str(self._node.p("target_frame")).strip().lstrip("/")
