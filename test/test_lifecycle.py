@@ -59,9 +59,14 @@ def test_transitions_and_answers_in_every_state():
         assert segmenter.closed and node._segmenter is None
         assert "node is not configured" in client.call("red").result.message
 
-        # and it can be configured again
+        # and it can be configured again, taking the configure- and activate-time parameters set meanwhile
+        from rclpy.parameter import Parameter
+        assert all(r.successful for r in node.set_parameters([Parameter("diagnostics_period_s", value=0.5),
+                                                              Parameter("sync_queue_size", value=4)]))
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node._diag_timer.timer_period_ns == 500_000_000
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert node._frames._images.maxlen == 4 and node._frames._depths.maxlen == 4
         client.wait_connected()
         client.publish_frame(Scene())
         assert client.call("red").result.status == SegmentationResult.OK

@@ -64,8 +64,11 @@ def test_queue_is_bounded_and_clear_forgets_everything():
     assert sync.latest(10.0) is None and sync.last_arrivals() == {"image": None, "depth": None, "camera_info": None}
 
 
-def test_add_pair_from_an_external_synchronizer():
-    sync = RgbdSynchronizer(slop_s=0.0)
-    sync.add_pair("img", 5.0, "depth", 5.0, arrival=50.0)
-    frame = sync.latest(50.1)
-    assert (frame.image, frame.depth) == ("img", "depth")
+def test_clear_can_resize_the_queues():
+    """sync_queue_size applies at activate: clear() with a size keeps that many of each stream."""
+    sync = RgbdSynchronizer(queue_size=3)
+    sync.clear(queue_size=5)
+    for k in range(10):
+        sync.add_image(k, float(k), float(k))
+        sync.add_depth(k, float(k), float(k))
+    assert len(sync._images) == 5 and len(sync._depths) == 5

@@ -204,6 +204,7 @@ class SegmentationNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
         spec = self.p("segmenter")
+        self._diag_timer.timer_period_ns = int(float(self.p("diagnostics_period_s")) * 1e9)
         log.info(f"configuring: loading segmenter '{spec}' (model '{self.p('model') or 'shipped tiny model'}')")
         self._publish_diagnostics(override=(DiagnosticStatus.WARN, f"loading segmenter '{spec}'"))
         t0 = time.monotonic()
@@ -248,7 +249,7 @@ class SegmentationNode(LifecycleNode):
         qos = self._image_qos()
         group = self._sensor_group
         self._frames.use_depth = bool(self.p("use_depth"))
-        self._frames.clear()
+        self._frames.clear(queue_size=int(self.p("sync_queue_size")))
         # Accept requests before the inputs appear on the graph: a client that waits for our
         # subscriptions (as planners and tests do) must never meet a "not active" refusal.
         self._scheduler.set_active(True)

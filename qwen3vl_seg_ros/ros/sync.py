@@ -5,9 +5,10 @@ newest colour image together with the depth image closest in stamp (within ``slo
 is optional: while no depth has arrived for ``depth_timeout_s`` the node serves colour-only
 frames (2D results), and says so.
 
-With ``message_filters`` importable (a ROS 2 install) the node may let its
-ApproximateTimeSynchronizer do the pairing and hand pairs to :meth:`RgbdSynchronizer.add_pair`;
-the selection of the newest usable frame, the staleness rules and the explanations stay here.
+Why not ``message_filters``' ApproximateTimeSynchronizer: it hands over only pairs, so when
+the depth stream stops no colour image would reach the node at all, where this store keeps
+serving colour-only frames after ``depth_timeout_s`` and says what is missing; and it matches
+every message as it arrives, where this pairs only the frame a command is run on.
 This module does not import rclpy: messages are opaque payloads with stamps in seconds.
 """
 
@@ -69,20 +70,17 @@ class RgbdSynchronizer:
         with self._lock:
             self._depths.append(_Stamped(msg, stamp, arrival))
 
-    def add_pair(self, image: Any, image_stamp: float, depth: Any, depth_stamp: float, arrival: float) -> None:
-        """A pair matched elsewhere (message_filters); also records both halves."""
-        with self._lock:
-            self._seq += 1
-            self._images.append(_Stamped(image, image_stamp, arrival, self._seq))
-            self._depths.append(_Stamped(depth, depth_stamp, arrival))
-
     def add_camera_info(self, msg: Any, arrival: float) -> None:
         with self._lock:
             self._camera_info = msg
             self._camera_info_arrival = arrival
 
-    def clear(self) -> None:
+    def clear(self, queue_size: int | None = None) -> None:
+        """Forgets every message; ``queue_size`` also sets how many of each stream are kept."""
         with self._lock:
+            if queue_size is not None:
+                self._images = deque(maxlen=max(1, int(queue_size)))
+                self._depths = deque(maxlen=max(1, int(queue_size)))
             self._images.clear()
             self._depths.clear()
             self._camera_info = None
