@@ -77,6 +77,7 @@ MAX_LABEL_CHARS = 200
 #: (deactivation or shutdown answers every queued request, up to max_pending_requests = 16 by
 #: default, plus the running one), a writer keeping the last 10 drops the oldest before a busy
 #: client has taken them. Clients with many requests in flight need the same depth on their side.
+#: max_pending_requests is capped at 63 to fit it.
 SERVICE_QOS = QoSProfile(depth=64, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 
 SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segmenter]

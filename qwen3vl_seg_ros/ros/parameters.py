@@ -106,8 +106,10 @@ PARAMETERS: tuple[Param, ...] = (
           "Frames older than this (since arrival) are never used; one-shot requests wait for a newer one.",
           RUNTIME, 0.0, 3600.0),
     Param("default_timeout_s", 5.0, "Timeout of a ~/segment request whose timeout_s is 0.", RUNTIME, 0.01, 3600.0),
-    Param("max_pending_requests", 16, "One-shot requests queued at most; more are refused at once.",
-          RUNTIME, 1, 10000),
+    Param("max_pending_requests", 16,
+          "One-shot requests queued at most; more are refused at once. At most 63: deactivation answers "
+          "them all at once, and with the running one they must fit the service's answer queue (depth 64).",
+          RUNTIME, 1, 63),
     Param("max_command_length", 1000,
           "Longest command accepted (characters); longer ones are refused with an error.", RUNTIME, 1, 100000),
     Param("max_image_pixels", 16777216, "Largest image accepted (pixels); larger ones are refused.",
