@@ -126,6 +126,8 @@ def voxel_downsample_points(
     finite = np.all(np.isfinite(p), axis=1)
     p = p[finite]
     col = None if colors is None else np.asarray(colors)[finite]
+    if p.shape[0] == 0:  # every point was non-finite
+        return p.astype(np.float32), col
     inverse = _voxel_inverse(p.astype(np.float64), float(voxel_size), None)
     counts = np.bincount(inverse).astype(np.float64)
     out_p = _group_means(p, inverse, counts).astype(np.float32)
@@ -144,6 +146,8 @@ def voxel_downsample(cloud: np.ndarray, voxel_size: float) -> np.ndarray:
     xyz = cloud_points(cloud).astype(np.float64)
     finite = np.all(np.isfinite(xyz), axis=1)
     xyz, kept = xyz[finite], cloud[finite]
+    if kept.shape[0] == 0:  # every point was non-finite
+        return kept
     ids = kept["id"]
     inverse = _voxel_inverse(xyz, float(voxel_size), ids)
     counts = np.bincount(inverse).astype(np.float64)

@@ -441,6 +441,21 @@ def _depth_bins(z: np.ndarray, bin_m: float) -> np.ndarray:
     return ((z - z.min()) * np.float32(1.0 / bin_m)).astype(np.intp)
 
 
+def _bin_table(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values, counts, index)``: the histogram's bin values in order, their counts, and each
+    point's place among them.
+
+    Dense (one ``bincount``, the fast path) when the bins span little more than there are
+    points; else only the occupied bins (a sort). Why: the span grows as the bin shrinks, so a
+    tiny ``cluster_gap_m`` on a mask that reaches a far wall would allocate gigabytes densely.
+    """
+    span = int(bins.max()) + 1
+    if span <= 4 * bins.shape[0] + 4096:
+        return np.arange(span), np.bincount(bins, minlength=span), bins
+    values, index, counts = np.unique(bins, return_inverse=True, return_counts=True)
+    return values, counts, index.reshape(-1)
+
+
 def _median(x: np.ndarray) -> float:
     """Median of a 1D array without NaNs (np.median's NaN scan costs as much as the partition)."""
     n = x.shape[0]
@@ -458,20 +473,19 @@ def nearest_dominant_cluster(z: np.ndarray, gap_m: float, min_fraction: float) -
     separated; closer than ``gap_m / 2`` never. If no cluster is big enough, the largest is kept.
     """
     n = z.shape[0]
-    bins = _depth_bins(z, 0.5 * gap_m)
-    counts = np.bincount(bins)
+    values, counts, index = _bin_table(_depth_bins(z, 0.5 * gap_m))
     occupied = counts >= max(2, math.ceil(_SPARSE_BIN_FRACTION * n))
     if not occupied.any():
         return np.ones(n, dtype=bool)
     starts = occupied.copy()
-    starts[1:] &= ~occupied[:-1]
+    starts[1:] &= ~(occupied[:-1] & (np.diff(values) == 1))  # a run goes on only into the next bin
     run_of_bin = np.where(occupied, np.cumsum(starts), 0)  # 0 = sparse, clusters are 1..K
     sizes = np.bincount(run_of_bin, weights=counts)  # sizes[0] = points in sparse bins
     sizes[0] = 0.0
     big = np.flatnonzero(sizes >= min_fraction * n)
     big = big[big > 0]
     chosen = int(big[0]) if big.size else int(np.argmax(sizes))  # runs are ordered near -> far
-    return (run_of_bin == chosen)[bins]
+    return (run_of_bin == chosen)[index]
 
 
 def reject_outliers(
@@ -482,7 +496,8 @@ def reject_outliers(
         return np.ones(z.shape[0], dtype=bool)
     if method == "mode":
         bins = _depth_bins(z, bin_m)
-        centre = _median(z[bins == int(np.argmax(np.bincount(bins)))])
+        values, counts, _ = _bin_table(bins)
+        centre = _median(z[bins == int(values[np.argmax(counts)])])
     else:
         centre = _median(z)
     dev = np.abs(z - np.float32(centre))

@@ -92,6 +92,10 @@ def test_voxel_drops_non_finite_and_zero_size_is_identity() -> None:
     assert out.shape == (1,)
     cloud = make_cloud(pts, None, 0)
     assert voxel_downsample(cloud, 0.0) is cloud
+    nothing = np.full((2, 3), np.nan, np.float32)  # no finite point at all: empty, not an exception
+    assert voxel_downsample(make_cloud(nothing, None, 1), 0.05).shape == (0,)
+    out_p, out_c = voxel_downsample_points(nothing, 0.05, np.zeros((2, 3), np.uint8))
+    assert out_p.shape == (0, 3) and out_p.dtype == np.float32 and out_c.shape == (0, 3)
 
 
 def _reference_groups(pts: np.ndarray, ids: np.ndarray, size: float) -> dict:

@@ -24,7 +24,9 @@ from qwen3vl_seg_ros.geometry import (
     extract_objects,
     index_map,
     mask_to_depth_resolution,
+    nearest_dominant_cluster,
     oriented_box,
+    reject_outliers,
     resolve_depth_intrinsics,
 )
 from qwen3vl_seg_ros.transforms import Transform, quat_to_matrix
@@ -391,6 +393,23 @@ def test_nearest_dominant_cluster_ignores_a_few_pixels_in_front() -> None:
     noisy[card & (np.arange(640)[None, :] % 10 == 0) & (np.arange(480)[:, None] % 10 == 0)] = 0.5  # ~1 %
     (g,) = extract_objects([card], noisy, None, INTR, GeometryConfig(erode_px=0, outlier_method="none"))
     assert float(g.points[:, 2].min()) == pytest.approx(0.8, abs=1e-6)
+
+
+@pytest.mark.parametrize("gap", [0.03, 1e-6])
+def test_cluster_histogram_grows_with_the_points_not_the_depth_span(gap: float) -> None:
+    """A tiny cluster_gap_m (allowed: any >= 0) on a mask that reaches a far wall: the histogram
+    holds the occupied bins only, so memory stays small, and the same points are kept."""
+    import tracemalloc
+
+    z = np.r_[np.full(900, 0.5), np.full(100, 9.5)].astype(np.float32)
+    tracemalloc.start()
+    keep = nearest_dominant_cluster(z, gap, 0.2)
+    mode = reject_outliers(z, "mode", 3.0, 0.005, gap / 2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keep.sum() == 900 and bool(keep[:900].all())
+    assert mode.sum() == 900  # the centre is the crowded near surface
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB for 1000 depths"
 
 
 def test_voxel_downsampling_keeps_geometry_counts_filtered_points() -> None:
