@@ -6,7 +6,8 @@ Run::
     python -m qwen3vl_seg_ros.calibrate runs/ev_val --check runs/ev_test --out M/score_calibration.json
 
 Each object of an evaluation's ``samples.jsonl`` is right when its reported box overlaps a
-target box at IoU >= 0.5; :func:`~qwen3vl_seg_ros.model.score_calibration.fit_calibration` fits
+target box at IoU > 0.5 (as box accuracy counts a hit);
+:func:`~qwen3vl_seg_ros.model.score_calibration.fit_calibration` fits
 the chance of that from the object's raw box and mask scores (evaluations record both raw,
 whatever calibration the model had). ``--check`` reports, on other evaluations (another split),
 how far stated probabilities are from observed accuracy before and after: fit on one split,
@@ -42,7 +43,7 @@ def object_outcomes(record: dict[str, Any], decoder_only: bool = True) -> list[t
     boxes = np.asarray(record["pred_boxes"], dtype=np.float64).reshape(-1, 4)
     targets = np.asarray(record["gt_boxes"], dtype=np.float64).reshape(-1, 4)
     iou = box_iou_matrix(boxes, targets)
-    right = iou.max(axis=1) >= BOX_IOU_THRESHOLD if iou.shape[1] else np.zeros(len(boxes), bool)
+    right = iou.max(axis=1) > BOX_IOU_THRESHOLD if iou.shape[1] else np.zeros(len(boxes), bool)
     sources = record.get("mask_sources") or ["decoder"] * len(boxes)
     return [(float(b), float(m), bool(r))
             for b, m, r, s in zip(record["box_scores"], record["mask_scores"], right, sources)
@@ -83,7 +84,10 @@ def auc(scores: np.ndarray, right: np.ndarray) -> float:
 
 
 def judge(calibration: ScoreCalibration, outcomes: list[tuple[float, float, bool]]) -> dict[str, float]:
-    """Calibration error and ranking quality of raw and calibrated scores on ``outcomes``."""
+    """Calibration error and ranking quality of raw and calibrated scores on ``outcomes``
+    (``{"objects": 0}`` for none: held-out evaluations whose answers were all empty)."""
+    if not outcomes:
+        return {"objects": 0}
     box, mask, right = (np.array(v) for v in zip(*outcomes))
     raw = box * mask
     stated = calibration.probabilities(box, mask)

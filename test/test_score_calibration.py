@@ -129,6 +129,34 @@ def test_cli_fits_on_one_evaluation_and_judges_on_another(tmp_path: Path, capsys
     assert 0.5 < held_out["auc_calibrated"] <= 1
 
 
+def test_cli_judges_held_out_evaluations_without_objects(tmp_path: Path) -> None:
+    """Held-out evaluations whose answers were all empty: the fit is still written, and the
+    judgement says it saw no object (it raised before, and the fitted file was lost)."""
+    fit_dir = _evaluation(tmp_path / "val", *synthetic_outcomes(200, seed=2))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "report.json").write_text(json.dumps({"settings": {"model": "m", "box_refine_passes": 1}}))
+    (empty / "samples.jsonl").write_text(json.dumps({"pred_boxes": [], "gt_boxes": [[1, 1, 5, 5]], "box_scores": [],
+                                                     "mask_scores": [], "scores": [], "mask_sources": []}) + "\n")
+    out = tmp_path / CALIBRATION_FILE
+    assert calibrate.main([str(fit_dir), "--check", str(empty), "--out", str(out)]) == 0
+    assert load_calibration(tmp_path).fitted_on["held_out"]["objects"] == 0
+
+
+def test_box_on_a_target_at_iou_exactly_half_is_wrong_as_in_box_accuracy() -> None:
+    """The calibration counts an object right exactly where box accuracy counts a hit (IoU > 0.5)."""
+    from qwen3vl_seg_ros.training.metrics import evaluate_sample
+
+    target, half = [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]  # IoU exactly 0.5
+    record = {"pred_boxes": [half], "gt_boxes": [target], "box_scores": [0.5], "mask_scores": [0.5],
+              "mask_sources": ["decoder"]}
+    assert calibrate.object_outcomes(record) == [(0.5, 0.5, False)]
+    mask = np.zeros((1, 10, 10), bool)
+    mask[0, :5] = True
+    full = np.ones((1, 10, 10), bool)
+    assert evaluate_sample(np.array([half]), mask, np.array([target]), full, "referring").box_matches == 0
+
+
 def test_cli_refuses_mixed_setups_and_non_evaluations(tmp_path: Path, capsys) -> None:
     one = _evaluation(tmp_path / "a", *synthetic_outcomes(100), passes=1)
     two = _evaluation(tmp_path / "b", *synthetic_outcomes(100), passes=2)

@@ -4,7 +4,7 @@ Why: the raw score (``box_score * mask_score``) ranks objects but is no probabil
 shipped tiny model, raw scores between 0.25 and 0.30 held both the objects that were right 14 %
 of the time and those right 58 % of the time, so a planner could not pick a threshold from it.
 A checkpoint may carry ``score_calibration.json``: a logistic model of the chance that an
-object's box overlaps a target at IoU >= 0.5, from the log of its box and mask scores, fitted
+object's box overlaps a target at IoU > 0.5, from the log of its box and mask scores, fitted
 on a held-out evaluation (``python -m qwen3vl_seg_ros.calibrate``). Both weights are kept
 non-negative, so a more confident box or mask never lowers the probability.
 

@@ -270,7 +270,7 @@ def score_statistics(records: list[dict[str, Any]], threshold: float) -> dict[st
 
 def reported_score_quality(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Is ``score`` a probability? Each reported object is right when its reported box overlaps a
-    target at IoU >= 0.5; the expected calibration error compares the stated and the observed rate."""
+    target at IoU > 0.5; the expected calibration error compares the stated and the observed rate."""
     from qwen3vl_seg_ros.calibrate import auc, object_outcomes
     from qwen3vl_seg_ros.model.score_calibration import expected_calibration_error
 
