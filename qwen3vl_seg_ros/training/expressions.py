@@ -298,6 +298,10 @@ class _Candidates:
                         out.append((d, relation, b_desc, target))
         return out
 
+    def _sizes(self, d: Descriptor) -> set[str]:
+        """The size classes of the objects ``d`` matches."""
+        return {o.size for o in self.objects if d.matches(o.shape, o.colour, o.size)}
+
     def _categories(self) -> list[tuple[Descriptor, int]]:
         """ "all X": several targets, or one where X names a shape ("all mugs" with one mug)."""
         return [(d, m) for d, m in self.descriptors.items() if m.bit_count() >= 2 or (d.shape and m)]
@@ -305,8 +309,10 @@ class _Candidates:
     def _absent(self) -> dict[str, list[Descriptor]]:
         """Descriptors that match nothing, grouped so that each kind is drawn equally often."""
         colour_shape = [Descriptor(None, c, s) for c in COLOURS for s in SHAPES]
-        # hard negatives: "the small red cube" when the only red cube is large
-        present = [d for d in colour_shape if self.match(d)]
+        # hard negatives: "the small red cube" when the only red cube is large. Only where every
+        # red cube is of one size: with a large and a medium one, a reader takes "the small red
+        # cube" for the smaller of the two, so it is no command without a target.
+        present = [d for d in colour_shape if len(self._sizes(d)) == 1]
         with_size = [Descriptor(z, d.colour, d.shape) for d in present for z in SIZE_WORDS]
         groups = {
             "colour_shape": colour_shape,
