@@ -351,6 +351,19 @@ def test_camera_info_of_another_camera_is_not_used(system):
     assert not only_object(result).has_3d
 
 
+def test_camera_info_with_distortion_is_used_with_a_warning(system):
+    """C08: CameraInfo of an unrectified stream (D != 0): 3D from K, and the result says that 3D
+    assumes a rectified image."""
+    info = camera_info_msg(Scene())
+    info.d = [0.1, -0.05, 0.0, 0.0, 0.01]
+    publish(system, info=info)
+    result = ask(system, "red", "C08")
+    expect(system, result, OK, "CameraInfo has lens distortion ('plumb_bob', D != 0)", level=INFO)
+    assert only_object(result).has_3d
+    publish(system)  # rectified (D all zero): no such warning
+    assert "lens distortion" not in ask(system, "red", "C08b").message
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,20 @@ def camera_info_to_intrinsics(msg: CameraInfo) -> CameraIntrinsics:
     return intr
 
 
+def distortion_note(msg: CameraInfo) -> str:
+    """A warning when CameraInfo describes lens distortion, else "".
+
+    Why: the 3D outputs project with K alone, which is right for a rectified image (D all zero,
+    as image_proc's ``image_rect`` topics publish). Fed an unrectified stream, points away from
+    the image centre land off by the distortion, with nothing else to show it.
+    """
+    d = np.asarray(msg.d, dtype=np.float64)
+    if d.size == 0 or not np.any(np.abs(d[np.isfinite(d)]) > 1e-9):
+        return ""
+    return (f"CameraInfo has lens distortion ('{msg.distortion_model}', D != 0) but 3D assumes a rectified image: "
+            f"subscribe to the rectified colour and depth (image_rect), or points off-centre are displaced")
+
+
 def array_to_image(arr: np.ndarray, encoding: str, header: Header | None = None) -> Image:
     """numpy -> Image without per-element copies (``bytes`` assignment is fast in rclpy)."""
     arr = np.ascontiguousarray(arr)

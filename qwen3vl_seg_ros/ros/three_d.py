@@ -97,6 +97,9 @@ class ThreeDStage:
             else:
                 # A different aspect ratio of depth or CameraInfo is an ERROR (raised here).
                 intrinsics = resolve_depth_intrinsics((w, h), (dw, dh), cam)
+                distortion = conversions.distortion_note(frame.camera_info)
+                if distortion:
+                    warnings.append(distortion)
         if intrinsics is None and (dh, dw) != (h, w):
             resolve_depth_intrinsics((w, h), (dw, dh), CameraIntrinsics(1, 1, 0, 0, w, h))
         if reason:
