@@ -9,14 +9,16 @@
         camera_info:=/camera/camera/color/camera_info target_frame:=base_link
 
 Every launch argument is listed in LAUNCH_ARGUMENTS (name, default, description); those that
-set a node parameter of the same name are in NODE_PARAMETER_ARGUMENTS. A test checks both
-against the node's parameter table without needing launch_ros installed.
+set a node parameter of the same name are in NODE_PARAMETER_ARGUMENTS. Such an argument is
+passed to the node only when it differs from its default, so that a params_file's value is
+not reset by a launch argument nobody gave. A test checks both lists against the node's
+parameter table, and explicit_overrides itself, without needing launch_ros installed.
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
@@ -39,7 +41,9 @@ LAUNCH_ARGUMENTS = [
     ("depth", "depth", "Depth image topic aligned to the colour image (16UC1 mm or 32FC1 m)."),
     ("camera_info", "camera_info", "CameraInfo topic of the colour image."),
     ("command", "command", "Command topic (std_msgs/String) for continuous mode."),
+    ("use_depth", "true", "Subscribe to the depth topic and compute 3D outputs (false: 2D results only)."),
     ("autostart", "true", "Configure and activate the node at startup."),
+    ("use_sim_time", "false", "Use /clock (bag playback or a simulator) for the node's time and TF lookups."),
     ("log_level", "info", "Log level of the node."),
     ("sim_camera", "false", "Also start the simulated RGB-D tabletop camera (demo)."),
     ("sim_rate_hz", "5.0", "Frame rate of the simulated camera."),
@@ -52,7 +56,25 @@ LAUNCH_ARGUMENTS = [
 
 # Launch arguments that set the node parameter of the same name.
 NODE_PARAMETER_ARGUMENTS = ["segmenter", "model", "decoder", "device", "dtype", "mask_head",
-                            "target_frame", "image_qos"]
+                            "target_frame", "image_qos", "use_depth"]
+# Arguments passed to the node as booleans (autostart and use_sim_time are not in the table).
+BOOLEAN_ARGUMENTS = ["use_depth", "autostart", "use_sim_time"]
+
+
+def explicit_overrides(values):
+    """The node parameters set by launch arguments given a value other than their default.
+
+    Why: launch_ros applies a parameters dict after params_file, so passing every argument at
+    its default would reset what a params file says (model, device, target_frame, ...).
+    """
+    defaults = {name: default for name, default, _ in LAUNCH_ARGUMENTS}
+    out = {}
+    for name in [*NODE_PARAMETER_ARGUMENTS, "autostart", "use_sim_time"]:
+        value = values[name]
+        if value.strip().lower() == defaults[name].lower():
+            continue
+        out[name] = value.strip().lower() in ("true", "1", "yes", "on") if name in BOOLEAN_ARGUMENTS else value
+    return out
 
 
 def generate_launch_description():
@@ -63,25 +85,26 @@ def generate_launch_description():
                 for name, default, text in LAUNCH_ARGUMENTS]
     arg = LaunchConfiguration
 
-    overrides = {name: ParameterValue(arg(name), value_type=str) for name in NODE_PARAMETER_ARGUMENTS}
-    overrides["autostart"] = ParameterValue(arg("autostart"), value_type=bool)
+    def segmentation_node(context):
+        given = {name: LaunchConfiguration(name).perform(context)
+                 for name in [*NODE_PARAMETER_ARGUMENTS, "autostart", "use_sim_time"]}
+        return [LifecycleNode(
+            package="qwen3vl_seg_ros",
+            executable="segmentation_node",
+            name="qwen3vl_seg",
+            namespace=arg("namespace"),
+            parameters=[arg("params_file"), explicit_overrides(given)],
+            remappings=[
+                ("image", arg("image")),
+                ("depth", arg("depth")),
+                ("camera_info", arg("camera_info")),
+                ("command", arg("command")),
+            ],
+            arguments=["--ros-args", "--log-level", arg("log_level")],
+            output="screen",
+            emulate_tty=True,
+        )]
 
-    segmentation = LifecycleNode(
-        package="qwen3vl_seg_ros",
-        executable="segmentation_node",
-        name="qwen3vl_seg",
-        namespace=arg("namespace"),
-        parameters=[arg("params_file"), overrides],
-        remappings=[
-            ("image", arg("image")),
-            ("depth", arg("depth")),
-            ("camera_info", arg("camera_info")),
-            ("command", arg("command")),
-        ],
-        arguments=["--ros-args", "--log-level", arg("log_level")],
-        output="screen",
-        emulate_tty=True,
-    )
     sim_camera = Node(
         package="qwen3vl_seg_ros",
         executable="sim_camera",
@@ -107,4 +130,4 @@ def generate_launch_description():
         condition=IfCondition(arg("rviz")),
         output="screen",
     )
-    return LaunchDescription([*declared, segmentation, sim_camera, rviz])
+    return LaunchDescription([*declared, OpaqueFunction(function=segmentation_node), sim_camera, rviz])

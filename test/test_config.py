@@ -96,11 +96,35 @@ def test_launch_arguments_match_node_parameters():
         assert name in names, f"{name} is passed to the node but not declared"
         assert name in table, f"launch argument {name} sets no node parameter"
         default = dict((a[0], a[1]) for a in arguments)[name]
-        assert default == table[name].default, f"{name}: launch default {default!r} != {table[name].default!r}"
+        expected = table[name].default
+        expected = str(expected).lower() if isinstance(expected, bool) else expected
+        assert default == expected, f"{name}: launch default {default!r} != {table[name].default!r}"
     for required in ("model", "decoder", "device", "dtype", "image", "depth", "camera_info", "target_frame",
                      "namespace", "params_file"):
         assert required in names
     assert all(len(a[2]) > 10 for a in arguments)
+
+
+def launch_module_without_launch_ros() -> dict:
+    """The launch file's constants and explicit_overrides, run without its launch imports."""
+    tree = ast.parse((ROOT / "launch" / "segmentation.launch.py").read_text())
+    kept = [n for n in tree.body if isinstance(n, ast.Assign)
+            or (isinstance(n, ast.FunctionDef) and n.name == "explicit_overrides")]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=kept, type_ignores=[]), "segmentation.launch.py", "exec"), namespace)
+    return namespace
+
+
+def test_launch_arguments_left_at_their_default_leave_the_params_file_alone():
+    """launch_ros applies the overrides after params_file: only arguments the user changed may be
+    in them, or a params file's model, device or target_frame would be reset to the defaults."""
+    launch = launch_module_without_launch_ros()
+    defaults = {name: default for name, default, _ in launch["LAUNCH_ARGUMENTS"]}
+    given = {name: defaults[name] for name in [*launch["NODE_PARAMETER_ARGUMENTS"], "autostart", "use_sim_time"]}
+    assert launch["explicit_overrides"](given) == {}
+    given.update(device="cuda", target_frame="base_link", use_depth="False", autostart="true", use_sim_time="true")
+    assert launch["explicit_overrides"](given) == {"device": "cuda", "target_frame": "base_link",
+                                                   "use_depth": False, "use_sim_time": True}
 
 
 def test_launch_file_is_valid_python_and_uses_the_installed_executable():
