@@ -33,7 +33,7 @@ class SegmenterOptions:
     mask_head: str = "auto"  # "auto", "decoder", "grabcut", "depth", "box"
     local_files_only: bool = True  # never reach the network unless asked to
     max_new_tokens: int = 256
-    max_objects: int = 50
+    max_objects: int = 50  # the first N objects of the answer are kept; 0 = all (the node cuts by score itself)
     box_refine_passes: int = 1  # more decoder runs, each on its previous mask's box (which becomes the box)
     fast_decode: bool = True  # static KV cache + CUDA graphs on GPU
     coordinate_window: int = -1  # choose a number token by its +-N-unit window's probability; -1 = plain greedy

@@ -522,6 +522,8 @@ def test_thousand_boxes_in_an_answer_are_capped(system):
     result = ask(system, "answer:thousands", "M08", timeout_s=60.0)
     expect(system, result, OK, "1000 objects found; kept the 50 best (max_objects)", level=INFO)
     assert len(result.objects) == 50 and len(result.model_answer) < 4200
+    # the segmenter is asked for every object, so the cut is by score and follows the live value
+    assert system.node._segmenter.options.max_objects == 0
 
 
 def test_escaped_half_emoji_label_is_published(system):

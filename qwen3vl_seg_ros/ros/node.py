@@ -194,7 +194,7 @@ class SegmentationNode(LifecycleNode):
             model=self.p("model"), decoder=self.p("decoder"), device=self.p("device"),
             dtype=self.p("dtype"), mask_head=self.p("mask_head"),
             local_files_only=self.p("local_files_only"), max_new_tokens=self.p("max_new_tokens"),
-            max_objects=self.p("max_objects"), fast_decode=self.p("fast_decode"),
+            max_objects=0, fast_decode=self.p("fast_decode"),  # _select keeps the best max_objects by score
             compile_cache_dir=self.p("compile_cache_dir"), image_max_pixels=self.p("image_max_pixels"),
             num_threads=self.p("num_threads"), box_refine_passes=self.p("box_refine_passes"),
             calibrate_scores=self.p("calibrate_scores"))
