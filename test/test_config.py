@@ -166,3 +166,20 @@ def test_readme_documents_every_parameter():
     for p in PARAMETERS:
         assert f"`{p.name}`" in readme, p.name
     assert markdown_table() in readme, "README parameter table is stale: regenerate it"
+
+
+def test_robot_requirements_are_ranges_over_the_tested_pins():
+    """requirements/robot.txt names every runtime dependency of base.txt (OpenCV comes from rosdep
+    there), each as a range the tested pin satisfies, so a robot's Python 3.10 can resolve it."""
+    from packaging.requirements import Requirement
+
+    def read(name: str) -> dict:
+        lines = (ROOT / "requirements" / name).read_text().splitlines()
+        reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+        return {r.name.lower(): r for r in reqs}
+
+    base, robot = read("base.txt"), read("robot.txt")
+    assert set(robot) == set(base) - {"opencv-python-headless"}
+    for name, req in robot.items():
+        pinned = next(iter(base[name].specifier)).version
+        assert "==" not in str(req.specifier) and req.specifier.contains(pinned, prereleases=True), (name, pinned)
