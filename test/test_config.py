@@ -140,7 +140,8 @@ def test_package_xml_is_format_3_and_names_what_we_import():
     assert root.attrib["format"] == "3" and root.findtext("name") == "qwen3vl_seg_ros"
     deps = {e.text for e in root if e.tag.endswith("depend")}
     for needed in ("rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs",
-                   "lifecycle_msgs", "rosidl_default_generators", "rosidl_default_runtime", "tf2_ros", "cv_bridge"):
+                   "lifecycle_msgs", "rosidl_default_generators", "rosidl_default_runtime", "tf2_ros", "cv_bridge",
+                   "python3-pil", "python3-matplotlib", "python3-opencv", "python3-scipy"):
         assert needed in deps, needed
     assert root.find("export/build_type").text == "ament_cmake"
     assert root.find("member_of_group").text == "rosidl_interface_packages"

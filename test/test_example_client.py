@@ -77,6 +77,17 @@ def test_continuous_mode_prints_results_and_stops_the_node(system, capsys):
 
 
 @pytest.mark.ros
+def test_continuous_mode_with_only_errors_exits_1(system, capsys):
+    """Every continuous answer an ERROR (here a model failure on each frame): exit 1, as the
+    README says, not 0 for having heard something."""
+    node, _ = system
+    assert example_client.main(["blue raise:error", "--continuous", "2.5"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR 'blue raise:error' (continuous-" in out
+    assert wait_for(lambda: node.node._scheduler.continuous_command is None, 3.0)
+
+
+@pytest.mark.ros
 def test_missing_node_is_reported_quickly(capsys):
     assert example_client.main(["red", "--node", "/nobody/here", "--wait", "0.5"]) == 1
     assert "service /nobody/here/segment is not available after 0.5 s" in capsys.readouterr().err

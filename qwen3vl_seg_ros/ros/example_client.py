@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.continuous > 0:
             results = stream(node, executor, node_name, command_topic, args.command, args.continuous, args.wait)
             print(f"{len(results)} answer(s) in {args.continuous:g} s; continuous mode stopped")
-            return 0 if results else 1
+            return 0 if any(r.status != SegmentationResult.ERROR for r in results) else 1
         result = segment_once(node, executor, f"{node_name}/segment", args.command, args.timeout, args.wait)
         if result is None:
             return 1
