@@ -556,6 +556,49 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(db[k], da[k], rtol=1e-5, atol=1e-6)
 
 
+FULL_THEN_LORA = [{"name": "full", "steps": 2, "lr": 3e-3, "warmup_steps": 1},
+                  {"name": "lora", "steps": 3, "lr": 3e-3, "warmup_steps": 1, "llm": "lora", "vision_lr_scale": 0.0,
+                   "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}]
+
+
+def test_resume_at_the_boundary_into_a_lora_stage_is_exact(tmp_path: Path) -> None:
+    """Stopped exactly where a LoRA stage begins and resumed: the new adapters' initial weights and
+    their dropout come from the RNG as the uninterrupted run had it (it was restored only after
+    the adapters had drawn their weights)."""
+    cfg = config_from_dict(tiny_config(stages=FULL_THEN_LORA))
+    Trainer(cfg, tmp_path / "straight", log=lambda m: None).run()
+    assert Trainer(cfg, tmp_path / "parts", log=lambda m: None, stop_at_step=2).run()["finished"] is False
+    assert Trainer(cfg, tmp_path / "parts", resume=True, log=lambda m: None).run()["finished"]
+    np.testing.assert_allclose(_losses(tmp_path / "parts"), _losses(tmp_path / "straight"), rtol=1e-6)
+    wa = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "parts" / "checkpoint" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_stop_while_entering_a_lora_stage_can_be_resumed(tmp_path: Path) -> None:
+    """The time runs out after a LoRA stage's adapters are set up, before its first step: no
+    checkpoint of that half-entered form is written (it could not be loaded into the plain model
+    on --resume); the boundary checkpoint is resumed instead."""
+
+    class LateStop(Trainer):
+        entered_lora = False
+
+        def _enter_stage(self, index, load_weights):
+            optimizer = super()._enter_stage(index, load_weights)
+            self.entered_lora = index == 1
+            return optimizer
+
+        def _must_stop(self, deadline, step_time):
+            return self.entered_lora and self.state.stage_step == 0
+
+    cfg = config_from_dict(tiny_config(stages=FULL_THEN_LORA))
+    assert LateStop(cfg, tmp_path, log=lambda m: None).run()["finished"] is False
+    saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert not any("lora_" in k for k in saved)
+    assert Trainer(cfg, tmp_path, resume=True, log=lambda m: None).run()["finished"]
+
+
 def test_exported_model_loads_through_the_production_path(tmp_path: Path) -> None:
     from qwen3vl_seg_ros.model.loading import training_frame_size
     from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
@@ -765,7 +808,11 @@ def test_configurations(tmp_path: Path) -> None:
         config_from_dict(tiny_config(stages=[{"name": "x", "steps": 1, "lr": 1e-3, "llm": "half"}]))
     stage = load_config(REPO / "config" / "train_tiny.yaml").stages[0]
     assert stage.lr_factor(0) == pytest.approx(1 / stage.warmup_steps)
-    assert stage.lr_factor(stage.steps) == pytest.approx(stage.min_lr_ratio)
+    assert stage.lr_factor(stage.steps - 1) == pytest.approx(stage.min_lr_ratio)  # the last step that runs
+    assert stage.lr_factor(stage.steps - 2) > stage.min_lr_ratio
+    # a plan that shortens the stage keeps the warm-up's length (no jump in the rate during it)
+    assert stage.lr_factor(stage.warmup_steps - 1, stage.steps // 3) == pytest.approx(1.0)
+    assert stage.lr_factor(1, stage.steps // 3) == pytest.approx(stage.lr_factor(1))
     assert stage.lr_factor(stage.warmup_steps) == pytest.approx(1.0)
     assert gpu.stages[0].lr_factor(0, 10) == pytest.approx(0.5)  # warm-up at most a fifth of a short stage
 

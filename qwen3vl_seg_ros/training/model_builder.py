@@ -337,7 +337,9 @@ def set_trainable(model: nn.Module, decoder: nn.Module, llm: str, vision_lr_scal
 
 
 def _decays(name: str, p: nn.Parameter) -> bool:
-    """Weight decay on matrices and kernels; not on biases, norms, scales or embeddings."""
+    """Weight decay on matrices and kernels; not on biases, norms, scales or embeddings (the
+    token, position and patch embeddings: any name with "embed" or "position", so the ViT's
+    patch-embedding kernel too)."""
     return p.ndim >= 2 and "embed" not in name and "position" not in name
 
 

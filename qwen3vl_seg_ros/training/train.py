@@ -144,12 +144,17 @@ class StageConfig:
             raise ValueError(f"stage {self.name!r}: steps and warmup_steps must be >= 0 and lr > 0")
 
     def lr_factor(self, step: int, steps: int | None = None) -> float:
-        """Linear warm-up, then cosine decay to ``min_lr_ratio`` at the last of ``steps``."""
+        """Linear warm-up, then cosine decay to ``min_lr_ratio`` at the last of ``steps`` (step
+        ``steps - 1``: steps count from 0).
+
+        The warm-up is at most a fifth of the *configured* stage, so a plan that shortens the
+        stage after the warm-up began (``Trainer._plan``) does not change its length.
+        """
         steps = self.steps if steps is None else steps
-        warmup = min(self.warmup_steps, max(1, steps // 5))
+        warmup = min(self.warmup_steps, max(1, self.steps // 5), max(0, steps - 1))
         if warmup and step < warmup:
             return (step + 1) / warmup
-        span = max(1, steps - warmup)
+        span = max(1, steps - warmup - 1)
         progress = min(1.0, (step - warmup) / span)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -626,6 +631,11 @@ class Trainer:
         checkpoint = self.run_dir / "checkpoint"
         if self.resume and not load_weights and (checkpoint / "model.safetensors").is_file() and not self._loaded:
             self._load_weights(checkpoint)
+        if self.resume and not load_weights and not self._rng_restored:
+            # at a stage boundary: the RNG as the uninterrupted run had it, before new LoRA
+            # adapters draw their initial weights (and their dropout follows)
+            _restore_rng(load_file(str(checkpoint / "rng.safetensors")))
+            self._rng_restored = True
         if stage.llm == "lora" and not is_lora(self.model):
             self.peft_model = apply_lora(self.model, stage.lora or LoraSettings())
         set_trainable(self.model, self.decoder, stage.llm, stage.vision_lr_scale, stage.lr_scales)
@@ -956,8 +966,12 @@ class Trainer:
                 if self.stopped_early:
                     why = "--stop-at-step" if self.stop_at_step is not None and self.state.step >= self.stop_at_step \
                         else "the time budget"
-                    self.log(f"[train] stopping at step {self.state.step} ({why}): saving a checkpoint")
-                    self.save_checkpoint(optimizer)
+                    if self.state.stage_step > 0:
+                        self.log(f"[train] stopping at step {self.state.step} ({why}): saving a checkpoint")
+                        self.save_checkpoint(optimizer)
+                    else:  # the stage's form (LoRA) is set up but unsaved: the boundary checkpoint is this state
+                        self.log(f"[train] stopping at step {self.state.step} ({why}), before the stage's first "
+                                 "step: the last checkpoint holds this state")
                     return False
                 self._leave_stage(index)
                 self.state.stage += 1
