@@ -87,6 +87,15 @@ def test_continuous_mode_with_only_errors_exits_1(system, capsys):
     assert wait_for(lambda: node.node._scheduler.continuous_command is None, 3.0)
 
 
+def test_continuous_results_are_matched_to_the_command_sent():
+    """A straggler of the previous continuous command is not this command's answer."""
+    assert example_client.answers_command("  blue\tblob ", "blue blob")  # as the node cleaned it
+    assert not example_client.answers_command("blue raise:error", "blue")
+    long = "red " * 100
+    assert example_client.answers_command(long, long[:200] + "... [200 more characters]")  # a refusal's echo
+    assert not example_client.answers_command("blue " * 100, long[:200] + "... [200 more characters]")
+
+
 @pytest.mark.ros
 def test_missing_node_is_reported_quickly(capsys):
     assert example_client.main(["red", "--node", "/nobody/here", "--wait", "0.5"]) == 1

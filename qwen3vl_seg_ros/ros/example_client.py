@@ -21,6 +21,7 @@ Each object carries a label, a score, its box and mask, and, with depth and Came
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -34,9 +35,12 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 from std_msgs.msg import String
 
+from qwen3vl_seg_ros.commands import clean_command
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.srv import Segment
+from qwen3vl_seg_ros.types import InputError
 
+_CUT = re.compile(r"(.*)\.\.\. \[\d+ more characters\]", re.DOTALL)  # the node's truncate()
 STATUS = {SegmentationResult.OK: "OK", SegmentationResult.NO_MATCH: "NO_MATCH", SegmentationResult.ERROR: "ERROR"}
 
 
@@ -73,13 +77,29 @@ def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, com
     return future.result().result
 
 
+def answers_command(sent: str, echoed: str) -> bool:
+    """Whether a result whose ``command`` is ``echoed`` answers the command this client sent.
+
+    The node echoes the command as it cleaned it, or, when it refused it, the raw text cut to
+    200 characters with a note of how many more there were.
+    """
+    try:
+        if echoed == clean_command(sent, sys.maxsize)[0]:
+            return True
+    except InputError:
+        pass
+    cut = _CUT.fullmatch(echoed)
+    return cut is not None and sent.startswith(cut.group(1))
+
+
 def stream(node: Node, executor: SingleThreadedExecutor, node_name: str, command_topic: str, command: str,
            seconds: float, wait_s: float) -> list[SegmentationResult]:
     """Continuous mode for ``seconds``: prints each answer, then stops the node with an empty command."""
     results: list[SegmentationResult] = []
 
     def on_result(msg: SegmentationResult) -> None:
-        if msg.request_id.startswith("continuous-"):  # one continuous command per node at a time
+        # one continuous command per node at a time; results of the one before may still arrive
+        if msg.request_id.startswith("continuous-") and answers_command(command, msg.command):
             results.append(msg)
             print(describe(msg), flush=True)
 
