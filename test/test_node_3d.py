@@ -74,14 +74,14 @@ def test_cloud_and_markers_are_published_for_all_objects(system):
         assert len(pts) == obj.num_points
         assert float(np.mean(pts["z"])) == pytest.approx(obj.centroid.z, abs=1e-4)
     markers = client.snapshot(client.markers)[-1].markers
-    assert markers[0].action == Marker.DELETEALL
-    kinds = sorted(m.type for m in markers[1:])
+    assert [m.action for m in markers[:3]] == [Marker.DELETEALL] * 3
+    kinds = sorted(m.type for m in markers[3:])
     assert kinds.count(Marker.CUBE) == 2 and kinds.count(Marker.TEXT_VIEW_FACING) == 2
     assert all(m.header.frame_id == "camera_optical" for m in markers[1:])
 
 
 def test_a_result_without_3d_clears_the_objects_on_display(system):
-    """After an answer with 3D objects, a NO_MATCH (or an answer without 3D) publishes one lone
+    """After an answer with 3D objects, a NO_MATCH (or an answer without 3D) publishes the lone
     DELETEALL and an empty cloud, so RViz does not go on showing the old objects; the next one
     without 3D publishes nothing more."""
     node, client = system
@@ -95,7 +95,8 @@ def test_a_result_without_3d_clears_the_objects_on_display(system):
     assert wait_for(lambda: len(client.snapshot(client.markers)) == n_markers + 1, 5)
     assert wait_for(lambda: len(client.snapshot(client.clouds)) == n_clouds + 1, 5)
     cleared = client.snapshot(client.markers)[-1].markers
-    assert [m.action for m in cleared] == [Marker.DELETEALL] and cleared[0].header.frame_id == "camera_optical"
+    assert [m.action for m in cleared] == [Marker.DELETEALL] * 3
+    assert all(m.header.frame_id == "camera_optical" for m in cleared)
     empty = client.snapshot(client.clouds)[-1]
     assert empty.width * empty.height == 0 and empty.header.frame_id == "camera_optical"
     assert client.call("green").result.status == SegmentationResult.NO_MATCH

@@ -1,4 +1,4 @@
-"""RViz markers of a SegmentationResult: DELETEALL first, then box, label, centroid per object."""
+"""RViz markers of a SegmentationResult: a DELETEALL per namespace first, then box, label, centroid per object."""
 
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def make_result(objects: list[SegmentedObject], frame: str = "camera_color_optic
 def test_deleteall_first_then_three_markers_per_3d_object() -> None:
     objs = [make_object(1, "mug", 0.876), make_object(2, "ball", 0.5, has_3d=False), make_object(3, "box", 0.25)]
     array = markers_from_result(make_result(objs, "base_link"))
-    first, rest = array.markers[0], array.markers[1:]
-    assert first.action == Marker.DELETEALL
+    first, rest = array.markers[:3], array.markers[3:]
+    # RViz 2 matches a DELETEALL's namespace whole: one for each namespace markers are added in
+    assert [(m.action, m.ns) for m in first] == [(Marker.DELETEALL, f"qwen3vl_seg/{kind}")
+                                                 for kind in ("boxes", "labels", "centroids")]
+    assert {m.ns for m in rest} == {m.ns for m in first}
     assert len(rest) == 6  # object 2 has no 3D
     assert [(m.ns, m.id, m.type) for m in rest] == [
         ("qwen3vl_seg/boxes", 1, Marker.CUBE), ("qwen3vl_seg/labels", 1, Marker.TEXT_VIEW_FACING),
@@ -53,7 +56,7 @@ def test_deleteall_first_then_three_markers_per_3d_object() -> None:
 
 def test_box_label_and_centroid_geometry() -> None:
     box, label, dot = build_markers([make_object(5, "red mug", 0.876)], Header(frame_id="cam"),
-                                    style=MarkerStyle(text_height_m=0.05)).markers[1:]
+                                    style=MarkerStyle(text_height_m=0.05)).markers[3:]
     assert box.pose.position == Point(x=0.1, y=0.2, z=1.0)
     assert box.pose.orientation == Quaternion(x=S, y=0.0, z=0.0, w=S)
     assert (box.scale.x, box.scale.y, box.scale.z) == pytest.approx((0.2, 0.1, 0.06))
@@ -68,7 +71,7 @@ def test_box_label_and_centroid_geometry() -> None:
 
 def test_colours_are_per_object() -> None:
     objs = [make_object(i, "x", 0.5) for i in (1, 2, 3)]
-    markers = build_markers(objs, Header(frame_id="cam")).markers[1:]
+    markers = build_markers(objs, Header(frame_id="cam")).markers[3:]
     by_id: dict[int, set] = {}
     for m in markers:
         by_id.setdefault(m.id, set()).add((round(m.color.r, 6), round(m.color.g, 6), round(m.color.b, 6)))
@@ -87,17 +90,17 @@ def test_namespace_lifetime_and_flat_boxes() -> None:
     obj = make_object(1, "card", 0.9)
     obj.bbox_size = Vector3(x=0.2, y=0.0, z=0.1)  # a flat object: RViz refuses zero scales
     array = build_markers([obj], Header(frame_id="cam"), lifetime_s=1.5, namespace="seg")
-    assert {m.ns for m in array.markers} == {"seg", "seg/boxes", "seg/labels", "seg/centroids"}
-    for m in array.markers[1:]:
+    assert {m.ns for m in array.markers} == {"seg/boxes", "seg/labels", "seg/centroids"}
+    for m in array.markers[3:]:
         assert (m.lifetime.sec, m.lifetime.nanosec) == (1, 500_000_000)
-    assert array.markers[1].scale.y > 0.0
+    assert array.markers[3].scale.y > 0.0
 
 
 def test_result_without_3d_gives_only_deleteall_in_image_frame() -> None:
     result = make_result([make_object(1, "mug", 0.9)], frame="")
     array = markers_from_result(result)
-    assert len(array.markers) == 1 and array.markers[0].action == Marker.DELETEALL
-    assert array.markers[0].header.frame_id == "camera_color_optical_frame"
+    assert len(array.markers) == 3 and all(m.action == Marker.DELETEALL for m in array.markers)
+    assert all(m.header.frame_id == "camera_color_optical_frame" for m in array.markers)
 
 
 def test_serialises() -> None:
@@ -105,7 +108,7 @@ def test_serialises() -> None:
     raw = serialize_message(array)
     back = deserialize_message(raw, MarkerArray)
     assert serialize_message(back) == raw  # (colours are float32 on the wire: compare bytes)
-    assert [m.text for m in back.markers] == ["", "", "mug 0.90", ""]
+    assert [m.text for m in back.markers] == ["", "", "", "", "mug 0.90", ""]
 
 
 def test_a_tracked_object_shows_its_track_and_keeps_its_colour() -> None:
@@ -115,10 +118,10 @@ def test_a_tracked_object_shows_its_track_and_keeps_its_colour() -> None:
     later = make_object(2, "mug", 0.8)
     later.track_id = 7
     untracked = make_object(1, "mug", 0.9)
-    first = build_markers([now], Header(frame_id="cam")).markers[1:]
-    second = build_markers([later], Header(frame_id="cam")).markers[1:]
+    first = build_markers([now], Header(frame_id="cam")).markers[3:]
+    second = build_markers([later], Header(frame_id="cam")).markers[3:]
     assert first[1].text == "#7 mug 0.90" and untracked.track_id == 0
-    assert build_markers([untracked], Header(frame_id="cam")).markers[2].text == "mug 0.90"
+    assert build_markers([untracked], Header(frame_id="cam")).markers[4].text == "mug 0.90"
     for a, b in zip(first, second):
         assert (a.color.r, a.color.g, a.color.b) == (b.color.r, b.color.g, b.color.b)
     assert [m.id for m in second] == [2, 2, 2]  # marker ids stay the result's object ids

@@ -1,10 +1,12 @@
 """RViz ``visualization_msgs/MarkerArray`` of a SegmentationResult.
 
-Every array starts with a DELETEALL marker, so the boxes of objects that are gone vanish even
-when the new result has fewer objects (RViz keeps a marker until it is deleted or expires).
-Then, per object with 3D: an oriented CUBE (the box), a TEXT_VIEW_FACING label with the score
-above it, and a SPHERE at the centroid. The three kinds live in the namespaces ``<ns>/boxes``,
-``<ns>/labels`` and ``<ns>/centroids`` (toggled separately in RViz); the marker id is the
+Every array starts with a DELETEALL marker for each of the three namespaces below, so the boxes
+of objects that are gone vanish even when the new result has fewer objects (RViz keeps a marker
+until it is deleted or expires). A DELETEALL with a namespace clears that namespace exactly (RViz
+2 compares it whole, not as a prefix), and one without would clear other publishers' markers on
+the same display too. Then, per object with 3D: an oriented CUBE (the box), a TEXT_VIEW_FACING
+label with the score above it, and a SPHERE at the centroid. The three kinds live in the
+namespaces ``<ns>/boxes``, ``<ns>/labels`` and ``<ns>/centroids`` (toggled separately in RViz); the marker id is the
 object id, the colour is the object's colour (:func:`color_for_id`), the frame is the result's
 ``geometry_frame_id`` and the stamp the image's.
 """
@@ -68,8 +70,13 @@ def _point(v: np.ndarray) -> Point:
     return Point(x=float(v[0]), y=float(v[1]), z=float(v[2]))
 
 
+#: The namespaces under the style's: one per kind of marker.
+KINDS = ("boxes", "labels", "centroids")
+
+
 def delete_all_marker(header: Header, namespace: str = "") -> Marker:
-    """A DELETEALL marker (RViz 2 clears every marker of the display on it)."""
+    """A DELETEALL marker: RViz 2 clears the markers of exactly ``namespace`` on it (all of the
+    display's, of every publisher, for "")."""
     return Marker(header=header, ns=namespace, id=0, action=Marker.DELETEALL)
 
 
@@ -78,7 +85,8 @@ def object_markers(obj: Any, header: Header, style: MarkerStyle) -> list[Marker]
     oid = int(obj.id)
     track = int(obj.track_id)
     hue = track or oid  # a tracked object keeps its colour from result to result
-    box = _marker(header, f"{style.namespace}/boxes", oid, Marker.CUBE, style)
+    boxes, labels, centroids = (f"{style.namespace}/{kind}" for kind in KINDS)
+    box = _marker(header, boxes, oid, Marker.CUBE, style)
     box.pose = obj.bbox_center
     size = obj.bbox_size
     box.scale = Vector3(x=max(size.x, _MIN_SCALE_M), y=max(size.y, _MIN_SCALE_M), z=max(size.z, _MIN_SCALE_M))
@@ -91,13 +99,13 @@ def object_markers(obj: Any, header: Header, style: MarkerStyle) -> list[Marker]
     centre = np.array([obj.bbox_center.position.x, obj.bbox_center.position.y, obj.bbox_center.position.z])
     offset = 0.5 * max(size.z, 0.0) + style.text_height_m
     text_pos = centre + quat_rotate(quat, np.array([0.0, 0.0, offset]))
-    label = _marker(header, f"{style.namespace}/labels", oid, Marker.TEXT_VIEW_FACING, style)
+    label = _marker(header, labels, oid, Marker.TEXT_VIEW_FACING, style)
     label.pose = Pose(position=_point(text_pos), orientation=Quaternion(w=1.0))
     label.scale = Vector3(z=float(style.text_height_m))
     label.color = _color(hue, 1.0)
     label.text = (f"#{track} " if track else "") + f"{obj.label} {obj.score:.2f}"
 
-    dot = _marker(header, f"{style.namespace}/centroids", oid, Marker.SPHERE, style)
+    dot = _marker(header, centroids, oid, Marker.SPHERE, style)
     dot.pose = Pose(position=obj.centroid, orientation=Quaternion(w=1.0))
     d = float(style.centroid_diameter_m)
     dot.scale = Vector3(x=d, y=d, z=d)
@@ -112,7 +120,7 @@ def build_markers(
     namespace: str | None = None,
     style: MarkerStyle | None = None,
 ) -> MarkerArray:
-    """DELETEALL, then box, label and centroid of each ``SegmentedObject`` with ``has_3d``.
+    """A DELETEALL per namespace, then box, label and centroid of each ``SegmentedObject`` with ``has_3d``.
 
     ``header`` gives the frame the objects' 3D fields are in and the image stamp. ``lifetime_s``
     and ``namespace``, when given, override those of ``style``.
@@ -122,7 +130,7 @@ def build_markers(
         style = replace(style, lifetime_s=float(lifetime_s))
     if namespace is not None:
         style = replace(style, namespace=namespace)
-    markers = [delete_all_marker(header, style.namespace)]
+    markers = [delete_all_marker(header, f"{style.namespace}/{kind}") for kind in KINDS]
     for obj in objects:
         if obj.has_3d:
             markers.extend(object_markers(obj, header, style))

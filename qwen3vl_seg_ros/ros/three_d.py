@@ -151,7 +151,7 @@ class ThreeDStage:
         """~/cloud and ~/markers of a filled result (markers show each object's track id).
 
         A result without a cloud (NO_MATCH, ERROR, no 3D) clears what an earlier one put on
-        display, once: an empty cloud and a lone DELETEALL in that frame. Else, with markers that
+        display, once: an empty cloud and the DELETEALLs alone, in that frame. Else, with markers that
         last until replaced, RViz would go on showing objects the last answer no longer holds.
         """
         lifetime = float(self._node.p("marker_lifetime_s"))
