@@ -152,10 +152,23 @@ def test_history_is_pruned_to_the_cache_time() -> None:
 def test_time_jumping_back_restarts_the_history() -> None:
     buf = TfBuffer(cache_time_s=1.0)
     buf.set_transform("a", "b", 100 * SEC, Transform(translation=(1.0, 0.0, 0.0)))
-    buf.set_transform("a", "b", 2 * SEC, Transform(translation=(2.0, 0.0, 0.0)))  # a bag loop
+    for k in range(3):  # a bag loop: the old timeline again, sample after sample
+        buf.set_transform("a", "b", 2 * SEC + k * SEC // 10, Transform(translation=(2.0, 0.0, 0.0)))
     np.testing.assert_allclose(buf.lookup("a", "b", 2 * SEC).translation, [2.0, 0.0, 0.0])
     with pytest.raises(TransformUnavailable, match="future"):
         buf.lookup("a", "b", 100 * SEC)
+
+
+def test_one_stale_sample_does_not_wipe_the_history() -> None:
+    """A stray sample far in the past (stamp 0 before /clock, another clock) is dropped, as tf2
+    drops old data: lookups at image stamps a little behind the newest sample still work."""
+    ms = SEC // 1000
+    buf = TfBuffer(cache_time_s=1.0)
+    for k in range(51):  # 100 Hz, 1000.00 s to 1000.50 s
+        buf.set_transform("odom", "base", 1_000_000 * ms + 10 * k * ms, Transform(translation=(0.01 * k, 0.0, 0.0)))
+    buf.set_transform("odom", "base", 0, Transform())
+    buf.set_transform("odom", "base", 1_000_510 * ms, Transform(translation=(0.51, 0.0, 0.0)))
+    np.testing.assert_allclose(buf.lookup("odom", "base", 1_000_400 * ms).translation, [0.40, 0.0, 0.0], atol=1e-9)
 
 
 def test_reparenting_replaces_the_edge() -> None:

@@ -7,7 +7,9 @@ to ``/tf`` (volatile) and ``/tf_static`` (transient local, reliable, so late joi
 the static frames):
 
 * one time-sorted history per child frame (the TF tree: each frame has one parent), pruned to
-  ``cache_time_s`` behind its newest sample; static transforms hold for every time;
+  ``cache_time_s`` behind its newest sample; static transforms hold for every time; a sample
+  older than that is dropped (as tf2 does), unless several arrive in a row: then time went
+  backwards (a bag loop) and the history starts again from them;
 * a lookup walks both frames up to their common ancestor and composes the edges, each
   evaluated at the requested stamp by linear interpolation of the translation and slerp of the
   rotation between the two samples around it;
@@ -111,6 +113,13 @@ class _Edge:
     static: bool
     stamps: list[int] = field(default_factory=list)  # sorted, ns
     samples: list[Transform] = field(default_factory=list)
+    # samples far older than the history, in a row: a new timeline once there are enough
+    older: list[tuple[int, Transform]] = field(default_factory=list)
+
+
+#: Samples far older than an edge's history that, in a row, mean time went backwards (a bag
+#: loop, a restarted simulator); fewer are dropped as stray, as tf2 drops old data.
+RESTART_AFTER = 3
 
 
 class TfBuffer:
@@ -148,9 +157,15 @@ class TfBuffer:
             return
         newest = edge.stamps[-1]
         if stamp < newest - self._cache_ns:
-            # Far older than what we hold: time went backwards (bag loop, restarted sim).
-            edge.stamps, edge.samples = [stamp], [tf]
+            # Far older than what we hold: a stray sample (stamp 0 before /clock, another
+            # clock, a late message), or time went backwards (bag loop, restarted simulator).
+            # Only several in a row restart the history; one alone must not wipe it.
+            edge.older.append((stamp, tf))
+            if len(edge.older) >= RESTART_AFTER:
+                older = sorted(edge.older, key=lambda item: item[0])
+                edge.stamps, edge.samples, edge.older = [s for s, _ in older], [t for _, t in older], []
             return
+        edge.older.clear()
         i = bisect.bisect_left(edge.stamps, stamp)
         if i < len(edge.stamps) and edge.stamps[i] == stamp:
             edge.samples[i] = tf
