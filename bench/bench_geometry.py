@@ -16,6 +16,7 @@ Targets (issue #4): 640x480 full frame <= 3 ms; 5 objects incl. packing <= 10 ms
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import sys
@@ -214,8 +215,8 @@ def section(rows, env, repeat: int) -> str:
     return (
         "## Geometry\n\n"
         f"`python bench/bench_geometry.py --repeat {repeat}` (median, 90th percentile and minimum of "
-        f"{repeat} runs after warm-up; the machine's 2 cores are shared with other sessions, so the "
-        "minimum is the closest to an idle machine). Synthetic tabletop: a table plane and five "
+        f"{repeat} runs after warm-up; the machine's {os.cpu_count()} cores may be shared with other work, so "
+        "the minimum is the closest to an idle machine). Synthetic tabletop: a table plane and five "
         "objects, 16UC1 depth with 2 mm noise, masks leaking 3 px onto the table, default "
         "GeometryConfig (erode 2 px, MAD, upright boxes).\n\n"
         f"{env_lines}\n\n{table(rows)}\n"

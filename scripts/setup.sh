@@ -24,18 +24,29 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual environment $VENV"
     "$PY" -m venv "$VENV"
 fi
+# pip's own exit status decides (a pipe through grep would hide a failed install); its notes
+# about the local wheel store's index are left out of what is shown.
+pip_install() {
+    local out
+    out="$(mktemp)"
+    if "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$out" 2>&1; then
+        grep -v "is ignored: it is neither" "$out" || true
+        rm -f "$out"
+    else
+        grep -v "is ignored: it is neither" "$out" >&2 || true
+        rm -f "$out"
+        return 1
+    fi
+}
 pip_stamp="$(stamp_of requirements/*.txt setup.py)"
 if [ "$(cat "$VENV/.deps-stamp" 2>/dev/null)" != "$pip_stamp" ]; then
     log "installing Python dependencies (ROS 2 Kilted wheels, CPU PyTorch, transformers, ...)"
     # The ROS wheels re-exec the interpreter to set LD_LIBRARY_PATH; not needed while installing.
     export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 2>&1 \
-        | grep -v "is ignored: it is neither" || true
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-        -r requirements/ros.txt -r requirements/base.txt -r requirements/dev.txt 2>&1 \
-        | grep -v "is ignored: it is neither" || true
-    "$VENV/bin/python" -c "import torch, transformers, cv2" \
-        || { echo "[setup] dependency installation failed" >&2; exit 1; }
+    pip_install --upgrade pip setuptools wheel \
+        && pip_install -r requirements/ros.txt -r requirements/base.txt -r requirements/dev.txt \
+        && "$VENV/bin/python" -c "import torch, transformers, cv2" \
+        || { echo "[setup] dependency installation failed (see above); nothing marked as installed" >&2; exit 1; }
     echo "$pip_stamp" > "$VENV/.deps-stamp"
     rm -f "$ROSDIR/.build-stamp"
 else
@@ -116,7 +127,7 @@ export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:\$PATH"
 export AMENT_PREFIX_PATH="$ROSDIR/install:$VENV"
 export CMAKE_PREFIX_PATH="$ROSDIR/install:$VENV"
-export LD_LIBRARY_PATH="$ROSDIR/install/lib:$VENV/lib:\$(ls -d $SITE/ros_*.libs 2>/dev/null | tr '\n' ':')\${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$ROSDIR/install/lib:$VENV/lib:\$(ls -d "$SITE"/ros_*.libs 2>/dev/null | tr '\n' ':')\${LD_LIBRARY_PATH:-}"
 export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
 export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
 export ROS_AUTOMATIC_DISCOVERY_RANGE=\${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}

@@ -6,6 +6,7 @@ answers are predictable enough to check against the ground truth.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -24,9 +25,11 @@ import pytest
 
 from qwen3vl_seg_ros.cloud import make_cloud
 from qwen3vl_seg_ros.msg import SegmentedObject
+from qwen3vl_seg_ros.ros import demo as demo_module
 from qwen3vl_seg_ros.ros.demo import choose_commands, format_table, iou, object_mask, read_ply, write_ply
 from qwen3vl_seg_ros.ros.sim_camera import FLAT_RGB, render_scene
 
+from helpers import wait_for
 from ros_harness import DOUBLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +74,68 @@ def test_ply_round_trip(tmp_path):
     np.testing.assert_array_equal(np.stack([vertices["red"], vertices["green"], vertices["blue"]], 1), colours)
     assert list(vertices["id"]) == [4, 5]
     assert path.read_bytes().startswith(b"ply\nformat binary_little_endian 1.0\n")
+
+
+class StaleAnswers:
+    """Stands in for the demo's DDS client: every answer comes on a frame stamped before the scene."""
+
+    segment_client, overlays, masks = None, [], []
+
+    def __init__(self, labels: np.ndarray, scene_stamp_ns: int) -> None:
+        self.gt_labels = {scene_stamp_ns: labels}
+        self.calls = 0
+
+    def call(self, *_args):
+        self.calls += 1
+        from builtin_interfaces.msg import Time
+
+        from qwen3vl_seg_ros.msg import SegmentationResult, SegmentedObject
+        answer = SegmentationResult(status=SegmentationResult.OK, image_width=6, image_height=4, total_ms=5.0)
+        answer.header.stamp = Time(sec=99, nanosec=800_000_000)  # the scene began at 100 s
+        obj = SegmentedObject(id=1, label="red ball", score=0.9)
+        obj.box.x_offset, obj.box.y_offset, obj.box.width, obj.box.height = 2, 1, 3, 2
+        answer.objects = [obj]
+        return argparse.Namespace(result=answer)
+
+
+def test_an_answer_on_the_previous_scene_is_not_scored(tmp_path, monkeypatch):
+    """Three answers in a row on a frame of the previous scene: STALE (exit code 1), never scored
+    against the new scene's ground truth."""
+    monkeypatch.setattr(demo_module.time, "sleep", lambda _s: None)
+    labels = np.zeros((4, 6), np.uint8)
+    labels[1:3, 2:5] = 1
+    gt = {"number": 1, "stamp": {"sec": 100, "nanosec": 0}, "world_frame": "world",
+          "objects": [{"size": "small", "colour": "red", "shape": "ball", "position": [0, 0, 0]}]}
+    client = StaleAnswers(labels, 100 * 10**9)
+    query = {"expression": "the red ball", "type": "referring", "target_ids": [1]}
+    row = demo_module._run_command(client, argparse.Namespace(request_timeout=1.0), gt, query, tmp_path, "s", 1e12)
+    assert client.calls == 3 and row.status == "STALE" and "previous scene" in row.message
+    assert row.iou is None and row.objects == []
+
+
+@pytest.mark.ros
+def test_the_demo_refuses_a_domain_where_another_camera_runs():
+    """A second camera on the domain (another demo, a launched sim_camera) would mix its frames
+    and ground truth into the run: the demo stops (exit 2) instead of scoring that."""
+    from rclpy.node import Node
+    from sensor_msgs.msg import Image
+
+    from ros_harness import new_context
+
+    context = new_context("demo_alone")
+    client = demo_module.DemoClient(context)
+    cameras = [Node(f"camera_{k}", context=context) for k in range(2)]
+    try:
+        demo_module._check_alone(client)  # nobody else yet
+        publishers = [n.create_publisher(Image, "image", 1) for n in cameras]
+        assert publishers and wait_for(lambda: client.node.count_publishers("/demo_alone/image") == 2, 10)
+        with pytest.raises(demo_module.StartupError, match="2 publishers on /demo_alone/image"):
+            demo_module._check_alone(client)
+    finally:
+        for n in cameras:
+            n.destroy_node()
+        client.close()
+        context.try_shutdown()
 
 
 def test_format_table_puts_one_object_per_line():

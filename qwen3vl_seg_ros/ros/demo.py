@@ -24,9 +24,10 @@ also get SIGTERM if the demo itself is killed.
 ``demo_cloud.png``) into ``--out``:
 ``python -m qwen3vl_seg_ros.ros.demo --out docs/images --readme-images``.
 
-Exit codes: 0 every command was answered (OK or NO_MATCH); 1 some answer was an ERROR or never
-came; 2 the node or the camera could not start (a missing model, say); 124 ``--timeout``
-passed; 130 interrupted.
+Exit codes: 0 every command was answered (OK or NO_MATCH); 1 some answer was an ERROR, never
+came, or came three times on a frame of the previous scene (STALE, not scored); 2 the node or
+the camera could not start (a missing model, say), or another camera or node of the demo's
+names already runs on this ROS_DOMAIN_ID; 124 ``--timeout`` passed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -533,7 +534,20 @@ def _wait_until_ready(node: Child, client: DemoClient, deadline: float, model_te
             missing = [s.topic_name for s in client.output_subs if s.get_publisher_count() == 0]
             raise DemoTimeoutError(f"no publisher matched on {', '.join(missing)}")
         time.sleep(0.05)
+    _check_alone(client)
     print(f"[demo] node ready after {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def _check_alone(client: DemoClient) -> None:
+    """Another camera or node of the same names on this ROS domain (a second demo, a launched
+    sim_camera) would mix its frames and ground truth into this run's: refuse to score that."""
+    counts = {topic: client.node.count_publishers(topic) for topic in
+              (client.node.resolve_topic_name("image"), f"{CAMERA}/ground_truth", f"{NODE}/result")}
+    crowded = {topic: n for topic, n in counts.items() if n > 1}
+    if crowded:
+        seen = ", ".join(f"{n} publishers on {topic}" for topic, n in crowded.items())
+        raise StartupError(f"another camera or node already runs on this ROS_DOMAIN_ID ({seen}); stop it, or "
+                           f"run the demo on a free domain: ROS_DOMAIN_ID=<0-101> make demo")
 
 
 def _object_row(obj: Any, width: int, height: int, labels: np.ndarray | None, gt: dict[str, Any],
@@ -611,9 +625,14 @@ def _run_command(client: DemoClient, args: argparse.Namespace, gt: dict[str, Any
             break
         time.sleep(0.2)  # answered on a frame of the previous scene: ask again on a new one
     assert result is not None
+    row.latency_ms = float(result.total_ms)
+    if result.status != SegmentationResult.ERROR and _stamp_ns(result.header.stamp) < scene_stamp:
+        # scoring it against this scene's ground truth would be scoring another picture
+        row.status = "STALE"
+        row.message = "answered three times on a frame of the previous scene; not scored"
+        return row
     row.status = STATUS_NAMES.get(result.status, str(result.status))
     row.message = result.message
-    row.latency_ms = float(result.total_ms)
     row.frame = result.geometry_frame_id
     width, height = int(result.image_width), int(result.image_height)
     if (result.status != SegmentationResult.ERROR and row.target_ids is not None and labels is not None
@@ -849,9 +868,11 @@ def _drive(args: argparse.Namespace, client: DemoClient, work: Path, final_out: 
             if not answer.success:
                 raise StartupError(f"the camera could not make a scene: {answer.message}")
             number = int(json.loads(answer.message)["number"])
-        else:
-            number = 0
-        gt = client.wait(lambda n=number: client.ground_truth.get(n), deadline, f"scene {number}'s ground truth")
+            gt = client.wait(lambda n=number: client.ground_truth.get(n), deadline, f"scene {number}'s ground truth")
+        else:  # the camera's first scene: 0, or later when a layout failed to render
+            gt = client.wait(lambda: client.ground_truth[min(client.ground_truth)] if client.ground_truth else None,
+                             deadline, "the first scene's ground truth")
+            number = int(gt["number"])
         stamp = _scene_stamp_ns(gt)
         client.wait(lambda st=stamp: st in client.gt_labels, deadline, "the ground-truth labels")
         scenes[number] = gt
@@ -867,7 +888,7 @@ def _drive(args: argparse.Namespace, client: DemoClient, work: Path, final_out: 
             rows.append(row)
             latency = "" if row.latency_ms is None else f", {row.latency_ms:.0f} ms"
             print(f"[demo]   '{row.command}' -> {row.status}, {len(row.objects)} object(s){latency}", flush=True)
-            if query["type"] in ("referring", "custom") and last_query is None:
+            if query["type"] in ("referring", "custom"):  # continuous mode runs on the last scene shown
                 last_query = query["expression"]
         pair = _scene_frame(client, stamp, min(deadline, time.monotonic() + 3.0))
         if pair is not None:
