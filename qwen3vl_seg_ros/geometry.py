@@ -441,9 +441,9 @@ def _depth_bins(z: np.ndarray, bin_m: float) -> np.ndarray:
     return ((z - z.min()) * np.float32(1.0 / bin_m)).astype(np.intp)
 
 
-def _bin_table(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(values, counts, index)``: the histogram's bin values in order, their counts, and each
-    point's place among them.
+def _bin_table(bins: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """``(values, counts, index)``: the histogram's bin values in order (None when they are
+    0, 1, 2, ...: the dense table), their counts, and each point's place among them.
 
     Dense (one ``bincount``, the fast path) when the bins span little more than there are
     points; else only the occupied bins (a sort). Why: the span grows as the bin shrinks, so a
@@ -451,7 +451,7 @@ def _bin_table(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     span = int(bins.max()) + 1
     if span <= 4 * bins.shape[0] + 4096:
-        return np.arange(span), np.bincount(bins, minlength=span), bins
+        return None, np.bincount(bins, minlength=span), bins
     values, index, counts = np.unique(bins, return_inverse=True, return_counts=True)
     return values, counts, index.reshape(-1)
 
@@ -478,7 +478,8 @@ def nearest_dominant_cluster(z: np.ndarray, gap_m: float, min_fraction: float) -
     if not occupied.any():
         return np.ones(n, dtype=bool)
     starts = occupied.copy()
-    starts[1:] &= ~(occupied[:-1] & (np.diff(values) == 1))  # a run goes on only into the next bin
+    follows = occupied[:-1] if values is None else occupied[:-1] & (np.diff(values) == 1)
+    starts[1:] &= ~follows  # a run goes on only into the next bin value
     run_of_bin = np.where(occupied, np.cumsum(starts), 0)  # 0 = sparse, clusters are 1..K
     sizes = np.bincount(run_of_bin, weights=counts)  # sizes[0] = points in sparse bins
     sizes[0] = 0.0
@@ -497,7 +498,8 @@ def reject_outliers(
     if method == "mode":
         bins = _depth_bins(z, bin_m)
         values, counts, _ = _bin_table(bins)
-        centre = _median(z[bins == int(values[np.argmax(counts)])])
+        best = int(np.argmax(counts))
+        centre = _median(z[bins == (best if values is None else int(values[best]))])
     else:
         centre = _median(z)
     dev = np.abs(z - np.float32(centre))
