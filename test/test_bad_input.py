@@ -305,14 +305,15 @@ def test_missing_camera_info_gives_2d_with_reason(system):
 
 
 @pytest.mark.parametrize(("case", "k", "size", "phrase"), [
-    ("C02", [0.0] * 9, (160, 120), "uncalibrated camera? K must be non-zero"),
+    ("C02", [0.0] * 9, (160, 120), "uncalibrated camera? K and P must be non-zero"),
     ("C03", [math.nan, 0, 79.5, 0, math.nan, 59.5, 0, 0, 1], (160, 120), "CameraInfo is unusable: fx=nan"),
     ("C05", None, (0, 0), "CameraInfo is unusable"),
 ])
 def test_unusable_camera_info_gives_2d_with_reason(system, case, k, size, phrase):
     info = camera_info_msg(Scene())
-    if k is not None:
+    if k is not None:  # an uncalibrated camera leaves K and P alike
         info.k = k
+        info.p = [k[0], k[1], k[2], 0.0, k[3], k[4], k[5], 0.0, k[6], k[7], k[8], 0.0]
     info.width, info.height = size
     publish(system, info=info)
     result = ask(system, "red", case)
@@ -358,7 +359,8 @@ def test_camera_info_with_distortion_is_used_with_a_warning(system):
     info.d = [0.1, -0.05, 0.0, 0.0, 0.01]
     publish(system, info=info)
     result = ask(system, "red", "C08")
-    expect(system, result, OK, "CameraInfo has lens distortion ('plumb_bob', D != 0)", level=INFO)
+    expect(system, result, OK, "CameraInfo has lens distortion ('plumb_bob', D != 0): 3D projects with P",
+           level=INFO)
     assert only_object(result).has_3d
     publish(system)  # rectified (D all zero): no such warning
     assert "lens distortion" not in ask(system, "red", "C08b").message

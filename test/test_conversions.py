@@ -72,9 +72,30 @@ def test_camera_info_intrinsics_and_refusal_of_zero_k():
     intr = cv.camera_info_to_intrinsics(camera_info_msg(Scene()))
     assert (intr.fx, intr.fy, intr.cx, intr.cy, intr.width, intr.height) == (100, 100, 79.5, 59.5, 160, 120)
     bad = camera_info_msg(Scene())
-    bad.k = [0.0] * 9
+    bad.k, bad.p = [0.0] * 9, [0.0] * 12
     with pytest.raises(InputError, match="uncalibrated camera"):
         cv.camera_info_to_intrinsics(bad)
+    only_k = camera_info_msg(Scene())
+    only_k.p = [0.0] * 12  # a driver that leaves P unset: K it is
+    assert cv.camera_info_to_intrinsics(only_k).fx == 100
+
+
+def test_camera_info_is_read_as_image_geometry_reads_it():
+    """P (the rectified image's matrix) before K; a region of interest moves the principal point
+    and gives the image's own size; binning divides both (image_geometry's conventions)."""
+    rectified = camera_info_msg(Scene(width=640, height=480))
+    rectified.k = [600.0, 0, 330.0, 0, 600.0, 250.0, 0, 0, 1]  # the raw image's
+    rectified.p = [520.0, 0, 318.0, 0, 0, 520.0, 236.0, 0, 0, 0, 1, 0]  # the rectified image's
+    intr = cv.camera_info_to_intrinsics(rectified)
+    assert (intr.fx, intr.fy, intr.cx, intr.cy, intr.width, intr.height) == (520, 520, 318, 236, 640, 480)
+    cropped = camera_info_msg(Scene(width=640, height=480))
+    cropped.p = [500.0, 0, 320.0, 0, 0, 500.0, 240.0, 0, 0, 0, 1, 0]
+    cropped.roi.x_offset, cropped.roi.y_offset, cropped.roi.width, cropped.roi.height = 160, 120, 320, 240
+    intr = cv.camera_info_to_intrinsics(cropped)
+    assert (intr.fx, intr.fy, intr.cx, intr.cy, intr.width, intr.height) == (500, 500, 160, 120, 320, 240)
+    cropped.binning_x = cropped.binning_y = 2
+    intr = cv.camera_info_to_intrinsics(cropped)
+    assert (intr.fx, intr.fy, intr.cx, intr.cy, intr.width, intr.height) == (250, 250, 80, 60, 160, 120)
 
 
 def test_label_image_encodings_are_lossless():
@@ -98,3 +119,39 @@ def test_mask_crop_is_mono8_255_inside():
     msg = cv.mask_crop_msg(mask, roi, Header())
     crop = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.step)[:, : msg.width]
     assert msg.encoding == "mono8" and crop.shape == (3, 4) and (crop == 255).all()
+
+
+def test_cv_bridge_is_used_only_where_it_reads_exactly():
+    """cv_bridge views rows as step / bytes-per-pixel pixels (sheared by part-pixel padding) and
+    byte-swaps on is_bigendian through an API numpy 2 removed: those images take our reader."""
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    plain = image_msg(rgb, "rgb8")
+    assert cv.bridge_reads_exactly(plain)
+    padded = image_msg(rgb, "rgb8")
+    padded.step = 16  # rows of 15 bytes padded to 16
+    padded.data = b"".join(rgb[r].tobytes() + b"\xee" for r in range(4))
+    assert not cv.bridge_reads_exactly(padded)
+    np.testing.assert_array_equal(cv.image_to_rgb(padded), rgb)
+    swapped = image_msg(rgb, "rgb8")
+    swapped.is_bigendian = True
+    assert not cv.bridge_reads_exactly(swapped)
+    np.testing.assert_array_equal(cv.image_to_rgb(swapped), rgb)
+    whole_pixels = image_msg(rgb, "rgb8")
+    whole_pixels.step = 18  # a whole pixel of padding: cv_bridge reads it right
+    whole_pixels.data = b"".join(rgb[r].tobytes() + b"\xee" * 3 for r in range(4))
+    assert cv.bridge_reads_exactly(whole_pixels)
+
+
+@pytest.mark.parametrize("box", [[10.6, 5.6, 20.4, 15.4], [11.5, 5.0, 12.5, 15.0], [-3.0, -2.5, 7.2, 4.0]])
+def test_an_object_without_a_mask_is_the_same_box_everywhere(box):
+    """A segmenter may give a box without a mask: its SegmentedObject.mask (cropped to the ROI),
+    its pixels in ~/mask and its 3D points all use one rounding (outwards), never an empty box."""
+    from qwen3vl_seg_ros.masks import box_mask
+
+    roi = cv.box_to_roi(np.array(box), width=60, height=40)
+    crop = cv.mask_crop_msg(None, roi, Header())
+    from_roi = np.zeros((40, 60), bool)
+    from_roi[roi.y_offset:roi.y_offset + crop.height, roi.x_offset:roi.x_offset + crop.width] = True
+    full = box_mask((40, 60), np.array(box))
+    assert full.any()
+    np.testing.assert_array_equal(full, from_roi)

@@ -142,11 +142,16 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=64) | st.sampled_f
     [0.0, -0.0, 1e-300, 525.0, 319.5, -525.0, 1e308])
 
 
-@fuzz("camera_info", st.lists(FLOATS, min_size=9, max_size=9), st.integers(0, U32), st.integers(0, U32))
-def test_camera_info_conversion_never_fails_unexpectedly(k: list[float], width: int, height: int) -> None:
+@fuzz("camera_info", st.lists(FLOATS, min_size=9, max_size=9), st.integers(0, U32), st.integers(0, U32),
+      st.none() | st.lists(FLOATS, min_size=12, max_size=12), st.integers(0, U32), st.integers(0, U32))
+def test_camera_info_conversion_never_fails_unexpectedly(k: list[float], width: int, height: int,
+                                                         p: list[float] | None, binning: int, roi_x: int) -> None:
     """camera_info_to_intrinsics: valid intrinsics (finite, fx, fy > 0, non-zero size) or InputError."""
-    msg = CameraInfo(width=width, height=height)
+    msg = CameraInfo(width=width, height=height, binning_x=binning, binning_y=binning)
     msg.k = k
+    if p is not None:
+        msg.p = p
+    msg.roi.x_offset, msg.roi.width = roi_x, roi_x // 2
     try:
         intr = conversions.camera_info_to_intrinsics(msg)
     except InputError as exc:

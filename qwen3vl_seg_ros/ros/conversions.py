@@ -83,10 +83,22 @@ def _checked_array(msg: Image, table: dict[str, tuple[int, type]], what: str, ma
     return arr.reshape(height, width, channels) if channels > 1 else arr.reshape(height, width)
 
 
+def bridge_reads_exactly(msg: Image) -> bool:
+    """Whether cv_bridge decodes this colour image as our own reader does.
+
+    Why: cv_bridge views a multi-channel image as rows of ``step / bytes per pixel`` pixels, so
+    rows padded by a part of a pixel (rgb8 at width 5, rows of 16 bytes) come out sheared; and
+    it byte-swaps on ``is_bigendian`` even for 8-bit data, through an API numpy 2 removed. Those
+    images take the numpy reader, which handles both.
+    """
+    channels, dtype = COLOR_ENCODINGS[msg.encoding]
+    return int(msg.step) % (channels * np.dtype(dtype).itemsize) == 0 and not msg.is_bigendian
+
+
 def image_to_rgb(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any supported colour encoding -> HxWx3 uint8 RGB (a copy the caller owns)."""
     arr = _checked_array(msg, COLOR_ENCODINGS, "colour", max_pixels)
-    if _BRIDGE is not None:  # pragma: no cover - exercised on ROS 2 installs only
+    if _BRIDGE is not None and bridge_reads_exactly(msg):  # pragma: no cover - on ROS 2 installs only
         return np.ascontiguousarray(_BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
     enc = msg.encoding
     if enc == "rgb8":
@@ -106,32 +118,47 @@ def depth_to_raw(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
 
 
 def camera_info_to_intrinsics(msg: CameraInfo) -> CameraIntrinsics:
-    """Pinhole intrinsics from K; refuses zero or non-finite values with the reason."""
+    """Pinhole intrinsics of the image a CameraInfo describes, read as image_geometry reads them.
+
+    The projection P is the rectified image's camera matrix (REP 104), which is what the 3D
+    outputs project with: K when P is unset (some drivers leave it zero). Then the region of
+    interest and binning: a cropped or binned image has its principal point moved and its
+    focal length divided, and its own size. Refuses zero or non-finite values with the reason.
+    """
+    p = np.asarray(msg.p, dtype=np.float64)
     k = np.asarray(msg.k, dtype=np.float64)
-    if k.shape != (9,):
+    if p.shape == (12,) and np.all(np.isfinite(p[[0, 2, 5, 6]])) and p[0] > 0 and p[5] > 0:
+        fx, fy, cx, cy = p[0], p[5], p[2], p[6]
+    elif k.shape == (9,):
+        fx, fy, cx, cy = k[0], k[4], k[2], k[5]
+    else:
         raise InputError(f"CameraInfo K has {k.size} elements, expected 9")
-    intr = CameraIntrinsics(fx=float(k[0]), fy=float(k[4]), cx=float(k[2]), cy=float(k[5]),
-                            width=int(msg.width), height=int(msg.height))
+    bx, by = max(1, int(msg.binning_x)), max(1, int(msg.binning_y))
+    roi = msg.roi
+    width, height = (int(roi.width) or int(msg.width)), (int(roi.height) or int(msg.height))
+    intr = CameraIntrinsics(fx=float(fx / bx), fy=float(fy / by), cx=float((cx - roi.x_offset) / bx),
+                            cy=float((cy - roi.y_offset) / by), width=width // bx, height=height // by)
     if not intr.is_valid():
         raise InputError(
             f"CameraInfo is unusable: fx={intr.fx}, fy={intr.fy}, cx={intr.cx}, cy={intr.cy}, "
-            f"size {intr.width}x{intr.height} (uncalibrated camera? K must be non-zero)"
+            f"size {intr.width}x{intr.height} (uncalibrated camera? K and P must be non-zero)"
         )
     return intr
 
 
 def distortion_note(msg: CameraInfo) -> str:
-    """A warning when CameraInfo describes lens distortion, else "".
+    """A note when CameraInfo describes lens distortion, else "".
 
-    Why: the 3D outputs project with K alone, which is right for a rectified image (D all zero,
-    as image_proc's ``image_rect`` topics publish). Fed an unrectified stream, points away from
-    the image centre land off by the distortion, with nothing else to show it.
+    Why: the 3D outputs project with P, the rectified image's camera matrix, as depth_image_proc
+    does. That is right for ``image_rect`` topics (whose CameraInfo keeps the camera's D); fed the
+    unrectified ``image_raw`` of a distorting lens, points away from the centre land off by the
+    distortion, with nothing else to show it. The node cannot tell which it gets, so it says so.
     """
     d = np.asarray(msg.d, dtype=np.float64)
     if d.size == 0 or not np.any(np.abs(d[np.isfinite(d)]) > 1e-9):
         return ""
-    return (f"CameraInfo has lens distortion ('{msg.distortion_model}', D != 0) but 3D assumes a rectified image: "
-            f"subscribe to the rectified colour and depth (image_rect), or points off-centre are displaced")
+    return (f"CameraInfo has lens distortion ('{msg.distortion_model}', D != 0): 3D projects with P, for the "
+            f"rectified image; make sure 'image' and 'depth' are rectified (image_rect), not image_raw")
 
 
 def array_to_image(arr: np.ndarray, encoding: str, header: Header | None = None) -> Image:

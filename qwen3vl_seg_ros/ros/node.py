@@ -50,6 +50,7 @@ from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
 from qwen3vl_seg_ros.commands import clean_command
+from qwen3vl_seg_ros.masks import box_mask
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions, detections
@@ -634,7 +635,7 @@ class SegmentationNode(LifecycleNode):
     def _publish_images(self, rgb: np.ndarray, instances: list[Instance], ids: list[int], header: Header) -> None:
         h, w = rgb.shape[:2]
         if self.p("publish_mask") and "mask" in self._pubs:
-            labels = label_image([i.mask if i.mask is not None else self._box_mask(i, h, w) for i in instances],
+            labels = label_image([i.mask if i.mask is not None else box_mask((h, w), i.box) for i in instances],
                                  h, w)
             self._pubs["mask"].publish(conversions.label_image_msg(labels, header))
         if self.p("publish_overlay") and "overlay" in self._pubs:
@@ -646,13 +647,6 @@ class SegmentationNode(LifecycleNode):
         if self.p("publish_detections") and "detections" in self._pubs:
             self._pubs["detections"].publish(detections.detections_2d(result))
             self._pubs["detections_3d"].publish(detections.detections_3d(result))
-
-    @staticmethod
-    def _box_mask(inst: Instance, h: int, w: int) -> np.ndarray:
-        mask = np.zeros((h, w), dtype=bool)
-        x1, y1, x2, y2 = (round(float(v)) for v in inst.box)
-        mask[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = True
-        return mask
 
     def publish_cloud(self, msg: PointCloud2) -> None:
         if self.p("publish_cloud") and "cloud" in self._pubs:

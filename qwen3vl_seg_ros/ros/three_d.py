@@ -31,6 +31,7 @@ from qwen3vl_seg_ros.geometry import (
     mask_to_depth_resolution,
     resolve_depth_intrinsics,
 )
+from qwen3vl_seg_ros.masks import box_mask
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.ros import conversions
 from qwen3vl_seg_ros.ros.markers import build_markers
@@ -131,7 +132,8 @@ class ThreeDStage:
                 obj.has_3d, obj.status_3d = False, inputs.reason
             return "", None
         transform, out_frame = self._target_transform(header, inputs.frame_id, warnings)
-        masks = [inst.mask if inst.mask is not None else _box_mask(inst, rgb.shape[:2]) for inst in instances]
+        # an object without a mask is its box, in the pixels its SegmentedObject.mask and ~/mask give it
+        masks = [inst.mask if inst.mask is not None else box_mask(rgb.shape[:2], inst.box) for inst in instances]
         geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics,
                                 self.geometry_config(), transform)
         cloud_header = Header(stamp=header.stamp, frame_id=out_frame)
@@ -217,9 +219,3 @@ def depth_unit_hint(depth_m: np.ndarray, encoding: str, min_depth_m: float, max_
                 f"use 16UC1 for millimetres)")
     return ""
 
-
-def _box_mask(inst: Instance, hw: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(hw, dtype=bool)
-    x1, y1, x2, y2 = (round(float(v)) for v in inst.box)
-    mask[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = True
-    return mask
