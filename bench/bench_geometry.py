@@ -130,16 +130,15 @@ def _bench_size(width: int, height: int, cfg: GeometryConfig, repeat: int) -> li
     ]
 
 
-def _bench_per_result(repeat: int) -> list[Row]:
-    """What each result costs after its 3D stage: track ids and the two vision_msgs arrays.
+def per_result_case() -> tuple[object, Callable[[], list[int]]]:
+    """A result of five objects with 3D, and a call that tracks them (one more frame each time).
 
-    Five objects with 3D against five live tracks (the continuous-mode case: every object
-    matched), observations built by the node's own ``track_observations``.
+    Five objects against five live tracks (the continuous-mode case: every object matched),
+    observations built by the node's own ``track_observations``.
     """
     from sensor_msgs.msg import RegionOfInterest
 
     from qwen3vl_seg_ros.msg import SegmentationResult, SegmentedObject
-    from qwen3vl_seg_ros.ros import detections
     from qwen3vl_seg_ros.ros.node import track_observations
     from qwen3vl_seg_ros.tracking import ObjectTracker
 
@@ -157,6 +156,14 @@ def _bench_per_result(repeat: int) -> list[Row]:
         clock[0] += 0.033  # a 30 Hz stream
         return tracker.update(observations, clock[0])
 
+    return result, track
+
+
+def _bench_per_result(repeat: int) -> list[Row]:
+    """What each result costs after its 3D stage: track ids and the two vision_msgs arrays."""
+    from qwen3vl_seg_ros.ros import detections
+
+    result, track = per_result_case()
     rows: list[Row] = [("track ids, 5 objects", *timeit(track, repeat),
                         "ObjectTracker.update: 5 observations against 5 live tracks (Hungarian on 3D centroids)")]
     if detections.AVAILABLE:

@@ -124,9 +124,16 @@ def test_first_frame_of_a_new_size_warms_the_segmenter_up_before_serving():
     try:
         client.wait_connected()
         segmenter = harness.node._segmenter
+        segmenter.events.clear()
         client.publish_frame(Scene(), wait_node=harness.node)
-        assert wait_for(lambda: (160, 120) in segmenter.warmed_sizes, 5)
-        assert client.call("red").result.status == SegmentationResult.OK
+        assert client.call("red").result.status == SegmentationResult.OK  # asked at once, no waiting
+        # the new size was warmed up on the inference thread (never in an image callback), before
+        # the first command on it ran
+        events = list(segmenter.events)
+        warm = next(i for i, e in enumerate(events) if e[0] == "warmup" and e[1] == (160, 120))
+        assert events[warm][2] == "qwen3vl_seg_inference", events
+        command = max(i for i, e in enumerate(events) if e[0] == "segment")
+        assert warm < command, events
         client.publish_frame(Scene(), wait_node=harness.node)
         client.call("red")
         assert segmenter.warmed_sizes.count((160, 120)) == 1  # once per size

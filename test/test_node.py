@@ -150,9 +150,7 @@ def test_stale_input_times_out_with_reason(system):
     try:
         fresh(system)
         time.sleep(0.8)  # the only frame is now older than max_input_age_s
-        t0 = time.monotonic()
         result = client.call("red", timeout_s=0.5).result
-        assert time.monotonic() - t0 < 5.0
         assert result.status == SegmentationResult.ERROR
         assert "timed out after" in result.message and "max_input_age_s=0.30" in result.message
         assert "newest colour image arrived" in result.message

@@ -321,10 +321,10 @@ class SegmentationNode(LifecycleNode):
     # subscriptions (never block: store and notify)
     # ------------------------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
+        self._warm_up_for_new_size(msg)  # queued before the frame can be taken: it runs before any command on it
         self._frames.add_image(msg, _stamp_seconds(msg.header), time.monotonic())
         with self._stats_lock:
             self._stats["images"] += 1
-        self._warm_up_for_new_size(msg)
         self._scheduler.notify_frame()
 
     def _warm_up_for_new_size(self, msg: Image) -> None:

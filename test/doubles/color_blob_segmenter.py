@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import cv2
@@ -86,6 +87,7 @@ class ColorBlobSegmenterDouble(Segmenter):
         self.calls = 0
         self.warmed_up = False
         self.warmed_sizes: list[tuple[int, int]] = []
+        self.events: list[tuple[str, tuple[int, int], str]] = []  # (call, (width, height), thread), in order
         self.closed = False
 
     @classmethod
@@ -99,10 +101,12 @@ class ColorBlobSegmenterDouble(Segmenter):
         self.segment(np.zeros((height, width, 3), np.uint8), "red")
         self.warmed_up = True
         self.warmed_sizes.append((width, height))
+        self.events.append(("warmup", (width, height), threading.current_thread().name))
 
     def segment(self, rgb, command, depth=None) -> SegmentationOutput:
         self.calls += 1
         self.last_depth_shape = None if depth is None else depth.shape  # what the node handed over
+        self.events.append(("segment", rgb.shape[1::-1], threading.current_thread().name))
         sleep = re.search(r"sleep:([0-9.]+)", command)
         if sleep:
             time.sleep(float(sleep.group(1)))
