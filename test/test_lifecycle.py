@@ -141,3 +141,34 @@ def test_first_frame_of_a_new_size_warms_the_segmenter_up_before_serving():
         client.close()
         harness.close()
         context.try_shutdown()
+
+
+def test_a_publisher_destroyed_by_a_cleanup_mid_answer_loses_no_answer():
+    """A cleanup on another thread can destroy ~/result between the look-up and the publish of a
+    refusal: the message is dropped, the request still gets its ERROR, and the executor keeps
+    serving (an exception there would stop it). The interleaving is forced, as it lasts µs."""
+    context = new_context("lifecycle_race")
+    harness = NodeHarness(context)
+    node = harness.node
+    client = Client(context, node_fqn="/lifecycle_race/qwen3vl_seg")
+    try:
+        client.wait_connected()
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+
+        class DestroyedOnLookup(dict):
+            def get(self, key, default=None):
+                pub = super().get(key, default)
+                if key == "result" and pub is not None:
+                    node.destroy_publisher(pub)  # what the cleanup thread does at that instant
+                return pub
+
+        node._pubs = DestroyedOnLookup(node._pubs)
+        result = client.call("red", timeout_s=2.0).result
+        assert result.status == SegmentationResult.ERROR and "not active" in result.message
+        node._pubs = {}
+        assert "not active" in client.call("red", timeout_s=2.0).result.message  # still serving
+        assert harness.spin_errors == []
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()

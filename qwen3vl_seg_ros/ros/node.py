@@ -35,6 +35,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import (
@@ -389,6 +390,12 @@ class SegmentationNode(LifecycleNode):
             self._inflight += 1
         try:
             return await self._serve(request, response)
+        except Exception as exc:  # never into the executor (it would stop serving): an answer, always
+            self.get_logger().error(f"~/segment failed: {_describe_exception(exc)}\n{traceback.format_exc()}")
+            response.result = new_result(truncate(request.command, 200), request.request_id,
+                                          SegmentationResult.ERROR, f"internal error: {_describe_exception(exc)}",
+                                          None, "")
+            return response
         finally:
             with self._stats_lock:
                 self._inflight -= 1
@@ -434,8 +441,9 @@ class SegmentationNode(LifecycleNode):
     # inference thread
     # ------------------------------------------------------------------------------------------
     def _error_result(self, job: Job, reason: str, header: Header | None = None) -> SegmentationResult:
+        segmenter = self._segmenter  # read once: a cleanup on another thread may clear it
         result = new_result(job.command, job.request_id, SegmentationResult.ERROR, reason, header,
-                            self._segmenter.name if self._segmenter else "")
+                            segmenter.name if segmenter else "")
         result.total_ms = float((time.monotonic() - job.received) * 1e3)
         self._publish_result(result)
         self.get_logger().warning(f"{job.request_id}: ERROR: {truncate(reason, 500)}")
@@ -621,10 +629,20 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------------------------------
     # publishing
     # ------------------------------------------------------------------------------------------
+    def _send(self, name: str, msg: Any) -> None:
+        """Publishes on output ``name`` if it exists. A cleanup on another thread may destroy the
+        publisher between the look-up and the publish; the message is then dropped (the output is
+        going away), never raised into the executor, which would stop serving."""
+        pub = self._pubs.get(name)
+        if pub is None:
+            return
+        try:
+            pub.publish(msg)
+        except InvalidHandle:
+            self.get_logger().debug(f"~/{name}: its publisher was destroyed (cleanup); message dropped")
+
     def _publish_result(self, result: SegmentationResult) -> None:
-        pub = self._pubs.get("result")
-        if pub is not None:
-            pub.publish(result)
+        self._send("result", result)
         key = {SegmentationResult.OK: "ok", SegmentationResult.NO_MATCH: "no_match"}.get(result.status, "error")
         with self._stats_lock:
             self._stats[key] += 1
@@ -637,24 +655,24 @@ class SegmentationNode(LifecycleNode):
         if self.p("publish_mask") and "mask" in self._pubs:
             labels = label_image([i.mask if i.mask is not None else box_mask((h, w), i.box) for i in instances],
                                  h, w)
-            self._pubs["mask"].publish(conversions.label_image_msg(labels, header))
+            self._send("mask", conversions.label_image_msg(labels, header))
         if self.p("publish_overlay") and "overlay" in self._pubs:
             bgr = draw_overlay(rgb, instances, float(self.p("overlay_alpha")), ids)
-            self._pubs["overlay"].publish(conversions.array_to_image(bgr, "bgr8", header))
+            self._send("overlay", conversions.array_to_image(bgr, "bgr8", header))
 
     def _publish_detections(self, result: SegmentationResult) -> None:
         """The result as vision_msgs detections (empty arrays for NO_MATCH: nothing there now)."""
         if self.p("publish_detections") and "detections" in self._pubs:
-            self._pubs["detections"].publish(detections.detections_2d(result))
-            self._pubs["detections_3d"].publish(detections.detections_3d(result))
+            self._send("detections", detections.detections_2d(result))
+            self._send("detections_3d", detections.detections_3d(result))
 
     def publish_cloud(self, msg: PointCloud2) -> None:
-        if self.p("publish_cloud") and "cloud" in self._pubs:
-            self._pubs["cloud"].publish(msg)
+        if self.p("publish_cloud"):
+            self._send("cloud", msg)
 
     def publish_markers(self, msg: MarkerArray) -> None:
-        if self.p("publish_markers") and "markers" in self._pubs:
-            self._pubs["markers"].publish(msg)
+        if self.p("publish_markers"):
+            self._send("markers", msg)
 
     def _log_result(self, result: SegmentationResult) -> None:
         status = {0: "OK", 1: "NO_MATCH", 2: "ERROR"}.get(result.status, str(result.status))
@@ -677,15 +695,16 @@ class SegmentationNode(LifecycleNode):
         arrivals = self._frames.last_arrivals()
         with self._stats_lock:
             stats = dict(self._stats)
+        segmenter = self._segmenter  # read once: a cleanup on another thread may clear it
         status = DiagnosticStatus(name=f"{self.get_name()}: segmentation", hardware_id=self.p("model") or "tiny")
         active = bool(self._subs)
         image_age = None if arrivals["image"] is None else now - arrivals["image"]
         if override is not None:
             status.level, status.message = override
-        elif self._segmenter is None and self._configure_error:
+        elif segmenter is None and self._configure_error:
             status.level = DiagnosticStatus.ERROR
             status.message = truncate(f"configure failed: {self._configure_error}", 500)
-        elif self._segmenter is None:
+        elif segmenter is None:
             status.level, status.message = DiagnosticStatus.WARN, "not configured"
         elif not active:
             status.level, status.message = DiagnosticStatus.WARN, "inactive"
@@ -699,7 +718,7 @@ class SegmentationNode(LifecycleNode):
             return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
         status.values = [
-            KeyValue(key="segmenter", value=self._segmenter.name if self._segmenter else "none"),
+            KeyValue(key="segmenter", value=segmenter.name if segmenter else "none"),
             KeyValue(key="continuous_command", value=self._scheduler.continuous_command or ""),
             KeyValue(key="pending_requests", value=str(self._scheduler.pending_count())),
             KeyValue(key="last_latency_ms", value=fmt(stats["last_total_ms"])),
