@@ -172,3 +172,32 @@ def test_a_publisher_destroyed_by_a_cleanup_mid_answer_loses_no_answer():
         client.close()
         harness.close()
         context.try_shutdown()
+
+
+def test_a_command_running_through_a_cleanup_is_answered_at_its_own_deadline():
+    """Cleanup while the model runs a command (6 s here) with timeout_s 1: the deadline watchdog
+    keeps working while the cleanup waits for the model, so the request is answered with its own
+    timeout, not held until the cleanup gives up on the model."""
+    import threading
+
+    context = new_context("lifecycle_cleanup_busy")
+    harness = NodeHarness(context)
+    node = harness.node
+    client = Client(context, node_fqn="/lifecycle_cleanup_busy/qwen3vl_seg")
+    try:
+        client.wait_connected()
+        client.publish_frame(Scene(), wait_node=node)
+        future = client.call_async("red sleep:6", timeout_s=1.0)
+        assert wait_for(lambda: node._scheduler._busy_job is not None, 5)
+        transitions = threading.Thread(target=lambda: (node.trigger_deactivate(), node.trigger_cleanup()))
+        transitions.start()
+        assert wait_for(future.done, 10)
+        message = future.result().result.message
+        assert "timed out after" in message and "the model was still running" in message, message
+        assert "cleaned up" not in message
+        transitions.join(10)
+        assert not transitions.is_alive() and state_id(node) == State.PRIMARY_STATE_UNCONFIGURED
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()

@@ -290,7 +290,9 @@ class SegmentationNode(LifecycleNode):
 
     def _release(self, reason: str) -> None:
         self._scheduler.set_active(False, reason)
-        self._scheduler.stop(reason)
+        # a lifecycle transition waits at most 2 s for a running command (which is answered at its
+        # own deadline meanwhile); past that it gets an ERROR and its thread ends with the model call
+        self._scheduler.stop(reason, timeout=2.0)
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []

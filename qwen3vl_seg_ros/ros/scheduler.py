@@ -102,7 +102,8 @@ class Scheduler:
         """Stops the threads after the running job; pending requests get an ERROR answer.
 
         A running job that does not finish within ``timeout`` is answered with ``reason`` too
-        (its thread ends when the model returns).
+        (its thread ends when the model returns). The deadline watchdog goes on until then, so
+        the running request is still answered at its own deadline while this waits.
         """
         with self._cv:
             self._stopping = True
@@ -110,9 +111,8 @@ class Scheduler:
             self._cv.notify_all()
             thread, self._thread = self._thread, None
             watchdog, self._watchdog = self._watchdog, None
-        for t in (thread, watchdog):
-            if t is not None and t is not threading.current_thread():
-                t.join(timeout)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         with self._cv:
             stuck = thread is not None and thread.is_alive()
             busy = self._busy_job if stuck else None
@@ -120,6 +120,10 @@ class Scheduler:
                 self._straggler = thread
         if busy is not None:
             self._answer_failure(busy, f"{reason} (the model was still running on this request)")
+        with self._cv:
+            self._cv.notify_all()  # the watchdog sees that nothing is left to watch
+        if watchdog is not None and watchdog is not threading.current_thread():
+            watchdog.join(timeout)
         self._fail_all(reason)
 
     def set_active(self, active: bool, reason: str = "") -> None:
@@ -205,6 +209,7 @@ class Scheduler:
                     with self._cv:
                         if self._busy_job is job:
                             self._busy_job = None
+                            self._cv.notify_all()  # a stopping watchdog has nothing left to watch
 
     def run_soon(self, chore: Callable[[], None]) -> None:
         """Runs ``chore`` on the inference thread before the next job (e.g. a warm-up for a new
@@ -223,11 +228,11 @@ class Scheduler:
         """Answers requests whose deadline passes while the inference thread is busy."""
         while True:
             with self._cv:
-                if self._stopping or gen != self._generation:
-                    return
+                busy = self._busy_job
+                if gen != self._generation or (self._stopping and (busy is None or busy.answered)):
+                    return  # stopping: on until the running request is answered
                 now = self._clock()
                 expired = self._take_expired(now)
-                busy = self._busy_job
                 overdue = None
                 if (busy is not None and busy.reply is not None and not busy.answered
                         and busy.deadline is not None and now >= busy.deadline):
