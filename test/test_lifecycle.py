@@ -201,3 +201,32 @@ def test_a_command_running_through_a_cleanup_is_answered_at_its_own_deadline():
         client.close()
         harness.close()
         context.try_shutdown()
+
+
+def test_a_failed_warm_up_closes_the_segmenter_it_loaded():
+    """The model loaded, then its warm-up failed (a GPU out of memory, typically): configure
+    fails and the loaded segmenter is closed, so a second configure does not start with the
+    first one's memory still held."""
+    from qwen3vl_seg_ros.ros.node import SegmentationNode
+
+    from doubles.color_blob_segmenter import ColorBlobSegmenterDouble
+
+    class WarmUpFails(ColorBlobSegmenterDouble):
+        def warmup(self, progress=None, image_size=None) -> None:
+            raise RuntimeError("CUDA out of memory (simulated warm-up failure)")
+
+    loaded: list[WarmUpFails] = []
+
+    def factory(spec, options, progress):
+        loaded.append(WarmUpFails(options))
+        return loaded[-1]
+
+    context = new_context("lifecycle_warm_fails")
+    node = SegmentationNode(context=context, segmenter_factory=factory)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert len(loaded) == 1 and loaded[0].closed
+        assert node._segmenter is None and "CUDA out of memory" in node._configure_error
+    finally:
+        node.destroy_node()
+        context.try_shutdown()

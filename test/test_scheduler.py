@@ -174,6 +174,35 @@ def test_continuous_command_published_again_changes_nothing():
         sched.stop()
 
 
+def test_a_rate_raised_at_runtime_applies_at_once():
+    """From one run per 50 s to 10 Hz: the next run follows the new rate, not the old period."""
+    frames, rec, sched = make()
+    sched.max_rate_hz = 0.02
+    sched.max_input_age_s = 100.0
+    stop = threading.Event()
+
+    def camera():
+        while not stop.is_set():
+            frames.add_image("img", 0.0, time.monotonic())
+            sched.notify_frame()
+            time.sleep(0.05)
+
+    cam = threading.Thread(target=camera)
+    cam.start()
+    try:
+        sched.set_continuous("c")
+        assert wait_for(lambda: len(rec.runs) == 1)
+        time.sleep(0.3)
+        assert len(rec.runs) == 1  # the old rate: nothing more for 50 s
+        sched.max_rate_hz = 10.0
+        sched.notify_frame()
+        assert wait_for(lambda: len(rec.runs) >= 4, 5.0), rec.runs
+    finally:
+        stop.set()
+        cam.join()
+        sched.stop()
+
+
 def test_a_huge_timeout_does_not_stop_the_watchdog():
     """timeout_s is any positive float32: 1e10 s is past threading's longest wait. The watchdog
     must survive it and still answer a later request at its own deadline while the model is busy."""

@@ -13,6 +13,7 @@ the inference thread completes, so no executor thread is held while a model runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -190,6 +191,7 @@ class SegmentationNode(LifecycleNode):
         self._scheduler.max_pending = int(value("max_pending_requests"))
         self._frames.slop_s = float(value("sync_slop_s"))
         self._frames.depth_timeout_s = float(value("depth_timeout_s"))
+        self._scheduler.notify_frame()  # a new rate or age limit is planned with at once
 
     def _segmenter_options(self) -> SegmenterOptions:
         return SegmenterOptions(
@@ -211,6 +213,7 @@ class SegmentationNode(LifecycleNode):
         log.info(f"configuring: loading segmenter '{spec}' (model '{self.p('model') or 'shipped tiny model'}')")
         self._publish_diagnostics(override=(DiagnosticStatus.WARN, f"loading segmenter '{spec}'"))
         t0 = time.monotonic()
+        segmenter = None
         try:
             segmenter = self._segmenter_factory(spec, self._segmenter_options(), self._progress)
             if self.p("warmup"):
@@ -221,6 +224,9 @@ class SegmentationNode(LifecycleNode):
             log.error(f"configure failed: {self._configure_error}")
             if not isinstance(exc, SegmenterError):
                 log.debug(traceback.format_exc())
+            if segmenter is not None:  # loaded, then the warm-up failed (a GPU out of memory): free it
+                with contextlib.suppress(Exception):
+                    segmenter.close()
             return TransitionCallbackReturn.FAILURE
         self._segmenter = segmenter
         self._configure_error = ""

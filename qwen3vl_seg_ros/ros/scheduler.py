@@ -19,6 +19,7 @@ No rclpy here: the node passes callables, which keeps this logic testable with p
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -67,7 +68,7 @@ class Scheduler:
         self._continuous: str | None = None
         self._continuous_seq = 0
         self._last_seen_seq = 0
-        self._next_continuous_at = 0.0
+        self._last_continuous_at = -math.inf  # when continuous mode last took a frame
         self._active = False
         self._stopping = False
         self._busy_job: Job | None = None
@@ -158,7 +159,7 @@ class Scheduler:
             if (command or None) == self._continuous:
                 return
             self._continuous = command or None
-            self._next_continuous_at = 0.0
+            self._last_continuous_at = -math.inf
             self._last_seen_seq = 0
             self._cv.notify_all()
 
@@ -275,14 +276,16 @@ class Scheduler:
         if self._pending:
             waits += [j.deadline - now for j in self._pending if j.deadline is not None]
         if self._continuous and fresh and frame.seq > self._last_seen_seq:
-            if now >= self._next_continuous_at:
+            # the period of the rate now in force (a rate raised at runtime applies at once)
+            period = 1.0 / self.max_rate_hz if self.max_rate_hz > 0 else 0.0
+            next_at = self._last_continuous_at + period
+            if now >= next_at:
                 self._last_seen_seq = frame.seq
-                period = 1.0 / self.max_rate_hz if self.max_rate_hz > 0 else 0.0
-                self._next_continuous_at = now + period
+                self._last_continuous_at = now
                 self._continuous_seq += 1
                 job = Job(self._continuous, f"continuous-{self._continuous_seq}", now, continuous=True)
                 return expired, (job, frame), 0.0
-            waits.append(self._next_continuous_at - now)
+            waits.append(next_at - now)
         return expired, None, max(0.001, min(waits))
 
     def _timeout_reason(self, job: Job, now: float) -> str:
