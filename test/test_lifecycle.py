@@ -91,6 +91,9 @@ def test_configure_failure_keeps_node_alive_and_explains():
         client.node.create_subscription(DiagnosticArray, "/diagnostics", seen.append, 10)
         assert wait_for(lambda: any(s.level == DiagnosticStatus.ERROR and "configure failed" in s.message
                                     for m in list(seen) for s in m.status), 5)
+        # named by the node's full name: /diagnostics is shared by every node on the domain
+        assert {s.name for m in list(seen) for s in m.status if "configure failed" in s.message} == {
+            f"{harness.node.get_fully_qualified_name().lstrip('/')}: segmentation"}
     finally:
         client.close()
         harness.close()

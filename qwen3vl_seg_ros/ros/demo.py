@@ -364,7 +364,7 @@ class DemoClient:
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
-            if status.name.startswith("qwen3vl_seg"):
+            if status.name == f"{NODE.lstrip('/')}: segmentation":  # its own node's, not another's on the domain
                 values = {kv.key: kv.value for kv in status.values}
                 values.update(level=str(int.from_bytes(status.level, "little") if isinstance(status.level, bytes)
                                         else int(status.level)), message=status.message)

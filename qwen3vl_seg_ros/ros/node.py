@@ -704,7 +704,10 @@ class SegmentationNode(LifecycleNode):
         with self._stats_lock:
             stats = dict(self._stats)
         segmenter = self._segmenter  # read once: a cleanup on another thread may clear it
-        status = DiagnosticStatus(name=f"{self.get_name()}: segmentation", hardware_id=self.p("model") or "tiny")
+        # the full name: /diagnostics is one topic for the whole graph, so two nodes named
+        # qwen3vl_seg in different namespaces must stay apart there
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name().lstrip('/')}: segmentation",
+                                  hardware_id=self.p("model") or "tiny")
         active = bool(self._subs)
         image_age = None if arrivals["image"] is None else now - arrivals["image"]
         if override is not None:
