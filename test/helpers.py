@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import select
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +26,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, period: float
             return True
         time.sleep(period)
     return bool(predicate())
+
+
+@contextlib.contextmanager
+def repeating(action: Callable[[], None], period_s: float) -> Iterator[None]:
+    """Runs ``action`` every ``period_s`` on a thread while the block runs (a camera, say)."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            action()
+            stop.wait(period_s)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str | None:

@@ -34,7 +34,7 @@ from qwen3vl_seg_ros.ros.node import SegmentationNode
 from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.srv import Segment
 
-from helpers import wait_for
+from helpers import repeating, wait_for
 
 DOUBLE = "doubles.color_blob_segmenter:ColorBlobSegmenterDouble"
 
@@ -175,20 +175,8 @@ class Client:
     @contextlib.contextmanager
     def streaming(self, scene: Scene, rate_hz: float = 10.0, **kwargs):
         """Publishes frames like a camera while the block runs."""
-        stop = threading.Event()
-
-        def camera() -> None:
-            while not stop.is_set():
-                self.publish_frame(scene, **kwargs)
-                stop.wait(1.0 / rate_hz)
-
-        thread = threading.Thread(target=camera, daemon=True)
-        thread.start()
-        try:
+        with repeating(lambda: self.publish_frame(scene, **kwargs), 1.0 / rate_hz):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
     def call(self, command: str, timeout_s: float = 5.0, request_id: str = "", wait: float = 20.0) -> Segment.Response:
         assert self.segment_client.wait_for_service(timeout_sec=10.0), "~/segment not available"

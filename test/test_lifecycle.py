@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -15,6 +16,21 @@ from helpers import wait_for
 from ros_harness import Client, NodeHarness, Scene, new_context
 
 pytestmark = pytest.mark.ros
+
+
+@contextlib.contextmanager
+def served(namespace: str):
+    """A running node (colour-blob double) in its own namespace, and a connected client."""
+    context = new_context(namespace)
+    harness = NodeHarness(context)
+    client = Client(context, node_fqn=f"/{namespace}/qwen3vl_seg")
+    try:
+        client.wait_connected()
+        yield harness, client
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
 
 
 def state_id(node) -> int:
@@ -150,12 +166,8 @@ def test_a_publisher_destroyed_by_a_cleanup_mid_answer_loses_no_answer():
     """A cleanup on another thread can destroy ~/result between the look-up and the publish of a
     refusal: the message is dropped, the request still gets its ERROR, and the executor keeps
     serving (an exception there would stop it). The interleaving is forced, as it lasts µs."""
-    context = new_context("lifecycle_race")
-    harness = NodeHarness(context)
-    node = harness.node
-    client = Client(context, node_fqn="/lifecycle_race/qwen3vl_seg")
-    try:
-        client.wait_connected()
+    with served("lifecycle_race") as (harness, client):
+        node = harness.node
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
 
         class DestroyedOnLookup(dict):
@@ -171,10 +183,6 @@ def test_a_publisher_destroyed_by_a_cleanup_mid_answer_loses_no_answer():
         node._pubs = {}
         assert "not active" in client.call("red", timeout_s=2.0).result.message  # still serving
         assert harness.spin_errors == []
-    finally:
-        client.close()
-        harness.close()
-        context.try_shutdown()
 
 
 def test_a_command_running_through_a_cleanup_is_answered_at_its_own_deadline():
@@ -183,12 +191,8 @@ def test_a_command_running_through_a_cleanup_is_answered_at_its_own_deadline():
     timeout, not held until the cleanup gives up on the model."""
     import threading
 
-    context = new_context("lifecycle_cleanup_busy")
-    harness = NodeHarness(context)
-    node = harness.node
-    client = Client(context, node_fqn="/lifecycle_cleanup_busy/qwen3vl_seg")
-    try:
-        client.wait_connected()
+    with served("lifecycle_cleanup_busy") as (harness, client):
+        node = harness.node
         client.publish_frame(Scene(), wait_node=node)
         future = client.call_async("red sleep:6", timeout_s=1.0)
         assert wait_for(lambda: node._scheduler._busy_job is not None, 5)
@@ -200,10 +204,6 @@ def test_a_command_running_through_a_cleanup_is_answered_at_its_own_deadline():
         assert "cleaned up" not in message
         transitions.join(10)
         assert not transitions.is_alive() and state_id(node) == State.PRIMARY_STATE_UNCONFIGURED
-    finally:
-        client.close()
-        harness.close()
-        context.try_shutdown()
 
 
 def test_a_failed_warm_up_closes_the_segmenter_it_loaded():

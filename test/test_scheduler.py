@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
 
-from helpers import wait_for
+from helpers import repeating, wait_for
 
 
 class Recorder:
@@ -38,6 +39,21 @@ def make(delay=0.0, active=True):
     sched.start()
     sched.set_active(active)
     return frames, rec, sched
+
+
+@contextlib.contextmanager
+def camera(frames, sched, period_s: float):
+    """A camera thread adding a frame every ``period_s``; the scheduler is stopped afterwards."""
+
+    def frame() -> None:
+        frames.add_image("img", 0.0, time.monotonic())
+        sched.notify_frame()
+
+    try:
+        with repeating(frame, period_s):
+            yield
+    finally:
+        sched.stop()
 
 
 def one_shot(sched, rid, timeout=1.0):
@@ -114,17 +130,7 @@ def test_queue_limit_refuses_with_reason():
 def test_continuous_mode_rate_limit_new_frames_only_and_stop():
     frames, rec, sched = make()
     sched.max_rate_hz = 5.0
-    stop = threading.Event()
-
-    def camera():
-        while not stop.is_set():
-            frames.add_image("img", 0.0, time.monotonic())
-            sched.notify_frame()
-            time.sleep(0.01)  # 100 Hz camera
-
-    cam = threading.Thread(target=camera)
-    cam.start()
-    try:
+    with camera(frames, sched, period_s=0.01):  # 100 Hz camera
         sched.set_continuous("find things")
         time.sleep(1.5)
         sched.set_continuous(None)
@@ -136,10 +142,6 @@ def test_continuous_mode_rate_limit_new_frames_only_and_stop():
         seqs = [s for _, s in rec.runs]
         assert seqs == sorted(set(seqs))  # never the same frame twice
         assert all(rid.startswith("continuous-") for rid, _ in rec.runs)
-    finally:
-        stop.set()
-        cam.join()
-        sched.stop()
 
 
 def test_continuous_mode_does_not_rerun_an_unchanged_frame():
@@ -179,17 +181,7 @@ def test_a_rate_raised_at_runtime_applies_at_once():
     frames, rec, sched = make()
     sched.max_rate_hz = 0.02
     sched.max_input_age_s = 100.0
-    stop = threading.Event()
-
-    def camera():
-        while not stop.is_set():
-            frames.add_image("img", 0.0, time.monotonic())
-            sched.notify_frame()
-            time.sleep(0.05)
-
-    cam = threading.Thread(target=camera)
-    cam.start()
-    try:
+    with camera(frames, sched, period_s=0.05):
         sched.set_continuous("c")
         assert wait_for(lambda: len(rec.runs) == 1)
         time.sleep(0.3)
@@ -197,10 +189,6 @@ def test_a_rate_raised_at_runtime_applies_at_once():
         sched.max_rate_hz = 10.0
         sched.notify_frame()
         assert wait_for(lambda: len(rec.runs) >= 4, 5.0), rec.runs
-    finally:
-        stop.set()
-        cam.join()
-        sched.stop()
 
 
 def test_a_huge_timeout_does_not_stop_the_watchdog():
