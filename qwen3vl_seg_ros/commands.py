@@ -51,18 +51,23 @@ def markup_tokens(added_tokens: Iterable[str]) -> list[str]:
                   key=lambda t: (-len(t), t))
 
 
-def strip_markup_tokens(text: str, tokens: Iterable[str]) -> tuple[str, list[str]]:
-    """Returns the command without the tokenizer's control tokens, and a warning if any were there.
+def markup_pattern(tokens: list[str]) -> re.Pattern[str] | None:
+    """One pattern for ``tokens`` in the order :func:`markup_tokens` gives (longest first, so a
+    token is never matched as a piece of a longer one); None for none. Built once per tokenizer."""
+    return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
+
+
+def strip_markup_tokens(text: str, pattern: re.Pattern[str] | None) -> tuple[str, list[str]]:
+    """Returns the command without the tokenizer's control tokens (``pattern``, from
+    :func:`markup_pattern`), and a warning if any were there.
 
     Why: the tokenizer reads ``<|im_end|>`` inside a command as the real control token, so a
     command could end the user's turn and write the model's answer for it, and ``<|image_pad|>``
     makes the processor fail on a count of image tokens. Each is replaced by a space, so pieces
     around a removed one cannot join into another token.
     """
-    tokens = list(tokens)
-    if not tokens or "<" not in text:
+    if pattern is None or "<" not in text:
         return text, []
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
     found = pattern.findall(text)
     if not found:
         return text, []

@@ -34,11 +34,13 @@ def test_prompt_injection_text_is_passed_as_plain_text():
 
 
 def test_markup_tokens_are_removed_and_plain_added_words_kept() -> None:
-    from qwen3vl_seg_ros.commands import markup_tokens, strip_markup_tokens
+    from qwen3vl_seg_ros.commands import markup_pattern, markup_tokens, strip_markup_tokens
 
     tokens = markup_tokens(["<|im_end|>", "<|seg|>", "<think>", "mug", "<", "<>"])
     assert tokens == ["<|im_end|>", "<think>", "<|seg|>"]  # longest first, then by text; words and bare brackets stay
-    text, warnings = strip_markup_tokens("the <|im_<|seg|>end|> mug <think>", tokens)
+    pattern = markup_pattern(tokens)
+    text, warnings = strip_markup_tokens("the <|im_<|seg|>end|> mug <think>", pattern)
     assert text == "the <|im_ end|> mug" and warnings == ["removed 2 tokenizer control token(s) from the command "
                                                           "(<think>, <|seg|>)"]
-    assert strip_markup_tokens("the mug < 3 cm", tokens) == ("the mug < 3 cm", [])
+    assert strip_markup_tokens("the mug < 3 cm", pattern) == ("the mug < 3 cm", [])
+    assert markup_pattern([]) is None and strip_markup_tokens("a <|x|>", None) == ("a <|x|>", [])

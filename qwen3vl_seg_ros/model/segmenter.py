@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen3vl_seg_ros.commands import markup_tokens, strip_markup_tokens
+from qwen3vl_seg_ros.commands import markup_pattern, markup_tokens, strip_markup_tokens
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
 from qwen3vl_seg_ros.masks import MaskEstimate, weight_free_mask
 from qwen3vl_seg_ros.model.checkpoint import DECODER_WEIGHTS, DecoderCheckpointError, has_decoder, load_decoder
@@ -162,6 +162,7 @@ class Qwen3VLSeg(Segmenter):
         tokenizer = processor.tokenizer
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN) if SEG_TOKEN in tokenizer.get_vocab() else None
         self.markup_tokens = markup_tokens(_added_tokens(tokenizer))
+        self._markup = markup_pattern(self.markup_tokens)
         fast = options.fast_decode and self.device.type == "cuda"
         self.fast_inputs: FastInputs | None = None
         self.fast_note = ""  # why the fast decoding path is not used, when it is not
@@ -344,7 +345,7 @@ class Qwen3VLSeg(Segmenter):
     def _segment(self, rgb: np.ndarray, command: str, depth: np.ndarray | None,
                  max_new_tokens: int) -> SegmentationOutput:
         _check_inputs(rgb, command, depth)
-        command, stripped = strip_markup_tokens(command, self.markup_tokens)
+        command, stripped = strip_markup_tokens(command, self._markup)
         t0 = time.perf_counter()
         grounding = self._ground(rgb, command, max_new_tokens)
         parsed = grounding.parsed
