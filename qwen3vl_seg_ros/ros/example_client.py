@@ -21,7 +21,6 @@ Each object carries a label, a score, its box and mask, and, with depth and Came
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -37,10 +36,10 @@ from std_msgs.msg import String
 
 from qwen3vl_seg_ros.commands import clean_command
 from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.ros.results import ECHO_CHARS, truncate
 from qwen3vl_seg_ros.srv import Segment
 from qwen3vl_seg_ros.types import InputError
 
-_CUT = re.compile(r"(.*)\.\.\. \[\d+ more characters\]", re.DOTALL)  # the node's truncate()
 STATUS = {SegmentationResult.OK: "OK", SegmentationResult.NO_MATCH: "NO_MATCH", SegmentationResult.ERROR: "ERROR"}
 
 
@@ -81,15 +80,14 @@ def answers_command(sent: str, echoed: str) -> bool:
     """Whether a result whose ``command`` is ``echoed`` answers the command this client sent.
 
     The node echoes the command as it cleaned it, or, when it refused it, the raw text cut to
-    200 characters with a note of how many more there were.
+    ``ECHO_CHARS`` with a note of how many more there were.
     """
+    if echoed == truncate(sent, ECHO_CHARS):
+        return True
     try:
-        if echoed == clean_command(sent, sys.maxsize)[0]:
-            return True
+        return echoed == clean_command(sent, sys.maxsize)[0]
     except InputError:
-        pass
-    cut = _CUT.fullmatch(echoed)
-    return cut is not None and sent.startswith(cut.group(1))
+        return False
 
 
 def stream(node: Node, executor: SingleThreadedExecutor, node_name: str, command_topic: str, command: str,

@@ -58,7 +58,14 @@ from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions, detections
 from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
 from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
-from qwen3vl_seg_ros.ros.results import MAX_ANSWER_CHARS, new_result, objects_from_instances, safe_text, truncate
+from qwen3vl_seg_ros.ros.results import (
+    ECHO_CHARS,
+    MAX_ANSWER_CHARS,
+    new_result,
+    objects_from_instances,
+    safe_text,
+    truncate,
+)
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
@@ -382,7 +389,7 @@ class SegmentationNode(LifecycleNode):
         try:
             command, warnings = clean_command(msg.data, int(self.p("max_command_length")))
         except InputError as exc:
-            self._error_result(Job(truncate(msg.data, 200), "continuous-rejected", time.monotonic(),
+            self._error_result(Job(truncate(msg.data, ECHO_CHARS), "continuous-rejected", time.monotonic(),
                                    continuous=True), f"command refused: {exc}")
             return
         for warning in warnings:
@@ -400,7 +407,7 @@ class SegmentationNode(LifecycleNode):
             return await self._serve(request, response)
         except Exception as exc:  # never into the executor (it would stop serving): an answer, always
             self.get_logger().error(f"~/segment failed: {_describe_exception(exc)}\n{traceback.format_exc()}")
-            response.result = new_result(truncate(request.command, 200), request.request_id,
+            response.result = new_result(truncate(request.command, ECHO_CHARS), request.request_id,
                                           SegmentationResult.ERROR, f"internal error: {_describe_exception(exc)}",
                                           None, "")
             return response
@@ -435,7 +442,7 @@ class SegmentationNode(LifecycleNode):
                 response.result = result if result is not None else self._error_result(
                     job, "internal error: no result was produced")
                 return response
-        job.command = truncate(job.command, 200)
+        job.command = truncate(job.command, ECHO_CHARS)
         response.result = self._error_result(job, refusal)
         return response
 

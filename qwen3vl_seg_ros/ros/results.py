@@ -13,6 +13,8 @@ from qwen3vl_seg_ros.types import Instance
 
 #: Longest raw model answer copied into a result (bytes of text); the rest is cut with a note.
 MAX_ANSWER_CHARS = 4096
+#: A refused command is echoed in its result cut to this many characters (with a note of the rest).
+ECHO_CHARS = 200
 
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
