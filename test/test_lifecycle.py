@@ -137,11 +137,7 @@ def test_deactivate_answers_a_waiting_request():
 
 def test_first_frame_of_a_new_size_warms_the_segmenter_up_before_serving():
     """The camera's own resolution is warmed up on the inference thread, once per size."""
-    context = new_context("lifecycle_warm")
-    harness = NodeHarness(context)
-    client = Client(context, node_fqn="/lifecycle_warm/qwen3vl_seg")
-    try:
-        client.wait_connected()
+    with served("lifecycle_warm") as (harness, client):
         segmenter = harness.node._segmenter
         segmenter.events.clear()
         client.publish_frame(Scene(), wait_node=harness.node)
@@ -156,10 +152,6 @@ def test_first_frame_of_a_new_size_warms_the_segmenter_up_before_serving():
         client.publish_frame(Scene(), wait_node=harness.node)
         client.call("red")
         assert segmenter.warmed_sizes.count((160, 120)) == 1  # once per size
-    finally:
-        client.close()
-        harness.close()
-        context.try_shutdown()
 
 
 def test_a_publisher_destroyed_by_a_cleanup_mid_answer_loses_no_answer():
