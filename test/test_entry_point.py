@@ -12,7 +12,7 @@ import pytest
 
 from qwen3vl_seg_ros.msg import SegmentationResult
 
-from ros_harness import DOUBLE, Client, Scene, new_context
+from ros_harness import DOUBLE, Client, NodeHarness, Scene, new_context
 
 pytestmark = pytest.mark.ros
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +44,27 @@ def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
     text = log_path.read_text()
     assert "ready: waiting for images and commands" in text, text
     assert "threads still running" not in text, text  # every thread joined: no hard exit needed
+
+
+def test_whole_numbers_for_decimal_parameters_are_accepted():
+    """``max_rate_hz: 10`` in a params file is an integer to ROS; declaring the double parameter
+    with it used to raise at start-up and end the process."""
+    context = new_context("test_entry_integer_overrides")
+    try:
+        node = NodeHarness(context, {"max_rate_hz": 10, "max_input_age_s": 2}, autostart=False)
+        try:
+            values = (node.node.p("max_rate_hz"), node.node.p("max_input_age_s"))
+            assert values == (10.0, 2.0) and all(isinstance(v, float) for v in values)
+        finally:
+            node.close()
+    finally:
+        context.try_shutdown()
+
+
+def test_a_parameter_of_the_wrong_type_ends_start_up_with_a_clear_message():
+    cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args",
+           "-p", f"segmenter:={DOUBLE}", "-p", "max_rate_hz:=fast"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 2, done.stderr
+    assert "bad parameter" in done.stderr and "max_rate_hz" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

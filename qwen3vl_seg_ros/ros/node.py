@@ -36,9 +36,10 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import InvalidHandle
+from rclpy.exceptions import InvalidHandle, ParameterException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import (
     HistoryPolicy,
     QoSProfile,
@@ -154,8 +155,19 @@ class SegmentationNode(LifecycleNode):
     # parameters
     # ------------------------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
+        self._widen_integer_overrides()
         for param in PARAMETERS:
             self.declare_parameter(param.name, param.default, self._descriptor(param))
+
+    def _widen_integer_overrides(self) -> None:
+        """``max_rate_hz: 10`` in a params file (or ``-p max_input_age_s:=2``) is an integer to
+        ROS, and declaring a double parameter with it raises at start-up: the process would die
+        on a value every user means as 10.0. Such overrides are widened to floats first."""
+        for param in PARAMETERS:
+            given = self._parameter_overrides.get(param.name)
+            if (isinstance(param.default, float) and given is not None
+                    and given.type_ == Parameter.Type.INTEGER):
+                self._parameter_overrides[param.name] = Parameter(param.name, value=float(given.value))
 
     @staticmethod
     def _descriptor(param: Param) -> ParameterDescriptor:
@@ -795,7 +807,13 @@ def main(args: list[str] | None = None) -> int:
     clean_before_start(log=lambda line: print(line, file=sys.stderr, flush=True))
     # rclpy's own handlers would shut the context down at once, before open calls are answered.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
-    node = SegmentationNode()
+    try:
+        node = SegmentationNode()
+    except ParameterException as exc:  # a wrong type or an out-of-range value in the overrides
+        print(f"[qwen3vl_seg] bad parameter: {exc}; see config/params.yaml for each parameter's "
+              "type and range", file=sys.stderr, flush=True)
+        rclpy.try_shutdown()
+        return 2
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     autostart = node.declare_parameter(
