@@ -37,7 +37,7 @@ def set_params(node: NodeHarness, **values) -> None:
 
 
 def publish(system, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", depth_frame="camera_optical",
-            info=True, info_scene: Scene | None = None) -> None:
+            info=True, info_scene: Scene | None = None, image_frame="camera_optical") -> None:
     """Publishes one RGB-D frame and waits until the node holds it (image, depth and info)."""
     node, client = system
     stamp = client.node.get_clock().now().to_msg()
@@ -49,10 +49,10 @@ def publish(system, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", dep
                 and (not info or (frame.camera_info is not None and frame.camera_info.header.stamp == stamp)))
 
     for _ in range(10):  # best-effort topics: send again when a message was lost
-        client.image_pub.publish(image_msg(scene.rgb(), "rgb8", stamp=stamp))
+        client.image_pub.publish(image_msg(scene.rgb(), "rgb8", frame_id=image_frame, stamp=stamp))
         client.depth_pub.publish(image_msg(depth, depth_encoding, frame_id=depth_frame, stamp=stamp))
         if info:
-            client.info_pub.publish(camera_info_msg(info_scene or scene, stamp=stamp))
+            client.info_pub.publish(camera_info_msg(info_scene or scene, frame_id=image_frame, stamp=stamp))
         if wait_for(holds, 1.0):
             return
     raise AssertionError("the node did not receive the published frame")
@@ -135,6 +135,29 @@ def test_depth_in_another_frame_is_reported_not_mixed(system):
     obj = result.objects[0]
     assert not obj.has_3d and "differs from the colour image frame" in obj.status_3d
     assert "other_camera" in result.message
+
+
+def test_empty_camera_frame_gives_2d_with_reason(system):
+    """Clouds in frame "" are dropped by TF and RViz; the result says why there is no 3D."""
+    node, client = system
+    scene = Scene()
+    publish(system, scene, scene.depth_m(), depth_frame="", image_frame="")
+    result = client.call("red").result
+    assert result.status == SegmentationResult.OK and result.geometry_frame_id == ""
+    obj = result.objects[0]
+    assert not obj.has_3d and "empty header.frame_id" in obj.status_3d
+    assert "empty header.frame_id" in result.message
+
+
+def test_leading_slash_frame_is_dropped_from_3d_outputs(system):
+    """tf2 rejects frame ids that start with '/', a ROS 1 habit some drivers keep."""
+    node, client = system
+    scene = Scene()
+    publish(system, scene, scene.depth_m(), depth_frame="/camera_optical", image_frame="/camera_optical")
+    result = client.call("red").result
+    assert result.status == SegmentationResult.OK and result.objects[0].has_3d
+    assert result.geometry_frame_id == "camera_optical"
+    assert result.objects[0].cloud.header.frame_id == "camera_optical"
 
 
 def test_missing_camera_info_gives_2d_with_reason():

@@ -81,10 +81,16 @@ class ThreeDStage:
         raw = conversions.depth_to_raw(frame.depth, max_pixels)
         depth = depth_from_raw(raw, frame.depth.encoding)
         dh, dw = depth.shape
-        frame_id = frame.image.header.frame_id
+        # tf2 and RViz reject frame ids with a leading slash (a ROS 1 habit some drivers keep)
+        frame_id = frame.image.header.frame_id.strip().lstrip("/")
         mismatch = depth_frame_mismatch(frame_id, frame.depth.header.frame_id)
         intrinsics, reason = None, ""
-        if frame.camera_info is None:
+        if not frame_id:
+            # clouds and markers in frame "" are dropped by TF and RViz, and an empty
+            # geometry_frame_id tells the client that no 3D was attempted: say why instead
+            reason = ("the colour image has an empty header.frame_id: 3D outputs need the camera's "
+                      "frame (REP 105); set the camera driver's frame_id")
+        elif frame.camera_info is None:
             reason = "no CameraInfo received on 'camera_info': 3D outputs disabled"
         elif mismatch:
             reason = mismatch
