@@ -80,7 +80,8 @@ PARAMETERS: tuple[Param, ...] = (
     # --- inputs and outputs (activate) ---
     Param("image_qos", "sensor_data",
           "QoS of the image, depth and camera_info subscriptions: 'sensor_data' (best effort, as most "
-          "camera drivers publish), 'reliable' or 'best_effort'. A mismatch silently stalls a pipeline.",
+          "camera drivers publish), 'reliable' or 'best_effort'. A mismatch stalls the pipeline, with "
+          "one 'incompatible QoS' warning in the log.",
           ACTIVATE, choices=("sensor_data", "reliable", "best_effort")),
     Param("use_depth", True, "Subscribe to 'depth' and compute 3D outputs.", ACTIVATE),
     Param("sync_slop_s", 0.05, "Largest stamp difference between a colour and a depth image of one frame (s).",
