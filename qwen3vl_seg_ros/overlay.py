@@ -14,13 +14,15 @@ import numpy as np
 from qwen3vl_seg_ros.types import Instance
 
 
-def palette(n: int) -> np.ndarray:
-    """``n`` distinct, stable RGB colours (golden-angle hues), so id k has the same colour everywhere."""
-    k = np.arange(max(n, 0), dtype=np.float64)
+def colours_for(keys: Sequence[int]) -> np.ndarray:
+    """One bright RGB colour (uint8, ``(n, 3)``) per key, the same for a key everywhere: the
+    overlay, the RViz markers and the demo's figures all colour an object by its key (the track id,
+    or the object id when untracked), so one object looks the same in every view. Golden-angle
+    hues keep neighbouring keys far apart."""
+    k = np.asarray(keys, dtype=np.float64).reshape(-1)
     hue = (k * 137.508) % 360.0
     hsv = np.stack([hue / 2.0, np.full_like(hue, 220.0), np.full_like(hue, 255.0)], axis=-1)
-    rgb = cv2.cvtColor(hsv.astype(np.uint8).reshape(-1, 1, 3), cv2.COLOR_HSV2RGB).reshape(-1, 3)
-    return rgb
+    return cv2.cvtColor(hsv.astype(np.uint8).reshape(-1, 1, 3), cv2.COLOR_HSV2RGB).reshape(-1, 3)
 
 
 def label_image(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
@@ -41,26 +43,31 @@ def draw_overlay(
     instances: Sequence[Instance],
     alpha: float = 0.5,
     ids: Sequence[int] | None = None,
+    colour_keys: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Returns a **BGR** image (ready for ``bgr8`` and ``cv2.imwrite``) with masks, boxes and labels."""
+    """Returns a **BGR** image (ready for ``bgr8`` and ``cv2.imwrite``) with masks, boxes and labels.
+
+    Labels show ``ids`` (1..n by default); colours follow ``colour_keys`` (default: ``ids``), which
+    the node sets to the track ids so that an object keeps its colour from result to result.
+    """
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     if not instances:
         return bgr
     h, w = rgb.shape[:2]
     ids = list(ids) if ids is not None else list(range(1, len(instances) + 1))
-    colours_rgb = palette(max(ids) + 1)
+    colours_rgb = colours_for(colour_keys if colour_keys is not None else ids)
     labels = label_image([inst.mask for inst in instances], h, w)
     inside = labels > 0
     if inside.any():
         # Map label k -> colour of instance k's id in one vectorised lookup.
         lut = np.zeros((len(instances) + 1, 3), dtype=np.uint8)
-        lut[1:] = colours_rgb[np.asarray(ids)][:, ::-1]
+        lut[1:] = colours_rgb[:, ::-1]
         tint = lut[labels[inside]]
         bgr[inside] = (bgr[inside] * (1.0 - alpha) + tint * alpha).astype(np.uint8)
     thickness = max(1, round(min(h, w) / 240))
     font_scale = max(0.35, min(h, w) / 900)
-    for inst, obj_id in zip(instances, ids):
-        colour = tuple(int(c) for c in colours_rgb[obj_id][::-1])
+    for inst, obj_id, rgb_colour in zip(instances, ids, colours_rgb):
+        colour = tuple(int(c) for c in rgb_colour[::-1])
         x1, y1, x2, y2 = (round(float(v)) for v in inst.box)
         cv2.rectangle(bgr, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), colour, thickness)
         text = f"{obj_id}:{_ascii(inst.label)} {inst.score:.2f}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qwen3vl_seg_ros.msg import SegmentationResult
+from qwen3vl_seg_ros.overlay import colours_for
 
 from ros_harness import Client, NodeHarness, Scene, new_context, wait_for
 
@@ -277,9 +278,25 @@ def test_track_ids_follow_objects_across_results_and_commands(system):
     # the red blob jumps 60 cm nearer and across the image: a new object; blue keeps its id
     jumped = Scene(rects={"red": (100, 80, 140, 110, 0.4), "blue": (92, 40, 142, 70, 0.8)})
     fresh(system, jumped)
-    last = {o.label: o.track_id for o in client.call("the red and the blue blobs").result.objects}
+    n_overlays, n_markers = len(client.snapshot(client.overlays)), len(client.snapshot(client.markers))
+    objects = client.call("the red and the blue blobs").result.objects
+    last = {o.label: o.track_id for o in objects}
     assert last["blue blob"] == first["blue blob"]
     assert last["red blob"] not in first.values()
+
+    # the overlay and RViz colour each object by its track id, alike (the new red track is not
+    # its object id, so a colour by object id would show here)
+    assert all(o.track_id != o.id for o in objects if o.label == "red blob")
+    assert wait_for(lambda: len(client.snapshot(client.overlays)) > n_overlays
+                    and len(client.snapshot(client.markers)) > n_markers, 5)
+    over = image_of(client.snapshot(client.overlays)[-1])
+    boxes = {m.id: m for m in client.snapshot(client.markers)[-1].markers if m.ns.endswith("/boxes")}
+    for obj in objects:
+        expected = colours_for([obj.track_id])[0]
+        x1, y2 = obj.box.x_offset, obj.box.y_offset + obj.box.height
+        np.testing.assert_array_equal(over[y2 - 1, x1 + obj.box.width // 2], expected[::-1])  # BGR outline
+        marker = boxes[obj.id].color
+        np.testing.assert_allclose([marker.r, marker.g, marker.b], expected / 255.0, atol=1e-6)
 
 
 def test_tracking_off_gives_track_id_zero(system):

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from qwen3vl_seg_ros.overlay import draw_overlay, label_image, palette
+from qwen3vl_seg_ros.overlay import colours_for, draw_overlay, label_image
 from qwen3vl_seg_ros.types import Instance
 
 H, W = 120, 160
@@ -23,7 +23,7 @@ def _instance(box: tuple[int, int, int, int], label: str = "yellow can", score: 
 def test_the_whole_label_stays_inside_the_image(box: tuple[int, int, int, int]) -> None:
     """A box at the image's edge keeps its label (id, name and score) readable, not cut off."""
     out = draw_overlay(np.full((H, W, 3), 90, np.uint8), [_instance(box)])
-    colour = palette(2)[1][::-1]  # id 1, BGR
+    colour = colours_for([1])[0][::-1]  # id 1, BGR
     font_scale = max(0.35, min(H, W) / 900)
     (tw, th), _ = cv2.getTextSize("1:yellow can 0.64", cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     filled = np.all(out == colour, axis=-1)

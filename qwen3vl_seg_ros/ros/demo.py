@@ -737,13 +737,16 @@ def _readme_images(rows: list[Row], work: Path, out: Path, scene_frames: dict[in
     rgb_msg, depth_msg = scene_frames[best.scene]
     vertices, _ = read_ply(work / best.files["cloud"])
     labels = {o["id"]: o["label"] for o in best.objects}
+    keys = {o["id"]: o["track_id"] or o["id"] for o in best.objects}  # the overlay's colours
     depth = depth_from_raw(depth_to_raw(depth_msg), depth_msg.encoding)
-    draw_cloud_figure(cloud_png, vertices, labels, image_to_rgb(rgb_msg), depth, scenes[best.scene], best.command)
+    draw_cloud_figure(cloud_png, vertices, labels, image_to_rgb(rgb_msg), depth, scenes[best.scene], best.command,
+                      keys)
     return [overlay, cloud_png]
 
 
 def draw_cloud_figure(path: Path, vertices: np.ndarray, labels: dict[int, str], rgb: np.ndarray,
-                      depth: np.ndarray, gt: dict[str, Any], title: str) -> None:
+                      depth: np.ndarray, gt: dict[str, Any], title: str,
+                      colour_keys: dict[int, int] | None = None) -> None:
     """The answer's object clouds (bold, in the overlay's colours) on the scene's own cloud (faint).
 
     The view is cropped to the objects' surroundings and looks from the camera's side, so the
@@ -755,7 +758,7 @@ def draw_cloud_figure(path: Path, vertices: np.ndarray, labels: dict[int, str], 
     import matplotlib.pyplot as plt
 
     from qwen3vl_seg_ros.geometry import backproject
-    from qwen3vl_seg_ros.overlay import palette
+    from qwen3vl_seg_ros.overlay import colours_for
     from qwen3vl_seg_ros.transforms import Transform
     from qwen3vl_seg_ros.types import CameraIntrinsics
 
@@ -777,10 +780,11 @@ def draw_cloud_figure(path: Path, vertices: np.ndarray, labels: dict[int, str], 
     ax.scatter(scene_pts[:, 0], scene_pts[:, 1], scene_pts[:, 2], c=colours / 255.0, s=2, alpha=0.35,
                linewidths=0, depthshade=False)
     ids = [int(k) for k in np.unique(vertices["id"])]
-    tints = palette(max(ids) + 1) / 255.0
-    for k in ids:
+    keys = colour_keys or {}
+    tints = colours_for([keys.get(k, k) for k in ids]) / 255.0
+    for k, tint in zip(ids, tints):
         pts = vertices[vertices["id"] == k]
-        ax.scatter(pts["x"], pts["y"], pts["z"], color=tints[k], s=5, linewidths=0, depthshade=False,
+        ax.scatter(pts["x"], pts["y"], pts["z"], color=tint, s=5, linewidths=0, depthshade=False,
                    label=f"{k}: {labels.get(k, '')}")
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")

@@ -7,13 +7,13 @@ until it is deleted or expires). A DELETEALL with a namespace clears that namesp
 the same display too. Then, per object with 3D: an oriented CUBE (the box), a TEXT_VIEW_FACING
 label with the score above it, and a SPHERE at the centroid. The three kinds live in the
 namespaces ``<ns>/boxes``, ``<ns>/labels`` and ``<ns>/centroids`` (toggled separately in RViz); the marker id is the
-object id, the colour is the object's colour (:func:`color_for_id`), the frame is the result's
+object id, the colour follows the track id (the object id when untracked) as in ``~/overlay``
+(:func:`color_for_id`), the frame is the result's
 ``geometry_frame_id`` and the stamp the image's.
 """
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,17 +24,16 @@ from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
+from qwen3vl_seg_ros.overlay import colours_for
 from qwen3vl_seg_ros.transforms import quat_rotate
 
-#: Golden-ratio hue steps give neighbouring ids clearly different colours.
-_GOLDEN = 0.618033988749895
 #: RViz complains about zero-scale markers; flat objects get this thickness instead.
 _MIN_SCALE_M = 0.002
 
 
 @dataclass
 class MarkerStyle:
-    """Appearance of the markers (the node's ``marker_*`` parameters)."""
+    """Appearance of the markers (the node sets ``lifetime_s`` from ``marker_lifetime_s``)."""
 
     namespace: str = "qwen3vl_seg"
     lifetime_s: float = 0.0  # 0 = until replaced (the next DELETEALL)
@@ -44,9 +43,10 @@ class MarkerStyle:
 
 
 def color_for_id(object_id: int) -> tuple[float, float, float]:
-    """A bright, stable RGB colour in [0, 1] for an object id (same id, same colour)."""
-    hue = (int(object_id) * _GOLDEN) % 1.0
-    return colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    """The RGB colour in [0, 1] of a key, the one ``~/overlay`` draws it in
+    (:func:`qwen3vl_seg_ros.overlay.colours_for`)."""
+    r, g, b = (float(c) / 255.0 for c in colours_for([int(object_id)])[0])
+    return r, g, b
 
 
 def _duration(seconds: float) -> Duration:

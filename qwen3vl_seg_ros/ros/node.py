@@ -553,7 +553,7 @@ class SegmentationNode(LifecycleNode):
         if three_d is not None:
             three_d.publish(result, cloud, header)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
-        self._publish_images(rgb, instances, ids, header)
+        self._publish_images(rgb, instances, ids, [o.track_id or o.id for o in result.objects], header)
         self._publish_detections(result)
 
     def _select(self, instances: Any, h: int, w: int, warnings: list[str]) -> tuple[list[Instance], list[float]]:
@@ -677,14 +677,16 @@ class SegmentationNode(LifecycleNode):
                 self._stats["last_total_ms"] = result.total_ms
                 self._stats["last_input_age_ms"] = result.input_age_ms
 
-    def _publish_images(self, rgb: np.ndarray, instances: list[Instance], ids: list[int], header: Header) -> None:
+    def _publish_images(self, rgb: np.ndarray, instances: list[Instance], ids: list[int],
+                        colour_keys: list[int], header: Header) -> None:
+        """~/mask and ~/overlay; the overlay colours objects as the markers do (by track id)."""
         h, w = rgb.shape[:2]
         if self.p("publish_mask") and "mask" in self._pubs:
             labels = label_image([i.mask if i.mask is not None else box_mask((h, w), i.box) for i in instances],
                                  h, w)
             self._send("mask", conversions.label_image_msg(labels, header))
         if self.p("publish_overlay") and "overlay" in self._pubs:
-            bgr = draw_overlay(rgb, instances, float(self.p("overlay_alpha")), ids)
+            bgr = draw_overlay(rgb, instances, float(self.p("overlay_alpha")), ids, colour_keys)
             self._send("overlay", conversions.array_to_image(bgr, "bgr8", header))
 
     def _publish_detections(self, result: SegmentationResult) -> None:
