@@ -379,7 +379,7 @@ class Bench:
         result["achieved_gb_s"] = result["bytes_per_step"] / (result["step_ms"]["median_ms"] / 1e3) / 1e9
         return result
 
-    def masks_timing(self, seg: Any, ctx: dict[str, Any], boxes: int, reps: int) -> dict[str, float]:
+    def masks_timing(self, seg: Any, boxes: int, reps: int) -> dict[str, float]:
         from bench_decoder import synthetic_inputs
 
         torch = self.torch
@@ -423,7 +423,7 @@ class Bench:
         self.save()
         if compiled or not self.results["sizes"][size].get("masks"):
             self.results["sizes"][size]["masks"] = {
-                f"{n}_boxes": self.masks_timing(seg, ctx, n, 100 if self.cuda else 5) for n in (1, 10)}
+                f"{n}_boxes": self.masks_timing(seg, n, 100 if self.cuda else 5) for n in (1, 10)}
         self.save()
         if compiled and not entry["degraded"]:
             from qwen3vl_seg_ros.geometry import extract_objects
@@ -474,7 +474,7 @@ class Bench:
         self.log(f"  {size} eager: decode {entry['decode_ms_per_token']:.1f} ms/token, prefill "
                  f"{entry['prefill']['median_ms']:.1f} ms")
         self.save()
-        entry["masks"] = {f"{n}_boxes": self.masks_timing(seg, ctx, n, 20 if self.cuda else 3) for n in (1, 10)}
+        entry["masks"] = {f"{n}_boxes": self.masks_timing(seg, n, 20 if self.cuda else 3) for n in (1, 10)}
         self.save()
         self.inject(seg, ctx)
         entry["e2e"] = self.e2e(seg, ctx, 2)

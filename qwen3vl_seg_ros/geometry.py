@@ -321,18 +321,6 @@ def backproject(depth: np.ndarray, intr: CameraIntrinsics) -> np.ndarray:
     return out
 
 
-def project_pixels(
-    rows: np.ndarray, cols: np.ndarray, z: np.ndarray, intr: CameraIntrinsics
-) -> np.ndarray:
-    """``Nx3 float32`` points of depth pixels ``(rows, cols)`` with depths ``z`` (metres)."""
-    xr, yr = _rays(intr)
-    pts = np.empty((z.shape[0], 3), dtype=np.float32)
-    np.multiply(xr[cols], z, out=pts[:, 0])
-    np.multiply(yr[rows], z, out=pts[:, 1])
-    pts[:, 2] = z
-    return pts
-
-
 def depth_to_points(
     depth: np.ndarray, intr: CameraIntrinsics, mask: np.ndarray | None = None
 ) -> np.ndarray:
@@ -698,7 +686,7 @@ def _one_object(
     rows, cols, z = px.rows[idx], px.cols[idx], px.z[idx]
     xr, yr = _rays(frame.intr)
     p = np.empty((3, z.shape[0]), dtype=np.float64)  # rows x, y, z (see the oriented-box section)
-    np.multiply(xr[cols], z, out=p[0])  # float32 products, as project_pixels computes them
+    np.multiply(xr[cols], z, out=p[0])  # float32 products, as depth_to_points computes them
     np.multiply(yr[rows], z, out=p[1])
     p[2] = z
     if transform is not None:

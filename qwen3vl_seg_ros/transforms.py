@@ -256,10 +256,6 @@ class Transform:
         res = p.astype(np.float64, copy=False) @ r.T + self.translation
         return res.astype(out_dtype, copy=False)
 
-    def apply_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """Rotates ``...x3`` direction vectors (no translation)."""
-        return np.asarray(vectors, dtype=np.float64) @ self.rotation_matrix().T
-
     def apply_pose(self, position: np.ndarray, quaternion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Transforms a pose (position, orientation xyzw) given in the source frame."""
         pose = self @ Transform(translation=position, rotation=quaternion)

@@ -181,7 +181,7 @@ def test_label_echo_batches(trainer: Trainer) -> None:
     data = dataclasses.replace(trainer.cfg.data, answer_format="label_echo", first_scene=5)
     stream = SyntheticStream(trainer.collator, 4, data)
     assert stream.echo and not SyntheticStream(trainer.collator, 4, trainer.cfg.data).echo
-    examples = stream.examples(0, np.random.default_rng(0))
+    examples = stream.examples(0)
     _, queries = generate_sample(split_seed("train", 5), data.scene_config())
     by_command = {q.expression: q for q in queries}
     checked = 0
@@ -746,7 +746,7 @@ def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
     stream = CocoStream(trainer.collator, 2, cfg.data, seed=3)
     item = stream.item(0)
     assert tuple(item.decoder_images.shape[-2:]) == (H, W) and tuple(item.object_masks.shape[-2:]) == (H, W)
-    labels = {lab for ex in stream.examples(0, np.random.default_rng(0)) for lab in ex.labels}
+    labels = {lab for ex in stream.examples(0) for lab in ex.labels}
     assert labels and all(len(lab.split()) == 2 for lab in labels)  # "colour shape" from the attributes
 
 

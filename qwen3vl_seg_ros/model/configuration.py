@@ -114,7 +114,3 @@ class MaskDecoderConfig:
     @classmethod
     def load(cls, path: str | Path) -> MaskDecoderConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-#: The name used in the design notes.
-DecoderConfig = MaskDecoderConfig

@@ -36,7 +36,7 @@ self-check (:meth:`FastGreedyGenerator.self_check`, run by :meth:`FastGreedyGene
 retries without compilation, then hands everything to the eager generator; an exception in the
 fast path at run time switches to the eager generator for good (logged). Weights are the
 model's own tensors (no copies), read when a graph is captured: replace weights in place
-(``copy_``), or call :meth:`reset` after swapping tensors.
+(``copy_``); after swapping in other tensors, build a new generator.
 
 :class:`FastInputs` builds the processor's outputs on the GPU (a uint8 upload, a per-channel
 lookup table made with the image processor's own rescale/normalize, and the patch layout) for
@@ -450,13 +450,6 @@ class FastGreedyGenerator(Generator):
         if self._vision_problem:
             prefill = f"Hugging Face ({self._vision_problem})"
         return f"decode: {decode}; prefill: {prefill}"
-
-    def reset(self) -> None:
-        """Drops captured graphs and buffers (after weights were replaced by other tensors)."""
-        self._state = None
-        self._vision.clear()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------ compile
 

@@ -58,7 +58,7 @@ from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions, detections
 from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
-from qwen3vl_seg_ros.ros.parameters import PARAMETERS, Param
+from qwen3vl_seg_ros.ros.parameters import BY_NAME, PARAMETERS, Param
 from qwen3vl_seg_ros.ros.results import (
     ECHO_CHARS,
     MAX_ANSWER_CHARS,
@@ -187,9 +187,8 @@ class SegmentationNode(LifecycleNode):
         return self.get_parameter(name).value
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
-        by_name = {p.name: p for p in PARAMETERS}
         for param in params:
-            spec = by_name.get(param.name)
+            spec = BY_NAME.get(param.name)
             if spec is not None and spec.choices and param.value not in spec.choices:
                 return SetParametersResult(
                     successful=False,
@@ -431,7 +430,7 @@ class SegmentationNode(LifecycleNode):
         received = time.monotonic()
         request_id = request.request_id or self._scheduler.next_request_id()
         job = Job(request.command, request_id, received)
-        refusal = self._refusal(request)
+        refusal = self._refusal()
         if refusal is None:
             try:
                 job.command, warnings = clean_command(request.command, int(self.p("max_command_length")))
@@ -458,7 +457,8 @@ class SegmentationNode(LifecycleNode):
         response.result = self._error_result(job, refusal)
         return response
 
-    def _refusal(self, request: Segment.Request) -> str | None:
+    def _refusal(self) -> str | None:
+        """Why no request can be served now (not configured), or None."""
         if self._segmenter is None:
             why = f" (configure failed: {self._configure_error})" if self._configure_error else ""
             return f"node is not configured{why}; configure and activate it first"

@@ -11,7 +11,7 @@ from qwen3vl_seg_ros.msg import SegmentationResult, SegmentedObject
 from qwen3vl_seg_ros.ros.conversions import box_to_roi, mask_crop_msg
 from qwen3vl_seg_ros.types import Instance
 
-#: Longest raw model answer copied into a result (bytes of text); the rest is cut with a note.
+#: Longest raw model answer copied into a result (characters); the rest is cut with a note.
 MAX_ANSWER_CHARS = 4096
 #: A refused command is echoed in its result cut to this many characters (with a note of the rest).
 ECHO_CHARS = 200

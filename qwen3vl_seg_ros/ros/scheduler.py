@@ -18,6 +18,7 @@ No rclpy here: the node passes callables, which keeps this logic testable with p
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -64,7 +65,6 @@ class Scheduler:
         self.max_pending = 16
         self._pending: deque[Job] = deque()
         self._chores: deque[Callable[[], None]] = deque()  # run on the inference thread before jobs
-        self._chore_errors: list[str] = []
         self._continuous: str | None = None
         self._continuous_seq = 0
         self._last_seen_seq = 0
@@ -220,10 +220,9 @@ class Scheduler:
             self._cv.notify_all()
 
     def _run_chore(self, chore: Callable[[], None]) -> None:
-        try:
+        # a failed warm-up must not stop serving; the chore logs its own failure
+        with contextlib.suppress(Exception):
             chore()
-        except Exception as exc:  # a failed warm-up must not stop serving; the chore logs details
-            self._chore_errors.append(f"{type(exc).__name__}: {exc}")
 
     def _watch(self, gen: int) -> None:
         """Answers requests whose deadline passes while the inference thread is busy."""

@@ -1,7 +1,8 @@
 """RGB-D pairing by approximate time, and the newest-frame store the worker reads from.
 
 Colour and depth arrive on separate topics with slightly different stamps. A frame is the
-newest colour image together with the depth image closest in stamp (within ``slop_s``). Depth
+newest colour image that has a depth image within ``slop_s`` of its stamp, with the closest
+such depth (a newer colour image whose depth has not arrived yet waits for it). Depth
 is optional: while no depth has arrived for ``depth_timeout_s`` the node serves colour-only
 frames (2D results), and says so.
 
@@ -87,12 +88,8 @@ class RgbdSynchronizer:
             self._camera_info_arrival = None
 
     # -- output --------------------------------------------------------------------------------
-    def depth_active(self, now: float) -> bool:
-        """Depth is expected when it is enabled and some arrived within depth_timeout_s."""
-        with self._lock:
-            return self._depth_active_locked(now)
-
     def _depth_active_locked(self, now: float) -> bool:
+        """Depth is expected when it is enabled and some arrived within depth_timeout_s."""
         if not self.use_depth or not self._depths:
             return False
         return now - self._depths[-1].arrival <= self.depth_timeout_s
@@ -137,10 +134,6 @@ class RgbdSynchronizer:
             if self._camera_info is None:
                 parts.append("no CameraInfo received (3D outputs disabled)")
             return "; ".join(parts)
-
-    def camera_info_age(self, now: float) -> float | None:
-        with self._lock:
-            return None if self._camera_info_arrival is None else now - self._camera_info_arrival
 
     def last_arrivals(self) -> dict[str, float | None]:
         """Arrival times of the newest image, depth and CameraInfo (for diagnostics)."""

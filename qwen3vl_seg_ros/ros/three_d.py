@@ -9,9 +9,9 @@ frame, what is usable and says why when something is not:
 * depth (or CameraInfo) of another aspect ratio than the image: the result is an ERROR (the
   topics do not belong together, and guessing would put objects in the wrong place);
 * target_frame unavailable in TF: geometry stays in the camera frame and the result says so;
-* depth whose typical reading lies outside [min_depth_m, max_depth_m] (metres written as 16UC1,
-  millimetres as 32FC1): the range check leaves no points (has_3d false), and the result and
-  each object's status_3d name the likely unit mistake.
+* depth whose typical reading looks like a unit mistake (metres written as 16UC1: nearer than
+  min_depth_m; millimetres as 32FC1: beyond max_depth_m and 100 m): the range check leaves no
+  points (has_3d false), and the result and each object's status_3d name the likely mistake.
 """
 
 from __future__ import annotations
@@ -201,7 +201,8 @@ def info_frame_mismatch(image_frame_id: str, info_frame_id: str) -> str:
 
 
 def depth_unit_hint(depth_m: np.ndarray, encoding: str, min_depth_m: float, max_depth_m: float) -> str:
-    """A hint when the typical depth reading lies outside the accepted range, else "".
+    """A hint when the typical depth reading looks like a unit mistake, else "": nearer than
+    ``min_depth_m``, or farther than both ``max_depth_m`` and 100 m (a far scene alone is not one).
 
     The unit of a depth image comes from its encoding (REP 118: 16UC1 millimetres, 32FC1
     metres). A driver that writes metres into 16UC1 gives readings of 1-5 mm, one that writes

@@ -6,7 +6,8 @@ worker ``w`` of ``W`` builds items ``w, w + W, w + 2W, ...`` and the loader hand
 index order, so the stream, and with it a resumed run, does not depend on the number of workers:
 resuming at step ``s`` restarts the stream at item ``s * items_per_step``.
 
-Synthetic item ``k`` renders the scenes ``k * stride, k * stride + 1, ...`` of the ``train``
+Synthetic item ``k`` renders the scenes ``first_scene + k * stride, first_scene + k * stride + 1, ...``
+of the ``train``
 split (:func:`~qwen3vl_seg_ros.training.synthetic.split_seed`; validation and test layouts
 never occur) and takes up to ``queries_per_scene`` queries from each: rendering is the costly
 part, the queries are almost free.
@@ -126,14 +127,6 @@ def synthetic_examples(split: str, index: int, scene_cfg: SceneConfig, with_dept
     return scene_examples(scene, queries, image_key=(split, index), with_depth=with_depth, echo=echo)
 
 
-def heldout_examples(split: str, num_scenes: int, scene_cfg: SceneConfig, first: int = 0,
-                     queries_per_scene: int | None = None) -> Iterator[RefExample]:
-    """Samples of the scenes ``first .. first + num_scenes - 1`` of a held-out split, with depth."""
-    for i in range(first, first + num_scenes):
-        examples = synthetic_examples(split, i, scene_cfg, with_depth=True)
-        yield from examples[: queries_per_scene or len(examples)]
-
-
 def coco_labels(dataset: RefDataset, ann_ids: tuple[int, ...], fallback: str) -> list[str]:
     """Labels of annotations: their colour and shape attributes, else their category's name."""
     labels = []
@@ -198,9 +191,9 @@ class _ItemStream(IterableDataset):
 
     def item(self, k: int) -> Batch:
         rng = np.random.default_rng([self.seed, k])
-        return self.collator(self.examples(k, rng), rng)
+        return self.collator(self.examples(k), rng)
 
-    def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
+    def examples(self, k: int) -> list[RefExample]:
         raise NotImplementedError
 
 
@@ -247,7 +240,7 @@ class SyntheticStream(_ItemStream):
         self.first_scene = int(data.first_scene)
         self.echo = data.answer_format == "label_echo"
 
-    def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
+    def examples(self, k: int) -> list[RefExample]:
         out: list[RefExample] = []
         for i in range(self.stride):
             if len(out) == self.micro_batch:
@@ -275,7 +268,7 @@ class CocoStream(_ItemStream):
             raise ValueError(f"{data.coco_json} has no samples{where}")
         self.size = (data.width, data.height)
 
-    def examples(self, k: int, rng: np.random.Generator) -> list[RefExample]:
+    def examples(self, k: int) -> list[RefExample]:
         n = len(self.dataset)
         out = []
         for pos in range(k * self.micro_batch, (k + 1) * self.micro_batch):

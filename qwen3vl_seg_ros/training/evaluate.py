@@ -67,7 +67,7 @@ class EvalSettings:
     out: str = ""  # report folder ("" = no files)
     score_threshold: float = NODE_SCORE_THRESHOLD
     box_refine_passes: int = SegmenterOptions.box_refine_passes  # as the node's parameter of that name
-    coordinate_window: int = SegmenterOptions.coordinate_window  # as the node's parameter of that name
+    coordinate_window: int = SegmenterOptions.coordinate_window  # SegmenterOptions only: no node parameter
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -541,8 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--box-refine-passes", type=int, default=SegmenterOptions.box_refine_passes,
                         help="decoder passes on its own mask's box, as the node's parameter (0 = the model's boxes)")
     parser.add_argument("--coordinate-window", type=int, default=SegmenterOptions.coordinate_window,
-                        help="choose box numbers by the probability of +-N units, as the node's parameter "
-                             "(-1 = plain greedy)")
+                        help="choose box numbers by the probability of +-N units (SegmenterOptions."
+                             "coordinate_window, not a node parameter; -1 = plain greedy)")
     parser.add_argument("--out", default="", help="report folder (report.json, report.png, samples.jsonl)")
     args = parser.parse_args(argv)
     settings = EvalSettings(
