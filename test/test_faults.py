@@ -243,6 +243,34 @@ def test_a_burst_of_answers_reaches_a_client_that_was_busy():
         s.close()
 
 
+def test_a_burst_of_requests_far_beyond_the_queue_gets_one_answer_each():
+    """300 calls at once from one planner: the node refuses what exceeds max_pending_requests,
+    and every call gets exactly one answer (a request queue of 64 lost all but the newest 64)."""
+    s = System("faults_flood", {"max_input_age_s": 0.1})
+    planner = Node("flooding_planner", context=s.context)
+    client = planner.create_client(Segment, "/faults_flood/qwen3vl_seg/segment",
+                                   qos_profile=QoSProfile(depth=1024, reliability=ReliabilityPolicy.RELIABLE))
+    executor = SingleThreadedExecutor(context=s.context)
+    executor.add_node(planner)
+    try:
+        assert client.wait_for_service(timeout_sec=10.0)
+        futures = [client.call_async(Segment.Request(command="red", timeout_s=1.0, request_id=f"F{k}"))
+                   for k in range(300)]  # no frame: the queued ones time out, the rest are refused
+        end = time.monotonic() + 60.0
+        while not all(f.done() for f in futures) and time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.1)
+        assert sum(f.done() for f in futures) == 300
+        assert [f.result().result.request_id for f in futures] == [f"F{k}" for k in range(300)]
+        assert all(f.result().result.status == ERROR for f in futures)
+        messages = [f.result().result.message for f in futures]
+        refused = sum("too many pending requests" in m for m in messages)
+        assert refused > 0 and all("too many pending requests" in m or "timed out" in m for m in messages)
+    finally:
+        executor.shutdown()
+        planner.destroy_node()
+        s.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # a frozen subscriber and a frozen service client
 # ---------------------------------------------------------------------------------------------

@@ -84,12 +84,16 @@ MAX_WARM_SIZES = 8
 #: Longest object label put into a result; longer ones are cut (a label is a name, not a text).
 MAX_LABEL_CHARS = 200
 
-#: QoS of ~/segment. The default depth of 10 loses answers: when more than 10 are sent at once
-#: (deactivation or shutdown answers every queued request, up to max_pending_requests = 16 by
-#: default, plus the running one), a writer keeping the last 10 drops the oldest before a busy
-#: client has taken them. Clients with many requests in flight need the same depth on their side.
-#: max_pending_requests is capped at 63 to fit it.
-SERVICE_QOS = QoSProfile(depth=64, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+#: QoS of ~/segment. KEEP_LAST drops the oldest sample beyond the depth, silently, on both sides:
+#: - requests: a burst of calls (one planner firing 300, or 100 planners at once) arrives faster
+#:   than the executor takes them; with a depth of 64 all but the newest 64 were never answered,
+#:   not even refused. Taking a request is cheap and the surplus is refused at once
+#:   (max_pending_requests), so a deep reader queue turns a burst into answers;
+#: - answers: deactivation or shutdown answers every queued request at once (up to
+#:   max_pending_requests, plus the running one and the refusals of a burst), and a writer
+#:   keeping the last 10 (the default) drops some before a busy client has taken them.
+#: Clients with many requests in flight need a deep queue on their side too.
+SERVICE_QOS = QoSProfile(depth=1024, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 
 SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segmenter]
 

@@ -108,8 +108,8 @@ PARAMETERS: tuple[Param, ...] = (
           RUNTIME, 0.0, 3600.0),
     Param("default_timeout_s", 5.0, "Timeout of a ~/segment request whose timeout_s is 0.", RUNTIME, 0.01, 3600.0),
     Param("max_pending_requests", 16,
-          "One-shot requests queued at most; more are refused at once. At most 63: deactivation answers "
-          "them all at once, and with the running one they must fit the service's answer queue (depth 64).",
+          "One-shot requests queued at most; more are refused at once (an ERROR answer each). The "
+          "service's own queues hold 1024 requests and answers, so a burst is refused, never lost.",
           RUNTIME, 1, 63),
     Param("max_command_length", 1000,
           "Longest command accepted (characters); longer ones are refused with an error.", RUNTIME, 1, 100000),
