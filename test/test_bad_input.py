@@ -138,6 +138,9 @@ def test_image_over_max_image_pixels_is_refused_not_processed(system):
         publish(system)
         expect(system, ask(system, "red", "I05-param"), ERROR,
                "colour image is too large (160x120 = 19200 pixels; the limit is max_image_pixels = 10000)")
+        # the node keeps the refused frames' headers, not their pixels (ten 8000x6000 held 1.4 GB)
+        kept = system.node._frames._images[-1].msg, system.node._frames._depths[-1].msg
+        assert [(m.width, len(m.data)) for m in kept] == [(160, 0), (160, 0)]
     finally:
         system.set_params(max_image_pixels=16777216)
 
@@ -155,6 +158,7 @@ def test_padded_rows_and_extra_data_are_served(system):
     expect(system, result, OK, level=INFO)
     box = only_object(result).box
     assert (box.x_offset, box.y_offset, box.width, box.height) == (20, 30, 40, 50)
+    assert len(system.node._frames._images[-1].msg.data) == 512 * 120  # the tail is not kept
 
 
 @pytest.mark.parametrize("topic", ["image", "depth", "camera_info", "command"])

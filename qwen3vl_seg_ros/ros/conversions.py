@@ -83,6 +83,24 @@ def _checked_array(msg: Image, table: dict[str, tuple[int, type]], what: str, ma
     return arr.reshape(height, width, channels) if channels > 1 else arr.reshape(height, width)
 
 
+def shed_unusable_bytes(msg: Image, max_pixels: int) -> Image:
+    """Drops the bytes of an incoming image that no request could ever use, before it is kept.
+
+    Why: the node keeps up to ``sync_queue_size`` colour and depth messages, and checks them only
+    when a command runs. Ten 8000x6000 frames (refused, too large) held 1.4 GB; a 160x120 frame
+    with 100 MB of trailing data held 100 MB each. An image over ``max_pixels`` keeps its header
+    alone (its refusal reads the size from the header), and one longer than ``step x height``
+    loses the tail (the reader never looks past it).
+    """
+    pixels = int(msg.width) * int(msg.height)
+    needed = int(msg.step) * int(msg.height)
+    if pixels > max_pixels:
+        msg.data = b""
+    elif 0 < needed < len(msg.data):
+        msg.data = msg.data[:needed]
+    return msg
+
+
 def bridge_reads_exactly(msg: Image) -> bool:
     """Whether cv_bridge decodes this colour image as our own reader does.
 

@@ -353,6 +353,7 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
         self._warm_up_for_new_size(msg)  # queued before the frame can be taken: it runs before any command on it
+        conversions.shed_unusable_bytes(msg, int(self.p("max_image_pixels")))
         self._frames.add_image(msg, _stamp_seconds(msg.header), time.monotonic())
         with self._stats_lock:
             self._stats["images"] += 1
@@ -387,6 +388,7 @@ class SegmentationNode(LifecycleNode):
         self.get_logger().info(f"warmed up for {size[0]}x{size[1]} frames in {time.monotonic() - t0:.2f} s")
 
     def _on_depth(self, msg: Image) -> None:
+        conversions.shed_unusable_bytes(msg, int(self.p("max_image_pixels")))
         self._frames.add_depth(msg, _stamp_seconds(msg.header), time.monotonic())
         with self._stats_lock:
             self._stats["depths"] += 1
