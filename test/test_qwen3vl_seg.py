@@ -285,6 +285,27 @@ def test_max_objects_caps_with_warning(seg_folder: Path) -> None:
     assert any("max_objects" in w for w in out.warnings)
 
 
+def test_masks_are_made_for_the_best_boxes_only_when_an_answer_runs_on(
+        seg: Qwen3VLSeg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runaway answer (hundreds of boxes) must not get a full-resolution mask per box before the
+    node's cut: the mask stage runs on the MAX_MASKED_OBJECTS best by box score."""
+    from qwen3vl_seg_ros.model import segmenter as segmenter_module
+
+    everything = seg.segment(image(), "the red cube and the blue ball")
+    best = max(everything.instances, key=lambda i: i.box_score)
+    assert everything.instances[0].box_score != everything.instances[1].box_score
+    batches: list[int] = []
+    run_decoder = seg.run_decoder
+    monkeypatch.setattr(seg, "run_decoder", lambda image, vision, queries, boxes: (
+        batches.append(len(boxes)), run_decoder(image, vision, queries, boxes))[1])
+    monkeypatch.setattr(segmenter_module, "MAX_MASKED_OBJECTS", 1)
+    out = seg.segment(image(), "the red cube and the blue ball")
+    assert [i.label for i in out.instances] == [best.label]
+    assert out.instances[0].box_score == pytest.approx(best.box_score)
+    assert batches and set(batches) == {1}  # the decoder never saw the other box
+    assert any("masks were made for the 1 with the best box scores" in w for w in out.warnings)
+
+
 def test_missing_models_give_clear_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seg_folder: Path) -> None:
     with pytest.raises(SegmenterError, match="does not exist"):
         Qwen3VLSeg.from_options(SegmenterOptions(model=str(tmp_path / "nope"), device="cpu"))
