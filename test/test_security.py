@@ -263,6 +263,37 @@ def test_pickle_model_weights_are_refused(tmp_path, no_unpickling):
     assert not marker.exists()
 
 
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a2146b1c5bb55e5ac5c1d7e3c6c7e9b0a7f1f5fa1e1c3d0f7a5b0c8e9d1a2\nsize 11534336\n")
+
+
+def test_weights_that_are_git_lfs_pointers_or_corrupt_are_named(tmp_path):
+    """A model repository cloned without git-lfs holds pointer files where the weights should be;
+    safetensors' own error ("header too large") used to surface as an internal error."""
+    from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
+    from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
+    folder = build_tiny_checkpoint(tmp_path / "model", answer=({"bbox_2d": [0, 0, 10, 10], "label": "x"},))
+    weights = sorted(folder.glob("model*.safetensors"))
+    assert weights
+    weights[0].write_bytes(LFS_POINTER)
+    with pytest.raises(SegmenterError, match=rf"cannot load the Qwen3-VL weights .*{weights[0].name} is a Git "
+                                             r"LFS pointer, not the weights: run `git lfs install && git lfs pull`"):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu"))
+    weights[0].write_bytes(b"\xff" * 64)  # corrupt: no pointer note, but the file's folder is named
+    with pytest.raises(SegmenterError, match="cannot load the Qwen3-VL weights from") as info:
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu"))
+    assert "LFS" not in str(info.value)
+
+    decoder = tmp_path / "decoder"
+    decoder.mkdir()
+    _tiny_decoder_config(decoder)
+    (decoder / checkpoint.DECODER_WEIGHTS).write_bytes(LFS_POINTER)
+    with pytest.raises(DecoderCheckpointError, match=r"is not a valid safetensors file .*is a Git LFS pointer"):
+        load_decoder(decoder)
+
+
 # ---------------------------------------------------------------------------------------------
 # trust_remote_code is never set; hub downloads fetch no code and no pickles
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,24 @@ def _check_folder(folder: Path) -> None:
         raise DecoderCheckpointError(f"decoder folder {folder} lacks {', '.join(missing)}{hint}")
 
 
+#: How a Git LFS pointer file begins: what a model repository cloned without git-lfs holds in
+#: place of each weight file (a few hundred bytes of text).
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def lfs_pointer_note(path: Path) -> str:
+    """" (a Git LFS pointer, not weights: run `git lfs pull` ...)" when ``path`` is one, else ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError:
+        return ""
+    if head != _LFS_POINTER:
+        return ""
+    return (f"; {path.name} is a Git LFS pointer, not the weights: run `git lfs install && git lfs pull` "
+            f"in the model's repository, or download it with `hf download`")
+
+
 def load_decoder(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> BoxGuidedMaskDecoder:
@@ -78,7 +96,7 @@ def load_decoder(
     except (SafetensorError, OSError, ValueError) as exc:  # e.g. a pickle renamed to .safetensors
         raise DecoderCheckpointError(
             f"{folder / DECODER_WEIGHTS} is not a valid safetensors file ({exc}); only safetensors "
-            f"decoder checkpoints are loaded") from exc
+            f"decoder checkpoints are loaded{lfs_pointer_note(folder / DECODER_WEIGHTS)}") from exc
     try:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:

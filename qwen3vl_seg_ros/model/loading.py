@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoProcessor, ProcessorMixin, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
+from qwen3vl_seg_ros.model.checkpoint import lfs_pointer_note
 from qwen3vl_seg_ros.types import SegmenterError
 
 PACKAGE = "qwen3vl_seg_ros"
@@ -206,6 +208,8 @@ def load_qwen3vl(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen
         model = Qwen3VLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, local_files_only=True, use_safetensors=True
         )
-    except (OSError, ValueError) as exc:
-        raise SegmenterError(f"cannot load the Qwen3-VL weights from '{folder}': {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a corrupt or LFS-pointer file
+        notes = "".join(lfs_pointer_note(path) for path in sorted(folder.glob("*.safetensors")))
+        raise SegmenterError(f"cannot load the Qwen3-VL weights from '{folder}': "
+                             f"{type(exc).__name__}: {exc}{notes}") from exc
     return model.to(device).eval()
