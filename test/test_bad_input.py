@@ -458,6 +458,13 @@ def test_huge_request_id_is_echoed(system):
     rid = "planner/" + "x" * 10_000
     result = ask(system, "red", rid)
     assert result.status == OK and result.request_id == rid
+    # the log shows the id cut: any client could otherwise write megabytes per call
+    line = system.log.wait_line("planner/xxx", "OK 1 object(s)")
+    assert len(line) < 400 and "[9808 more characters]" in line, len(line)
+    refused = ask(system, "", rid)  # a refused call is logged with the id too
+    assert refused.status == ERROR and refused.request_id == rid
+    line = system.log.wait_line("planner/xxx", "ERROR: ")
+    assert len(line) < 1000, len(line)
 
 
 @pytest.mark.parametrize("timeout_s", [math.nan, math.inf, -1.0])

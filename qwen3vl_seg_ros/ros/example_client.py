@@ -67,7 +67,8 @@ def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, com
         print(f"service {service} is not available after {wait_s:g} s: is the node running, active, and on the "
               f"same ROS_DOMAIN_ID?", file=sys.stderr)
         return None
-    future = client.call_async(Segment.Request(command=command, timeout_s=timeout_s))
+    # float(): rclpy serialises an int put into a float32 field as 0.0 (which means the default 5 s)
+    future = client.call_async(Segment.Request(command=command, timeout_s=float(timeout_s)))
     # The node answers within timeout_s (with an ERROR if it has to); the margin covers transport.
     executor.spin_until_future_complete(future, timeout_sec=timeout_s + 5.0)
     if not future.done():

@@ -98,6 +98,12 @@ SERVICE_QOS = QoSProfile(depth=1024, reliability=ReliabilityPolicy.RELIABLE, his
 SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segmenter]
 
 
+def _log_id(request_id: str) -> str:
+    """A request id as the log shows it: a client's id may be any length (the result echoes it
+    whole), and a 1 MB id would otherwise make a 1 MB line on /rosout and the disk per call."""
+    return truncate(request_id, ECHO_CHARS)
+
+
 def _stamp_seconds(header: Header) -> float:
     return header.stamp.sec + header.stamp.nanosec * 1e-9
 
@@ -441,7 +447,7 @@ class SegmentationNode(LifecycleNode):
             try:
                 job.command, warnings = clean_command(request.command, int(self.p("max_command_length")))
                 for warning in warnings:
-                    self.get_logger().warning(f"{request_id}: {warning}")
+                    self.get_logger().warning(f"{_log_id(request_id)}: {warning}")
             except InputError as exc:
                 refusal = str(exc)
         if refusal is None:
@@ -479,7 +485,7 @@ class SegmentationNode(LifecycleNode):
                             segmenter.name if segmenter else "")
         result.total_ms = float((time.monotonic() - job.received) * 1e3)
         self._publish_result(result)
-        self.get_logger().warning(f"{job.request_id}: ERROR: {truncate(reason, 500)}")
+        self.get_logger().warning(f"{_log_id(job.request_id)}: ERROR: {truncate(reason, 500)}")
         return result
 
     def _run_job(self, job: Job, frame: Frame) -> SegmentationResult:
@@ -500,7 +506,7 @@ class SegmentationNode(LifecycleNode):
             result.status, result.message = SegmentationResult.ERROR, str(exc)
         except Exception as exc:  # a model bug must not kill the node
             result.status, result.message = SegmentationResult.ERROR, _describe_exception(exc)
-            self.get_logger().error(f"{job.request_id}: {result.message}\n{traceback.format_exc()}")
+            self.get_logger().error(f"{_log_id(job.request_id)}: {result.message}\n{traceback.format_exc()}")
         if result.status == SegmentationResult.ERROR:
             result.objects = []
             if self._three_d is not None:
@@ -711,7 +717,7 @@ class SegmentationNode(LifecycleNode):
 
     def _log_result(self, result: SegmentationResult) -> None:
         status = {0: "OK", 1: "NO_MATCH", 2: "ERROR"}.get(result.status, str(result.status))
-        text = f"{result.request_id}: {status} {len(result.objects)} object(s) in {result.total_ms:.0f} ms"
+        text = f"{_log_id(result.request_id)}: {status} {len(result.objects)} object(s) in {result.total_ms:.0f} ms"
         if result.message:
             text += f" ({truncate(result.message, 300)})"
         if result.status == SegmentationResult.ERROR:
