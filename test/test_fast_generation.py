@@ -365,6 +365,59 @@ def test_segmenter_with_the_fast_generator(model: torch.nn.Module, processor: ob
     assert fast.fast_inputs.checked.get((H, W))
 
 
+def _left_padded(inputs: dict, pads: int) -> dict:
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in inputs:
+            out[key] = torch.cat([torch.zeros(1, pads, dtype=inputs[key].dtype), inputs[key]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("pads", [1, 8])
+def test_a_padded_prompt_decodes_as_the_unpadded_one(model: torch.nn.Module, processor: object, pads: int) -> None:
+    """A row of a padded batch: the pads carried into the decode positions (eager) or into the
+    attended cache (fast) and changed the answer; both paths now drop them first."""
+    inputs = make_inputs(processor, seed=2)
+    ref = EagerGreedyGenerator(model, NEVER).generate(inputs, 12)
+    padded = _left_padded(inputs, pads)
+    assert_same(EagerGreedyGenerator(model, NEVER).generate(padded, 12), ref)
+    assert_same(FastGreedyGenerator(model, NEVER).generate(padded, 12), ref)
+
+
+def test_an_input_neither_path_takes_leaves_the_fast_path_on(model: torch.nn.Module, processor: object) -> None:
+    gen = FastGreedyGenerator(model, NEVER)
+    one = make_inputs(processor, seed=3)
+    two = {k: torch.cat([v, v]) for k, v in one.items()}  # a batch of two: the input's fault
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        gen.generate(two, 4)
+    assert not gen.eager_only and gen.fallbacks == 0
+    assert_same(gen.generate(one, 6), EagerGreedyGenerator(model, NEVER).generate(one, 6))
+
+
+def test_a_fast_path_failure_mid_frame_still_answers_that_frame(model: torch.nn.Module, processor: object,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager retry after a failed decode step runs the vision tower a second time; the
+    segmenter used to call that an internal error and fail the frame."""
+    from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
+    options = SegmenterOptions(device="cpu", mask_head="box", max_new_tokens=12)
+    eager = Qwen3VLSeg(model, processor, None, options)
+    gen = FastGreedyGenerator(model, eager._stop_tokens(), use_graphs=False)
+    fast = Qwen3VLSeg(model, processor, None, options, generator=gen)
+    step = gen._step
+
+    def fails_once(state) -> None:
+        monkeypatch.setattr(gen, "_step", step)
+        raise RuntimeError("simulated failure in a decode step")
+
+    monkeypatch.setattr(gen, "_step", fails_once)
+    rgb = np.random.default_rng(15).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    out = fast.segment(rgb, "the red cube")
+    assert gen.eager_only and gen.fallbacks == 1
+    assert out.raw_answer == eager.segment(rgb, "the red cube").raw_answer
+
+
 def test_segmenter_keeps_eager_decoding_on_cpu(folder: Path) -> None:
     from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
     from qwen3vl_seg_ros.segmenter import SegmenterOptions

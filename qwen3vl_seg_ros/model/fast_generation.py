@@ -29,12 +29,15 @@ a few CUDA-graph replays instead of thousands of eagerly launched kernels:
   compilation cache (``TORCHINDUCTOR_CACHE_DIR``, set from ``compile_cache_dir``) makes later
   starts faster.
 
-Everything falls back rather than fails: inputs the fast prefill does not cover (several images,
-video, padding, hooks it cannot emulate) use the Hugging Face prefill and copy its cache; a failed
+Everything falls back rather than fails: a single sequence's padding is dropped first
+(:func:`~qwen3vl_seg_ros.model.generation.drop_padding`); inputs the fast prefill does not cover
+(several images, no image, hooks it cannot emulate) use the Hugging Face prefill and copy its
+cache (video inputs are not supported by either path); a failed
 compilation uses the uncompiled step; a failed capture runs the same step eagerly; a failed
 self-check (:meth:`FastGreedyGenerator.self_check`, run by :meth:`FastGreedyGenerator.warmup`)
 retries without compilation, then hands everything to the eager generator; an exception in the
-fast path at run time switches to the eager generator for good (logged). Weights are the
+fast path at run time answers that call eagerly and switches to the eager generator for good
+(logged; an input the eager generator refuses too is the input's fault and changes nothing). Weights are the
 model's own tensors (no copies), read when a graph is captured: replace weights in place
 (``copy_``); after swapping in other tensors, build a new generator.
 
@@ -61,7 +64,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3vl_seg_ros.model.cuda_graph import capture_graph
-from qwen3vl_seg_ros.model.generation import EagerGreedyGenerator, GenerationOutput, Generator, _mm_token_type_ids
+from qwen3vl_seg_ros.model.generation import (
+    EagerGreedyGenerator,
+    GenerationOutput,
+    Generator,
+    _mm_token_type_ids,
+    drop_padding,
+)
 from qwen3vl_seg_ros.model.token_choice import NumberTokens, pick_tokens
 
 log = logging.getLogger(__name__)
@@ -394,6 +403,7 @@ class FastGreedyGenerator(Generator):
         self.compiled = False
         self.compile_error = ""
         self.eager_only = False
+        self.fallbacks = 0  # run-time failures that went to the eager generator (the segmenter reads it)
         self.notes: list[str] = []
         self._layer_fn: Callable[..., torch.Tensor] = decode_layer
         self._head_fn: Callable[..., tuple] = decode_head
@@ -510,6 +520,7 @@ class FastGreedyGenerator(Generator):
         return ""
 
     def _plan(self, inputs: Mapping[str, torch.Tensor]) -> _Plan:
+        """How to prefill ``inputs`` (already without padding: :func:`drop_padding`)."""
         input_ids = inputs["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError("FastGreedyGenerator decodes one sequence at a time")
@@ -521,9 +532,6 @@ class FastGreedyGenerator(Generator):
 
         if self._vision_problem:
             return hf(self._vision_problem)
-        mask = inputs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            return hf("a padded prompt")
         grid, pixels = inputs.get("image_grid_thw"), inputs.get("pixel_values")
         if inputs.get("pixel_values_videos") is not None or grid is None or pixels is None or grid.shape[0] != 1:
             return hf("not exactly one image")
@@ -844,15 +852,20 @@ class FastGreedyGenerator(Generator):
     def generate(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> GenerationOutput:
         if self.eager_only:
             return self._eager.generate(inputs, max_new_tokens)
+        inputs = drop_padding(inputs)
         try:
             return self._generate(inputs, max_new_tokens)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:
+            # An input that neither path takes (a batch of two) raises here again: that is the
+            # input's fault, and the fast path stays on for the next call.
+            result = self._eager.generate(inputs, max_new_tokens)
             self.eager_only = True
+            self.fallbacks += 1
             self.notes.append(f"the fast path failed ({type(exc).__name__}: {exc}); decoding eagerly from now on"[:500])
             log.error(self.notes[-1])
-            return self._eager.generate(inputs, max_new_tokens)
+            return result
 
     def _generate(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> GenerationOutput:
         limit = max(0, int(max_new_tokens))
@@ -901,6 +914,7 @@ class FastGreedyGenerator(Generator):
         each fed token (T, D), the predicted next tokens (T + 1,: the prefill's, then each
         step's) and their probabilities (T + 1,).
         """
+        inputs = drop_padding(inputs)
         plan = self._plan(inputs)
         state = self._state_for(plan, len(token_ids) + 1)
         self._ensure_step_graph(state)

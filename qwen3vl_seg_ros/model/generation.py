@@ -71,6 +71,26 @@ def _mm_token_type_ids(inputs: Mapping[str, torch.Tensor], image_token_id: int) 
     return (inputs["input_ids"] == image_token_id).to(torch.int64)
 
 
+def drop_padding(inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """One sequence's inputs without its padded positions (``attention_mask`` 0).
+
+    Why: a row taken from a padded batch decodes wrong otherwise: the decode positions would
+    count the pads (M-RoPE shifted by their number) and decoded tokens would attend to them,
+    while for one sequence padding carries no information. Without it, 30 pads turned Hugging
+    Face's own answer "pink cube" at [0, 125, 152, 339] into "blue cube" elsewhere.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.shape[0] != 1 or bool(mask.all()):
+        return inputs
+    keep = mask[0].bool()
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+        value = out.get(key)
+        if value is not None and value.dim() == 2 and value.shape[1] == keep.shape[0]:
+            out[key] = value[:, keep]
+    return out
+
+
 class EagerGreedyGenerator(Generator):
     """Greedy decoding with a dynamic KV cache, one eager forward per token.
 
@@ -98,6 +118,7 @@ class EagerGreedyGenerator(Generator):
     @torch.inference_mode()
     def prefill(self, inputs: Mapping[str, torch.Tensor]) -> tuple[DecodeState, torch.Tensor]:
         """Runs the prompt (and the frame's one vision pass); returns the state and next logits."""
+        inputs = drop_padding(inputs)
         input_ids = inputs["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError("EagerGreedyGenerator decodes one sequence at a time")
