@@ -135,6 +135,19 @@ def test_launch_file_is_valid_python_and_uses_the_installed_executable():
     assert "scripts/segmentation_node" in cmake and "install(DIRECTORY launch config rviz" in cmake
 
 
+def test_every_node_of_the_launch_file_follows_use_sim_time():
+    """With a bag's /clock, a node left on wall time drops the bag's TF and markers (RViz) or
+    stamps frames that match nothing (the simulated camera)."""
+    tree = ast.parse((ROOT / "launch" / "segmentation.launch.py").read_text())
+    calls = [n for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("Node", "LifecycleNode")]
+    assert len(calls) == 3
+    for call in calls:
+        params = next(k.value for k in call.keywords if k.arg == "parameters")
+        text = ast.unparse(params)
+        assert "use_sim_time" in text or "explicit_overrides" in text, text
+
+
 def test_package_xml_is_format_3_and_names_what_we_import():
     root = ET.parse(ROOT / "package.xml").getroot()
     assert root.attrib["format"] == "3" and root.findtext("name") == "qwen3vl_seg_ros"
