@@ -116,6 +116,27 @@ def test_configure_failure_keeps_node_alive_and_explains():
         context.try_shutdown()
 
 
+def test_with_sim_time_and_no_clock_yet_the_node_reports_and_serves():
+    """use_sim_time with a bag not started (or paused): no /clock. /diagnostics went silent (its
+    timer ran on ROS time); one-shot serving never depended on it."""
+    context = new_context("lifecycle_sim_time")
+    harness = NodeHarness(context, {"use_sim_time": True})
+    client = Client(context, node_fqn="/lifecycle_sim_time/qwen3vl_seg")
+    try:
+        client.wait_connected()
+        assert harness.node.get_clock().now().nanoseconds == 0  # no /clock on this domain
+        seen: list[DiagnosticArray] = []
+        client.node.create_subscription(DiagnosticArray, "/diagnostics", seen.append, 10)
+        name = f"{harness.node.get_fully_qualified_name().lstrip('/')}: segmentation"
+        assert wait_for(lambda: sum(s.name == name for m in list(seen) for s in m.status) >= 2, 10)
+        with client.streaming(Scene()):
+            assert client.call("red").result.status == SegmentationResult.OK
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
+
+
 def test_deactivate_answers_a_waiting_request():
     context = new_context()
     harness = NodeHarness(context)

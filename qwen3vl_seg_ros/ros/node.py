@@ -36,6 +36,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import InvalidHandle, ParameterException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -138,11 +139,13 @@ class SegmentationNode(LifecycleNode):
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
         # Diagnostics exist in every lifecycle state, so a monitor also sees "loading" and
-        # "configure failed", not only a serving node.
+        # "configure failed", not only a serving node. Their timer runs on the steady clock: on
+        # ROS time (use_sim_time) it would stop while no /clock comes (a bag not started or paused).
         self._diag_pub = self.create_publisher(
             DiagnosticArray, "/diagnostics",
             QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
-        self._diag_timer = self.create_timer(float(self.p("diagnostics_period_s")), self._publish_diagnostics)
+        self._diag_timer = self.create_timer(float(self.p("diagnostics_period_s")), self._publish_diagnostics,
+                                             clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
