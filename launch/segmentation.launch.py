@@ -28,6 +28,8 @@ from launch import LaunchDescription
 
 LAUNCH_ARGUMENTS = [
     ("namespace", "", "Namespace of the node (and of the simulated camera)."),
+    ("node_name", "qwen3vl_seg", "Name of the segmentation node (two nodes in one namespace need two names); "
+                                 "also the namespace of its RViz markers."),
     ("params_file", "", "Parameters YAML (default: the package's config/params.yaml)."),
     ("segmenter", "qwen3vl_seg", "Segmenter: 'qwen3vl_seg' or 'package.module:ClassName'."),
     ("model", "", "Qwen3-VL(-Seg) hub id or local folder ('' = the shipped tiny demo model)."),
@@ -92,7 +94,7 @@ def generate_launch_description():
         return [LifecycleNode(
             package="qwen3vl_seg_ros",
             executable="segmentation_node",
-            name="qwen3vl_seg",
+            name=arg("node_name"),
             namespace=arg("namespace"),
             parameters=[arg("params_file"), explicit_overrides(given)],
             remappings=[

@@ -257,11 +257,12 @@ def encode(rgb: np.ndarray, encoding: str) -> np.ndarray:
 class NodeHarness:
     """The real SegmentationNode with the given parameters, spun on its own executor thread."""
 
-    def __init__(self, context: Context, parameters: dict[str, Any] | None = None, autostart: bool = True):
+    def __init__(self, context: Context, parameters: dict[str, Any] | None = None, autostart: bool = True,
+                 node_name: str = "qwen3vl_seg"):
         params = {"segmenter": DOUBLE, "max_input_age_s": 2.0, "diagnostics_period_s": 0.2}
         params.update(parameters or {})
         overrides = [Parameter(k, value=v) for k, v in params.items()]
-        self.node = SegmentationNode(context=context, parameter_overrides=overrides)
+        self.node = SegmentationNode(node_name, context=context, parameter_overrides=overrides)
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
         self.spin_errors: list[BaseException] = []

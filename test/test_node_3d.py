@@ -160,6 +160,26 @@ def test_leading_slash_frame_is_dropped_from_3d_outputs(system):
     assert result.objects[0].cloud.header.frame_id == "camera_optical"
 
 
+def test_markers_live_in_the_node_names_namespace():
+    """Two nodes' markers remapped onto one topic must not clear each other's: each node's
+    DELETEALLs and markers carry its own name."""
+    context = new_context("test_node_3d_named")
+    node = NodeHarness(context, {"min_points": 20}, node_name="left_arm_seg")
+    client = Client(context, node_fqn="/test_node_3d_named/left_arm_seg")
+    try:
+        client.wait_connected()
+        scene = Scene()
+        publish((node, client), scene, scene.depth_m())
+        assert client.call("red").result.objects[0].has_3d
+        assert wait_for(lambda: client.snapshot(client.markers), 5)
+        spaces = {m.ns for m in client.snapshot(client.markers)[-1].markers}
+        assert spaces == {"left_arm_seg/boxes", "left_arm_seg/labels", "left_arm_seg/centroids"}
+    finally:
+        client.close()
+        node.close()
+        context.try_shutdown()
+
+
 def test_missing_camera_info_gives_2d_with_reason():
     context = new_context("test_node_3d_no_info")
     node = NodeHarness(context)

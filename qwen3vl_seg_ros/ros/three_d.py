@@ -167,11 +167,14 @@ class ThreeDStage:
             if self._shown_frame:
                 header = Header(stamp=image_header.stamp, frame_id=self._shown_frame)
                 self._node.publish_cloud(cloud_to_msg(concat_clouds([]), header))
-                self._node.publish_markers(build_markers([], header, lifetime_s=lifetime))
+                self._node.publish_markers(build_markers([], header, lifetime_s=lifetime,
+                                                         namespace=self._node.get_name()))
                 self._shown_frame = ""
             return
         self._node.publish_cloud(cloud)
-        self._node.publish_markers(build_markers(result.objects, cloud.header, lifetime_s=lifetime))
+        # the node's name as namespace: two nodes' markers on one topic never clear each other's
+        self._node.publish_markers(build_markers(result.objects, cloud.header, lifetime_s=lifetime,
+                                                 namespace=self._node.get_name()))
         self._shown_frame = cloud.header.frame_id
 
     def _target_transform(self, header: Header, camera_frame: str, warnings: list[str]):
