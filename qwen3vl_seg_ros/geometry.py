@@ -75,6 +75,9 @@ _MAD_TO_SIGMA = 1.4826
 _SPARSE_BIN_FRACTION = 0.002
 #: Histogram bin of the "mode" outlier centre when clustering is off (cluster_gap_m = 0).
 _DEFAULT_MODE_BIN_M = 0.01
+#: The smallest non-zero cluster gap or voxel size: below it, depth / length overflows the
+#: integer bins (1e-20 m gave a negative bin count, or one voxel for the whole cloud).
+MIN_LENGTH_M = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +108,13 @@ class GeometryConfig:
             (self.outlier_method in OUTLIER_METHODS, f"outlier_method must be one of {OUTLIER_METHODS}"),
             (self.outlier_threshold > 0, "outlier_threshold must be > 0"),
             (self.outlier_min_spread_m >= 0, "outlier_min_spread_m must be >= 0"),
-            (self.cluster_gap_m >= 0, "cluster_gap_m must be >= 0 (0 disables clustering)"),
+            (self.cluster_gap_m == 0 or self.cluster_gap_m >= MIN_LENGTH_M,
+             f"cluster_gap_m must be 0 (no clustering) or at least {MIN_LENGTH_M:g} m"),
             (0.0 <= self.cluster_min_fraction <= 1.0, "cluster_min_fraction must be in [0, 1]"),
             (self.min_points >= 1, "min_points must be >= 1"),
             (0.0 <= self.min_depth_m < self.max_depth_m, "need 0 <= min_depth_m < max_depth_m"),
-            (self.voxel_size_m >= 0, "voxel_size_m must be >= 0 (0 disables downsampling)"),
+            (self.voxel_size_m == 0 or self.voxel_size_m >= MIN_LENGTH_M,
+             f"voxel_size_m must be 0 (no downsampling) or at least {MIN_LENGTH_M:g} m"),
             (self.box_method in BOX_METHODS, f"box_method must be one of {BOX_METHODS}"),
         ]
         for ok, message in checks:

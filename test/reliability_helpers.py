@@ -83,7 +83,6 @@ class System:
     def set_params(self, **values: Any) -> None:
         results = self.node.set_parameters([Parameter(k, value=v) for k, v in values.items()])
         assert all(r.successful for r in results), results
-        # The node applies scheduler parameters on its executor right after (a 0 s timer).
         assert wait_for(lambda: all(self.node.p(k) == v for k, v in values.items()), 5)
 
     def close(self) -> None:

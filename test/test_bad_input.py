@@ -644,6 +644,75 @@ def test_huge_raw_answer_is_cut(system):
 
 
 # ---------------------------------------------------------------------------------------------
+# parameters set while serving (what `ros2 param set` sends)
+# ---------------------------------------------------------------------------------------------
+def set_one(system: System, name: str, value):
+    from rclpy.parameter import Parameter
+
+    return system.node.set_parameters([Parameter(name, value=value)])[0]
+
+
+def test_a_whole_number_for_a_decimal_parameter_is_accepted_at_runtime(system):
+    """P01: `ros2 param set /qwen3vl_seg max_rate_hz 10` sends an integer."""
+    before = system.node.p("max_input_age_s")
+    try:
+        assert set_one(system, "max_input_age_s", 3).successful
+        assert system.node.p("max_input_age_s") == 3.0 and system.node._scheduler.max_input_age_s == 3.0
+    finally:
+        system.set_params(max_input_age_s=before)
+
+
+def test_depth_bounds_that_cannot_work_together_are_refused(system):
+    """P02: each range alone allowed min_depth_m 12 with max_depth_m 10, and every result,
+    2D included, became an ERROR until the second `param set`."""
+    result = set_one(system, "min_depth_m", 12.0)
+    assert not result.successful and "min_depth_m (12) must be below max_depth_m (10)" in result.reason
+    result = set_one(system, "max_depth_m", 0.0)
+    assert not result.successful and "must be below max_depth_m (0)" in result.reason
+    result = set_one(system, "cluster_gap_m", 1e-20)
+    assert not result.successful and "cluster_gap_m must be 0 (off) or at least 1e-06 m" in result.reason
+    assert system.node.p("min_depth_m") < system.node.p("max_depth_m") and system.node.p("cluster_gap_m") > 0
+
+
+def test_geometry_parameters_from_a_params_file_that_cannot_work_keep_the_2d_result():
+    """P03: a params file is not checked by a set callback; the result is still OK in 2D."""
+    s = System("bad_input_geometry", {"min_depth_m": 5.0, "max_depth_m": 2.0})
+    try:
+        publish(s)
+        result = ask(s, "red", "P03")
+        assert result.status == OK, result.message
+        obj = only_object(result)
+        assert not obj.has_3d and "need 0 <= min_depth_m < max_depth_m" in obj.status_3d
+    finally:
+        s.close()
+
+
+def test_a_continuous_command_published_again_is_logged_once(system):
+    """P05: planners re-publish their goal (10 Hz: 36,000 identical INFO lines an hour)."""
+    before = len(system.log.lines())
+    for _ in range(5):
+        system.client.send_command("red P05")
+        time.sleep(0.05)
+    system.log.wait_line("continuous mode: 'red P05'")
+    time.sleep(0.3)
+    assert sum("continuous mode: 'red P05'" in line for line in system.log.lines()[before:]) == 1
+    system.client.send_command("")
+    assert wait_for(lambda: system.node._scheduler.continuous_command is None, 5)
+
+
+def test_a_configure_time_parameter_set_while_active_says_when_it_applies(system):
+    """P04: accepted (rclpy drops the reason of a successful set), so the log says it."""
+    before = system.node.p("use_depth")
+    try:
+        assert set_one(system, "use_depth", not before).successful
+        system.log.wait_line("use_depth takes effect at the next activate (deactivate, activate)")
+        assert set_one(system, "max_new_tokens", 200).successful
+        system.log.wait_line("max_new_tokens takes effect at the next configure (cleanup, configure, activate)")
+    finally:
+        system.set_params(use_depth=before, max_new_tokens=256)
+
+
+# ---------------------------------------------------------------------------------------------
 # failures
 # ---------------------------------------------------------------------------------------------
 def test_exception_in_the_model_is_an_error_with_traceback_in_the_log(system):

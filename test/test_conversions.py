@@ -47,6 +47,9 @@ def test_padded_rows_are_handled(rgb):
         (lambda m: setattr(m, "step", 10), "step 10 is smaller than width x bytes per pixel = 33"),
         (lambda m: setattr(m, "data", bytes(100)), "truncated: 100 bytes, expected step x height = 231"),
         (lambda m: (setattr(m, "width", 5000), setattr(m, "height", 5000)), "too large (5000x5000"),
+        # a frame whose pixels were shed on arrival (over max_image_pixels then), read after the
+        # limit was raised: not "truncated: 0 bytes"
+        (lambda m: cv.shed_unusable_bytes(m, 10), "has no pixel data (it arrived while larger than max_image_pixels"),
     ],
 )
 def test_malformed_colour_images_raise_clear_errors(rgb, mutate, message):

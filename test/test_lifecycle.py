@@ -137,6 +137,25 @@ def test_with_sim_time_and_no_clock_yet_the_node_reports_and_serves():
         context.try_shutdown()
 
 
+def test_a_stop_sent_while_inactive_is_not_lost():
+    """The planner cancels its goal (an empty command) while a lifecycle manager has the node
+    inactive: the command topic was unsubscribed, so after activate the old goal ran again."""
+    with served("lifecycle_stop_inactive") as (harness, client):
+        node = harness.node
+        client.send_command("red")
+        assert wait_for(lambda: node._scheduler.continuous_command == "red", 5)
+        node.trigger_deactivate()
+        client.send_command("")
+        assert wait_for(lambda: node._scheduler.continuous_command is None, 5)
+        client.send_command("blue")  # a new goal while inactive is the one resumed
+        assert wait_for(lambda: node._scheduler.continuous_command == "blue", 5)
+        node.trigger_activate()
+        assert node._scheduler.continuous_command == "blue"
+        node.trigger_deactivate()
+        node.trigger_cleanup()  # unconfigured forgets continuous mode, as a restart does
+        assert node._scheduler.continuous_command is None
+
+
 def test_deactivate_answers_a_waiting_request():
     context = new_context()
     harness = NodeHarness(context)

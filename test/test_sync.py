@@ -22,6 +22,16 @@ def test_waits_for_depth_while_depth_stream_is_active():
     assert sync.latest(now=100.2).depth == "d1"
 
 
+def test_a_paired_frame_that_is_only_old_is_not_blamed_on_depth():
+    """A slow camera: the frame has its depth, it is just older than max_input_age_s; telling the
+    user to check depth alignment ("closest stamp gap 0.000 s") sent them the wrong way."""
+    sync = RgbdSynchronizer(slop_s=0.05, depth_timeout_s=1.0)
+    sync.add_image("img", stamp=10.0, arrival=100.0)
+    sync.add_depth("d", stamp=10.0, arrival=100.0)
+    reason = sync.explain(now=100.8)
+    assert reason.startswith("newest colour image arrived 0.80 s ago") and "depth" not in reason
+
+
 def test_falls_back_to_newest_older_pair_when_newest_image_has_no_depth_yet():
     sync = RgbdSynchronizer(slop_s=0.02)
     sync.add_image("img1", 10.0, 100.0)

@@ -71,6 +71,9 @@ def _checked_array(msg: Image, table: dict[str, tuple[int, type]], what: str, ma
         )
     expected = step * height
     data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size == 0:
+        raise InputError(f"{what} image has no pixel data (it arrived while larger than max_image_pixels, "
+                         f"whose pixels are not kept, or its publisher sent none): the next frame is used")
     if data.size < expected:
         raise InputError(
             f"{what} image data is truncated: {data.size} bytes, expected step x height = {expected}"

@@ -54,12 +54,13 @@ from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
 from qwen3vl_seg_ros.commands import clean_command
+from qwen3vl_seg_ros.geometry import MIN_LENGTH_M
 from qwen3vl_seg_ros.masks import box_mask
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions, detections
 from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
-from qwen3vl_seg_ros.ros.parameters import BY_NAME, PARAMETERS, Param
+from qwen3vl_seg_ros.ros.parameters import ACTIVATE, BY_NAME, CONFIGURE, PARAMETERS, Param
 from qwen3vl_seg_ros.ros.results import (
     ECHO_CHARS,
     MAX_ANSWER_CHARS,
@@ -137,6 +138,7 @@ class SegmentationNode(LifecycleNode):
         self._three_d: ThreeDStage | None = None
         self._tracker = ObjectTracker()
         self._subs: list[Any] = []
+        self._command_sub: Any = None
         self._pubs: dict[str, Any] = {}
         # Diagnostics exist in every lifecycle state, so a monitor also sees "loading" and
         # "configure failed", not only a serving node. Their timer runs on the steady clock: on
@@ -162,6 +164,7 @@ class SegmentationNode(LifecycleNode):
         # "not configured" or "not active" ones.
         self._service = self.create_service(Segment, "~/segment", self._on_segment, qos_profile=SERVICE_QOS,
                                             callback_group=self._service_group)
+        self.add_pre_set_parameters_callback(self._widen_integers)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     # ------------------------------------------------------------------------------------------
@@ -181,6 +184,16 @@ class SegmentationNode(LifecycleNode):
             if (isinstance(param.default, float) and given is not None
                     and given.type_ == Parameter.Type.INTEGER):
                 self._parameter_overrides[param.name] = Parameter(param.name, value=float(given.value))
+
+    @staticmethod
+    def _widen_integers(params: list[Parameter]) -> list[Parameter]:
+        """``ros2 param set /qwen3vl_seg max_rate_hz 10`` sends an integer, which rclpy refuses for
+        a double parameter ("Wrong parameter type, expected '3' got '2'"): widened, as at start-up."""
+        def is_double(p: Parameter) -> bool:
+            return p.name in BY_NAME and isinstance(BY_NAME[p.name].default, float)
+
+        return [Parameter(p.name, value=float(p.value)) if p.type_ == Parameter.Type.INTEGER and is_double(p) else p
+                for p in params]
 
     @staticmethod
     def _descriptor(param: Param) -> ParameterDescriptor:
@@ -206,10 +219,42 @@ class SegmentationNode(LifecycleNode):
                 return SetParametersResult(
                     successful=False,
                     reason=f"{param.name} must be one of {', '.join(spec.choices)}, not '{param.value}'")
+        new = {param.name: param.value for param in params}
+        problem = self._geometry_problem(new)
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
         # Applied here from the accepted values themselves: rclpy stores them only after this
         # returns, and a deferred apply (a 0 s timer) could run before that and keep the old ones.
-        self._apply_scheduler_params({param.name: param.value for param in params})
+        self._apply_scheduler_params(new)
+        self._say_when_they_apply(new)
         return SetParametersResult(successful=True)
+
+    def _geometry_problem(self, new: dict[str, Any]) -> str:
+        """Why new 3D parameters cannot work together, or "". Each range alone allows them, but
+        min_depth_m at or above max_depth_m made every result an ERROR, and a gap or voxel below
+        a micrometre overflows the bin arithmetic."""
+        value = {name: float(new[name]) if name in new else float(self.p(name))
+                 for name in ("min_depth_m", "max_depth_m")}
+        if ("min_depth_m" in new or "max_depth_m" in new) and value["min_depth_m"] >= value["max_depth_m"]:
+            return (f"min_depth_m ({value['min_depth_m']:g}) must be below max_depth_m ({value['max_depth_m']:g}); "
+                    f"set both in one call, or the other end first")
+        for name in ("cluster_gap_m", "voxel_size_m"):
+            if name in new and 0.0 < float(new[name]) < MIN_LENGTH_M:
+                return f"{name} must be 0 (off) or at least {MIN_LENGTH_M:g} m, not {float(new[name]):g}"
+        return ""
+
+    def _say_when_they_apply(self, new: dict[str, Any]) -> None:
+        """A configure- or activate-time parameter set on a node past that step is accepted but
+        changes nothing yet; rclpy drops the reason of a successful set, so the log says it."""
+        configured, active = self._segmenter is not None, bool(self._subs)
+        for name in new:
+            spec = BY_NAME.get(name)
+            if spec is None:
+                continue
+            if spec.applies == CONFIGURE and configured:
+                self.get_logger().info(f"{name} takes effect at the next configure (cleanup, configure, activate)")
+            elif spec.applies == ACTIVATE and active:
+                self.get_logger().info(f"{name} takes effect at the next activate (deactivate, activate)")
 
     def _apply_scheduler_params(self, new: dict[str, Any] | None = None) -> None:
         """Puts the live-tunable parameters into the scheduler and synchronizer; ``new`` holds
@@ -282,6 +327,10 @@ class SegmentationNode(LifecycleNode):
             log.warning("vision_msgs is not installed: ~/detections and ~/detections_3d are not published "
                         "(install ros-$ROS_DISTRO-vision-msgs); everything else is")
         self._three_d = ThreeDStage(self)
+        # Commands are heard from configure on, so a planner's stop (or new goal) sent while the
+        # node is inactive is not lost: activate resumes the planner's latest wish, not an old one.
+        self._command_sub = self.create_subscription(String, "command", self._on_command, 10,
+                                                     callback_group=self._sensor_group)
         self._scheduler.start()
         return TransitionCallbackReturn.SUCCESS
 
@@ -296,7 +345,6 @@ class SegmentationNode(LifecycleNode):
         self._subs = [
             self.create_subscription(Image, "image", self._on_image, qos, callback_group=self._image_group),
             self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=group),
-            self.create_subscription(String, "command", self._on_command, 10, callback_group=group),
         ]
         if self.p("use_depth"):
             self._subs.append(self.create_subscription(Image, "depth", self._on_depth, qos,
@@ -333,6 +381,10 @@ class SegmentationNode(LifecycleNode):
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
+        if self._command_sub is not None:
+            self.destroy_subscription(self._command_sub)
+            self._command_sub = None
+        self._scheduler.set_continuous(None)  # unconfigured forgets continuous mode, as a restart does
         for pub in self._pubs.values():
             self.destroy_publisher(pub)
         self._pubs = {}
@@ -418,6 +470,8 @@ class SegmentationNode(LifecycleNode):
             self._error_result(Job(truncate(msg.data, ECHO_CHARS), "continuous-rejected", time.monotonic(),
                                    continuous=True), f"command refused: {exc}")
             return
+        if command == self._scheduler.continuous_command:
+            return  # planners re-publish their goal: the same command changes nothing, nor logs
         for warning in warnings:
             self.get_logger().warning(warning)
         self.get_logger().info(f"continuous mode: '{truncate(command, 200)}' at most {self.p('max_rate_hz')} Hz")

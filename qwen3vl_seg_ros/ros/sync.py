@@ -124,7 +124,9 @@ class RgbdSynchronizer:
                 return "no colour image received yet (check the 'image' remapping and image_qos)"
             newest = self._images[-1]
             parts = [f"newest colour image arrived {now - newest.arrival:.2f} s ago"]
-            if self._depth_active_locked(now):
+            # only when pairing is what failed: a paired frame that is merely too old (a slow
+            # camera) must not send the user off to debug depth alignment
+            if self._depth_active_locked(now) and not any(self._closest_depth(i.stamp) for i in self._images):
                 gaps = [min(abs(d.stamp - i.stamp) for d in self._depths) for i in self._images]
                 parts.append(
                     f"no depth image within sync_slop_s={self.slop_s:.3f} s of any recent colour image "

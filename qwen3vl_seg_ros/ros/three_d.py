@@ -140,8 +140,14 @@ class ThreeDStage:
         transform, out_frame = self._target_transform(header, inputs.frame_id, warnings)
         # an object without a mask is its box, in the pixels its SegmentedObject.mask and ~/mask give it
         masks = [inst.mask if inst.mask is not None else box_mask(rgb.shape[:2], inst.box) for inst in instances]
-        geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics,
-                                self.geometry_config(), transform)
+        try:
+            geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics,
+                                    self.geometry_config(), transform)
+        except InputError as exc:  # parameters that cannot work together (a params file): 2D stays
+            for obj in result.objects:
+                obj.has_3d, obj.status_3d = False, str(exc)
+            warnings.append(f"no 3D: {exc}")
+            return "", None
         cloud_header = Header(stamp=header.stamp, frame_id=out_frame)
         clouds = []
         for obj, geom in zip(result.objects, geoms):
