@@ -12,7 +12,9 @@ tracks:
 * otherwise by the IoU of their 2D boxes, which holds for a still camera.
 
 A pair further apart than the gate is never matched; an object left unmatched starts a new track;
-a track unseen for ``max_age_s`` is forgotten. Ids are never reused while the tracker lives.
+a track unseen for ``max_age_s`` is forgotten. Ids are not reused while the tracker lives,
+until they pass the message field's range (uint32, years at any real rate): then they start
+again at 1, skipping live ones.
 Labels are not compared: the model's label for one object can change from frame to frame, its
 place does not. This module does not import rclpy.
 """
@@ -30,6 +32,16 @@ from qwen3vl_seg_ros.training.metrics import box_iou_matrix
 
 #: Cost of a pair outside the gate; larger than any gated cost (those lie in [0, 1]).
 _BLOCKED = 1e6
+
+#: Cost of leaving a track or an observation unmatched. Without it the assignment matched as
+#: many pairs as the gates allow before it looked at distances: with caps A and B tracked and
+#: then B (unmoved) and a new screw C 4 cm from it found, B took A's id and C took B's. Two
+#: unmatched (1.0) cost as much as the worst gated pair, so a lone pair in the gate is matched,
+#: but a still object is never moved off its own track to make room for more matches.
+_UNMATCHED = 0.5
+
+#: Largest track id: ``SegmentedObject.track_id`` is a uint32 (0 means "tracking off").
+MAX_TRACK_ID = 2**32 - 1
 
 #: Most tracks kept (the longest unseen go first): bounds memory and matching time whatever
 #: ``max_age_s`` is.
@@ -87,6 +99,32 @@ def match_cost(tracks: Sequence[Observation], observations: Sequence[Observation
     return cost
 
 
+def assign(cost: np.ndarray) -> list[tuple[int, int]]:
+    """The (track, observation) pairs of least total cost, where leaving either side unmatched
+    costs ``_UNMATCHED`` each; only rows and columns with a pair inside the gate take part (the
+    others could only stay unmatched), which keeps the problem as small as the plain one."""
+    gated = cost < _BLOCKED
+    rows, cols = np.flatnonzero(gated.any(axis=1)), np.flatnonzero(gated.any(axis=0))
+    sub = cost[np.ix_(rows, cols)]
+    n_t, n_o = sub.shape
+    padded = np.full((n_t + n_o, n_o + n_t), _BLOCKED)
+    padded[:n_t, :n_o] = sub
+    padded[np.arange(n_t), n_o + np.arange(n_t)] = _UNMATCHED  # the track stays unmatched
+    padded[n_t + np.arange(n_o), np.arange(n_o)] = _UNMATCHED  # the observation starts a track
+    padded[n_t:, n_o:] = 0.0
+    return [(int(rows[r]), int(cols[c])) for r, c in zip(*linear_sum_assignment(padded))
+            if r < n_t and c < n_o and sub[r, c] < _BLOCKED]
+
+
+def keep_3d(old: Observation, new: Observation) -> Observation:
+    """The new observation, with the old centroid where the new one has none: one result without
+    depth (or whose TF fell back to the camera frame) must not demote a track fixed in the world
+    to box matching, which a moving camera breaks at the next result."""
+    if (new.centroid is None or not new.frame_id) and old.centroid is not None and old.frame_id:
+        return Observation(new.box, old.centroid, old.frame_id)
+    return new
+
+
 class ObjectTracker:
     """Track ids for the objects of successive results. Thread-safe."""
 
@@ -104,19 +142,29 @@ class ObjectTracker:
             ids = [0] * len(observations)
             if tracks and observations:
                 cost = match_cost([t.last for t in tracks], observations, settings)
-                for row, col in zip(*linear_sum_assignment(cost)):
-                    if cost[row, col] < _BLOCKED:
-                        ids[col] = tracks[row].track_id
-                        tracks[row].last, tracks[row].last_seen = observations[col], now
+                for row, col in assign(cost):
+                    ids[col] = tracks[row].track_id
+                    tracks[row].last = keep_3d(tracks[row].last, observations[col])
+                    tracks[row].last_seen = now
+            live = {t.track_id for t in tracks}
             for col, obs in enumerate(observations):
                 if ids[col] == 0:
-                    ids[col] = self._next_id
-                    tracks.append(_Track(self._next_id, obs, now))
-                    self._next_id += 1
+                    ids[col] = self._new_id(live)
+                    live.add(ids[col])
+                    tracks.append(_Track(ids[col], obs, now))
             if len(tracks) > MAX_TRACKS:
                 tracks.sort(key=lambda t: t.last_seen, reverse=True)
                 del tracks[MAX_TRACKS:]
             return ids
+
+    def _new_id(self, live: set[int]) -> int:
+        """The next id: counting up, back to 1 after the message field's largest value (uint32:
+        past it the wire carried 0, "tracking off", then small ids again), skipping live ones."""
+        while True:
+            candidate = self._next_id
+            self._next_id = 1 if candidate >= MAX_TRACK_ID else candidate + 1
+            if candidate not in live:
+                return candidate
 
     def live_tracks(self) -> int:
         """Tracks held (for diagnostics and tests); expired ones go at the next update."""

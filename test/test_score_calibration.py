@@ -69,6 +69,16 @@ def test_fit_refuses_what_it_cannot_fit() -> None:
         fit_calibration([0.3] * 30, [0.9] * 30, [True] * 30)
 
 
+def test_non_finite_scores_are_left_out_of_the_fit() -> None:
+    """One NaN box score (a low-precision evaluation) made every mean NaN: the file was written,
+    exit 0, and the node then refused it at configure."""
+    box, mask, right = synthetic_outcomes(500)
+    box[3], mask[7] = np.nan, np.inf
+    cal = fit_calibration(box, mask, right)
+    assert cal.fitted_on["non_finite_dropped"] == 2 and cal.fitted_on["objects"] == 498
+    assert from_json(cal.to_json()).weights == cal.weights  # a file that loads
+
+
 def test_file_round_trip(tmp_path: Path) -> None:
     box, mask, right = synthetic_outcomes(500)
     cal = fit_calibration(box, mask, right, box_refine_passes=2, note="unit test")
@@ -88,6 +98,10 @@ def test_file_round_trip(tmp_path: Path) -> None:
     (lambda d: {**d, "std": [0.1, 0.0]}, "'std' must be two finite positive numbers"),
     (lambda d: {**d, "bias": "high"}, "'bias' must be a finite number"),
     (lambda d: {**d, "box_refine_passes": True}, "'box_refine_passes' must be an integer"),
+    # a negative weight lowers the score as the box grows more confident
+    (lambda d: {**d, "weights": [-0.5, 0.38]}, "'weights' must be two finite numbers >= 0"),
+    # another source would never be applied, while the log said the scores were calibrated
+    (lambda d: {**d, "mask_source": "Decoder"}, "'mask_source' must be \"decoder\", got 'Decoder'"),
 ])
 def test_malformed_files_are_refused_with_the_reason(edit, message) -> None:
     good = json.loads(ScoreCalibration((1.0, 1.0), 0.0, (0.0, 0.0), (1.0, 1.0)).to_json())

@@ -72,12 +72,52 @@ def test_centroids_in_different_frames_fall_back_to_boxes():
 
 
 def test_assignment_is_joint_not_greedy():
-    """Greedy matching would give the nearer track B to the first object and leave the second
-    without one; the joint assignment matches both (A-o1 4 cm, B-o2 3 cm)."""
+    """Greedy matching in the result's order would give the nearer track B to the first object
+    (2 cm) and leave the second without one; the joint assignment matches both (A-o1 3 cm,
+    B-o2 1 cm)."""
     tracker = ObjectTracker()
     a, b = tracker.update([at(0.00), at(0.05)], now=0.0, settings=SETTINGS)
-    o1, o2 = tracker.update([at(0.04), at(0.08)], now=0.1, settings=SETTINGS)
+    o1, o2 = tracker.update([at(0.03), at(0.06)], now=0.1, settings=SETTINGS)
     assert (o1, o2) == (a, b)
+
+
+def test_a_still_object_keeps_its_id_when_a_neighbour_goes_and_another_comes():
+    """'all caps' finds caps A (x=0) and B (4 cm); 'cap B and the screw' finds B, unmoved, and a
+    screw C 4 cm beyond it. Matching as many pairs as possible gave B A's id and C B's."""
+    tracker = ObjectTracker()
+    a, b = tracker.update([at(0.00), at(0.04)], now=0.0, settings=SETTINGS)
+    still, new = tracker.update([at(0.04), at(0.08)], now=0.1, settings=SETTINGS)
+    assert still == b and new not in (a, b)
+    # the same without depth: overlapping boxes A [0, 40], B [20, 60], then B and C [40, 80]
+    tracker = ObjectTracker()
+    a, b = tracker.update([box(0, 0, 40, 20), box(20, 0, 40, 20)], now=0.0, settings=SETTINGS)
+    still, new = tracker.update([box(20, 0, 40, 20), box(40, 0, 40, 20)], now=0.1, settings=SETTINGS)
+    assert still == b and new not in (a, b)
+
+
+def test_a_result_without_3d_does_not_cost_a_world_track_its_id():
+    """A wrist camera pans while a mug stands still in 'world'; one result has no depth for it.
+    The track kept only that result's box, and the next 3D result (box moved on) got a new id."""
+    tracker = ObjectTracker()
+    (first,) = tracker.update([at(0.30, box_x=0)], now=0.0, settings=SETTINGS)
+    (blind,) = tracker.update([Observation((10, 0, 30, 20))], now=0.1, settings=SETTINGS)  # IoU 0.33
+    (again,) = tracker.update([at(0.301, box_x=25)], now=0.2, settings=SETTINGS)  # IoU with t1 0.14
+    assert blind == first and again == first
+
+
+def test_a_centroid_left_in_the_camera_frame_is_not_given_to_the_tracker():
+    """With target_frame set, a result whose TF fell back to the camera frame must not overwrite
+    the track's world centroid with a camera-frame one."""
+    from qwen3vl_seg_ros.msg import SegmentationResult, SegmentedObject
+    from qwen3vl_seg_ros.ros.node import track_observations
+
+    obj = SegmentedObject(has_3d=True)
+    obj.centroid.x, obj.box.width, obj.box.height = 0.3, 20, 20
+    result = SegmentationResult(geometry_frame_id="camera_optical", objects=[obj])
+    assert track_observations(result, "world")[0].centroid is None
+    assert track_observations(result, "")[0].frame_id == "camera_optical"
+    result.geometry_frame_id = "world"
+    assert track_observations(result, "/world")[0].centroid == (0.3, 0.0, 0.0)
 
 
 def test_tracks_expire_and_ids_are_never_reused():
@@ -110,3 +150,12 @@ def test_non_finite_centroids_never_match():
     (old,) = tracker.update([at(float("nan"), box_x=0)], now=0.0, settings=SETTINGS)
     (new,) = tracker.update([at(float("nan"), box_x=0)], now=0.1, settings=SETTINGS)
     assert new != old
+
+
+def test_ids_start_again_at_one_after_the_uint32_range_skipping_live_ones():
+    """track_id is a uint32: past 2^32 - 1 the wire carried 0 ("tracking off"), then old ids."""
+    tracker = ObjectTracker()
+    (one,) = tracker.update([box(0, 0)], now=0.0, settings=SETTINGS)
+    tracker._next_id = tracking.MAX_TRACK_ID
+    last, wrapped = tracker.update([box(0, 0), box(100, 0), box(200, 0)], now=0.1, settings=SETTINGS)[1:]
+    assert one == 1 and last == tracking.MAX_TRACK_ID and wrapped == 2  # 1 is live: skipped

@@ -83,12 +83,14 @@ def from_json(text: str, source: str = "score calibration") -> ScoreCalibration:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CalibrationError(f"{source} is not a score calibration (expected \"format\": \"{FORMAT}\")")
 
-    def pair(name: str, positive: bool = False) -> tuple[float, float]:
+    def pair(name: str, positive: bool = False, non_negative: bool = False) -> tuple[float, float]:
         value = data.get(name)
         ok = (isinstance(value, list) and len(value) == 2
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
-        if not ok or (positive and min(value) <= 0):
-            need = "two finite positive numbers" if positive else "two finite numbers"
+        if not ok or (positive and min(value) <= 0) or (non_negative and min(value) < 0):
+            need = ("two finite positive numbers" if positive else
+                    "two finite numbers >= 0 (a more confident box or mask must never lower the score)"
+                    if non_negative else "two finite numbers")
             raise CalibrationError(f"{source}: '{name}' must be {need}, got {value!r}")
         return float(value[0]), float(value[1])
 
@@ -102,8 +104,11 @@ def from_json(text: str, source: str = "score calibration") -> ScoreCalibration:
     if not isinstance(digest, str):
         raise CalibrationError(f"{source}: 'decoder_sha256' must be a string, got {digest!r}")
     fitted_on = data.get("fitted_on", {})
-    return ScoreCalibration(weights=pair("weights"), bias=float(bias), mean=pair("mean"), std=pair("std", True),
-                            mask_source=str(data.get("mask_source", "decoder")), box_refine_passes=passes,
+    mask_source = data.get("mask_source", "decoder")
+    if mask_source != "decoder":  # the only source calibrate fits on; another would never apply
+        raise CalibrationError(f"{source}: 'mask_source' must be \"decoder\", got {mask_source!r}")
+    return ScoreCalibration(weights=pair("weights", non_negative=True), bias=float(bias), mean=pair("mean"),
+                            std=pair("std", True), mask_source=mask_source, box_refine_passes=passes,
                             decoder_sha256=digest, fitted_on=fitted_on if isinstance(fitted_on, dict) else {})
 
 
@@ -143,11 +148,22 @@ def expected_calibration_error(probabilities: Sequence[float] | np.ndarray, corr
 def fit_calibration(box_scores: Sequence[float], mask_scores: Sequence[float], correct: Sequence[bool],
                     l2: float = 1e-2, box_refine_passes: int = 1, note: str = "",
                     decoder_sha256: str = "") -> ScoreCalibration:
-    """Logistic regression of ``correct`` on the standardised log scores, weights >= 0."""
+    """Logistic regression of ``correct`` on the standardised log scores, weights >= 0.
+
+    Objects with a non-finite score (NaN probabilities of an overflowing low-precision run) are
+    left out and counted in ``fitted_on["non_finite_dropped"]``: one NaN made every mean NaN,
+    and the file that was written could not be loaded.
+    """
+    box = np.asarray(box_scores, dtype=np.float64).reshape(-1)
+    mask = np.asarray(mask_scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if not (len(box) == len(mask) == len(y)):
+        raise CalibrationError(f"{len(box)} box scores, {len(mask)} mask scores and {len(y)} outcomes differ")
+    finite = np.isfinite(box) & np.isfinite(mask)
+    box_scores, mask_scores, y = box[finite], mask[finite], y[finite]
     x = _features(box_scores, mask_scores)
-    y = np.asarray(correct, dtype=np.float64)
-    if len(y) != len(x) or len(y) < 20:
-        raise CalibrationError(f"need at least 20 objects with scores and outcomes, got {len(y)}")
+    if len(y) < 20:
+        raise CalibrationError(f"need at least 20 objects with finite scores and outcomes, got {len(y)}")
     if y.min() == y.max():
         raise CalibrationError("every object was right, or every one wrong: nothing to calibrate against")
     mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
@@ -161,14 +177,14 @@ def fit_calibration(box_scores: Sequence[float], mask_scores: Sequence[float], c
         return float(nll), grad
 
     fit = minimize(loss, np.zeros(3), jac=True, method="L-BFGS-B", bounds=[(0, None), (0, None), (None, None)])
-    if not fit.success and not np.all(np.isfinite(fit.x)):
+    if not fit.success or not np.all(np.isfinite(fit.x)):
         raise CalibrationError(f"the fit did not converge: {fit.message}")
     raw = np.exp(x).prod(axis=1)
     calibration = ScoreCalibration(weights=(float(fit.x[0]), float(fit.x[1])), bias=float(fit.x[2]),
                                    mean=(float(mean[0]), float(mean[1])), std=(float(std[0]), float(std[1])),
                                    box_refine_passes=int(box_refine_passes), decoder_sha256=decoder_sha256)
     stated = calibration.probabilities(box_scores, mask_scores)
-    fitted_on = {"objects": len(y), "right": float(y.mean()),
+    fitted_on = {"objects": len(y), "non_finite_dropped": int((~finite).sum()), "right": float(y.mean()),
                  "ece_raw_score": expected_calibration_error(raw, y),
                  "ece_calibrated": expected_calibration_error(stated, y)}
     if note:

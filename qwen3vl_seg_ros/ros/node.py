@@ -659,7 +659,7 @@ class SegmentationNode(LifecycleNode):
 
     def _track(self, result: SegmentationResult) -> None:
         """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
-        observations = track_observations(result)
+        observations = track_observations(result, str(self.p("target_frame")))
         settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),
                                    max_distance_m=float(self.p("track_max_distance_m")),
                                    max_age_s=float(self.p("track_max_age_s")))
@@ -857,13 +857,17 @@ class SegmentationNode(LifecycleNode):
         time.sleep(0.1)  # the executor sends a response just after the service coroutine returns
 
 
-def track_observations(result: SegmentationResult) -> list[Observation]:
-    """What the tracker sees of each object: its box, and its centroid in the geometry frame where it has 3D."""
+def track_observations(result: SegmentationResult, target_frame: str = "") -> list[Observation]:
+    """What the tracker sees of each object: its box, and its centroid in the geometry frame where
+    it has 3D. With a target_frame set, a centroid left in the camera frame (TF unavailable for
+    this result) is not given: the tracker keeps the track's world centroid instead."""
     frame = result.geometry_frame_id
+    target = target_frame.strip().lstrip("/")
+    usable = bool(frame) and (not target or frame == target)
     return [Observation(
         box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),
-        centroid=(o.centroid.x, o.centroid.y, o.centroid.z) if o.has_3d else None,
-        frame_id=frame if o.has_3d else "") for o in result.objects]
+        centroid=(o.centroid.x, o.centroid.y, o.centroid.z) if o.has_3d and usable else None,
+        frame_id=frame if o.has_3d and usable else "") for o in result.objects]
 
 
 def main(args: list[str] | None = None) -> int:
