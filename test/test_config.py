@@ -154,8 +154,12 @@ def test_package_xml_is_format_3_and_names_what_we_import():
     deps = {e.text for e in root if e.tag.endswith("depend")}
     for needed in ("rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs",
                    "lifecycle_msgs", "rosidl_default_generators", "rosidl_default_runtime", "tf2_ros", "cv_bridge",
-                   "python3-pil", "python3-matplotlib", "python3-opencv", "python3-scipy"):
+                   "python3-pil", "python3-matplotlib", "python3-opencv", "python3-scipy", "ament_index_python",
+                   "rcl_interfaces"):
         assert needed in deps, needed
+    # pip-only packages live in requirements/robot.txt: rosdep lacks some keys (it stops on an
+    # unknown key) and its -pip rules would put PyPI's CPU torch over a robot's CUDA build
+    assert not [d for d in deps if d.endswith("-pip") or d == "python3-pycocotools"]
     assert root.find("export/build_type").text == "ament_cmake"
     assert root.find("member_of_group").text == "rosidl_interface_packages"
 
@@ -187,11 +191,13 @@ def test_robot_requirements_are_ranges_over_the_tested_pins():
     there), each as a range the tested pin satisfies, so a robot's Python 3.10 can resolve it."""
     from packaging.requirements import Requirement
 
-    def read(name: str) -> dict:
+    def read(name: str, python: str = "3.11") -> dict:
         lines = (ROOT / "requirements" / name).read_text().splitlines()
         reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
-        return {r.name.lower(): r for r in reqs}
+        return {r.name.lower(): r for r in reqs if r.marker is None or r.marker.evaluate({"python_version": python})}
 
+    # Humble (Python 3.10): its apt OpenCV and cv_bridge need NumPy 1
+    assert not read("robot.txt", "3.10")["numpy"].specifier.contains("2.0.0")
     base, robot = read("base.txt"), read("robot.txt")
     assert set(robot) == set(base) - {"opencv-python-headless"}
     for name, req in robot.items():

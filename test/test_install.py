@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("msg", "srv", "CMakeLists.txt", "package.xml", "qwen3vl_seg_ros", "scripts", "launch", "config",
+SOURCES = ("msg", "srv", "CMakeLists.txt", "package.xml", "LICENSE", "qwen3vl_seg_ros", "scripts", "launch", "config",
            "rviz", "models")
 
 
@@ -52,7 +52,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_install_holds_what_the_launch_file_and_the_node_load(installed: Path) -> None:
     share = installed / "share" / "qwen3vl_seg_ros"
     for path in ("launch/segmentation.launch.py", "config/params.yaml", "rviz/segmentation.rviz",
-                 "models/tiny_qwen3vl_seg/config.json", "models/tiny_qwen3vl_seg/model.safetensors",
+                 "models/tiny_qwen3vl_seg/config.json", "models/tiny_qwen3vl_seg/model.safetensors", "LICENSE",
                  "package.xml"):
         assert (share / path).is_file(), path
     for exe in ("segmentation_node", "sim_camera", "demo", "example_client"):
