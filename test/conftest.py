@@ -23,9 +23,34 @@ HANG_REPORT = TEST_DIR.parent / "log" / "pytest_hang.txt"
 HARD_LIMIT_S = float(os.environ.get("QWEN3VL_SEG_TEST_HARD_LIMIT_S", "600"))
 
 # Each pytest run gets its own DDS domain so that runs side by side never see each other's
-# topics. Set before anything imports rclpy; subprocesses started by tests inherit it.
+# topics. A random draw alone gave two overlapping runs the same domain about one time in a
+# hundred, and then each answered the other's requests: a run claims its domain with a lock file
+# held for its lifetime (the OS releases it when the process ends, however it ends). Set before
+# anything imports rclpy; subprocesses started by tests inherit it.
+_DOMAIN_LOCK = None
+
+
+def _claim_domain() -> str:
+    global _DOMAIN_LOCK
+    import fcntl
+    import tempfile
+
+    domains = list(range(1, 101))  # 0-101 is the range ROS 2 documents as safe on Linux
+    random.SystemRandom().shuffle(domains)
+    for domain in domains:
+        lock = open(Path(tempfile.gettempdir()) / f"qwen3vl_seg_test_domain_{domain}.lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _DOMAIN_LOCK = lock
+        return str(domain)
+    return str(domains[0])  # a hundred runs at once: share one rather than not run
+
+
 if "QWEN3VL_SEG_TEST_DOMAIN" not in os.environ:
-    os.environ["QWEN3VL_SEG_TEST_DOMAIN"] = str(random.SystemRandom().randint(1, 100))
+    os.environ["QWEN3VL_SEG_TEST_DOMAIN"] = _claim_domain()
 os.environ["ROS_DOMAIN_ID"] = os.environ["QWEN3VL_SEG_TEST_DOMAIN"]
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
