@@ -86,8 +86,9 @@ def match_cost(tracks: Sequence[Observation], observations: Sequence[Observation
     cost = np.where(iou >= settings.iou_threshold, 1.0 - iou, _BLOCKED)
     has_3d_t = np.array([t.centroid is not None and bool(t.frame_id) for t in tracks], bool)
     has_3d_o = np.array([o.centroid is not None and bool(o.frame_id) for o in observations], bool)
-    same_frame = np.array([[t.frame_id == o.frame_id for o in observations] for t in tracks], bool)
-    use_3d = has_3d_t[:, None] & has_3d_o[None, :] & same_frame.reshape(len(tracks), len(observations))
+    frames_t = np.array([t.frame_id for t in tracks], dtype=object)
+    frames_o = np.array([o.frame_id for o in observations], dtype=object)
+    use_3d = has_3d_t[:, None] & has_3d_o[None, :] & (frames_t[:, None] == frames_o[None, :])
     if use_3d.any():
         cen_t = np.array([t.centroid if t.centroid is not None else (np.nan,) * 3 for t in tracks], float)
         cen_o = np.array([o.centroid if o.centroid is not None else (np.nan,) * 3 for o in observations], float)

@@ -68,3 +68,12 @@ def test_a_parameter_of_the_wrong_type_ends_start_up_with_a_clear_message():
     assert done.returncode == 2, done.stderr
     assert "bad parameter" in done.stderr and "max_rate_hz" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_help_lists_the_parameters_without_loading_anything():
+    """`ros2 run qwen3vl_seg_ros segmentation_node --help` used to start loading the model."""
+    done = subprocess.run([sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--help"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: segmentation_node") and "    max_rate_hz: 5.0" in done.stdout
+    assert "configuring" not in done.stdout + done.stderr

@@ -60,7 +60,7 @@ from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions, detections
 from qwen3vl_seg_ros.ros.dds_shm import clean_before_start
-from qwen3vl_seg_ros.ros.parameters import ACTIVATE, BY_NAME, CONFIGURE, PARAMETERS, Param
+from qwen3vl_seg_ros.ros.parameters import ACTIVATE, BY_NAME, CONFIGURE, PARAMETERS, Param, params_yaml
 from qwen3vl_seg_ros.ros.results import (
     ECHO_CHARS,
     MAX_ANSWER_CHARS,
@@ -98,6 +98,15 @@ MAX_LABEL_CHARS = 200
 SERVICE_QOS = QoSProfile(depth=1024, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 
 SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segmenter]
+
+
+USAGE = """usage: segmentation_node [-h] [--ros-args -p NAME:=VALUE ... --params-file FILE]
+
+The qwen3vl_seg lifecycle node: language-conditioned instance segmentation with per-object 3D.
+Topics, the ~/segment service and the messages are documented in the package's README. Its
+parameters, with their defaults (a params file in this form sets them):
+
+"""
 
 
 def _log_id(request_id: str) -> str:
@@ -878,10 +887,15 @@ def main(args: list[str] | None = None) -> int:
     gracefully: open ~/segment calls are answered (see :meth:`SegmentationNode.drain`) before
     the middleware goes; a second signal ends the process at once.
     """
+    argv = args if args is not None else sys.argv
+    own = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
+    if "-h" in own or "--help" in own:  # answered before any model loads or participant starts
+        print(USAGE + params_yaml(), end="")
+        return 0
     # Before any participant: a stale Fast DDS port file would hang this process for good.
     clean_before_start(log=lambda line: print(line, file=sys.stderr, flush=True))
     # rclpy's own handlers would shut the context down at once, before open calls are answered.
-    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = SegmentationNode()
     except ParameterException as exc:  # a wrong type or an out-of-range value in the overrides
