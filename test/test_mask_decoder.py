@@ -158,6 +158,17 @@ def test_box_gate_and_frame_gate() -> None:
     torch.testing.assert_close(per_frame, gates)
 
 
+def test_box_gate_has_no_subnormal_floats_far_from_a_small_box() -> None:
+    """Subnormal gate values far outside a small box made the CPU decoder 2.5-5x slower
+    (bench: 268 vs 52 ms at 640x480 for a box of a tenth of the side); they are zero instead."""
+    side = 0.1
+    gates = box_gate(torch.tensor([[0.5 - side / 2, 0.5 - side / 2, 0.5 + side / 2, 0.5 + side / 2]]),
+                     120, 160, enlarge=0.15, softness=0.05)
+    nonzero = gates[gates > 0]
+    assert (gates == 0).any() and nonzero.min() >= torch.finfo(torch.float32).tiny
+    assert gates[0, 60, 80] > 0.95
+
+
 def test_box_features_are_normalised() -> None:
     feats = box_features(torch.tensor([[0.1, 0.2, 1.1, 1.2], [0.5, 0.5, 0.5005, 0.5005]]))
     torch.testing.assert_close(feats[0], torch.tensor([0.1, 0.2, 1.0, 1.0]))
