@@ -98,7 +98,8 @@ def _hub_snapshot(repo_id: str, local_files_only: bool) -> Path:
                 f"model '{repo_id}' is neither a local folder nor in the local Hugging Face cache, and "
                 f"local_files_only is set, so nothing is downloaded. Download it once where there is network "
                 f"(hf download {repo_id}) and copy the cache (HF_HOME), set 'model' to a local folder, "
-                f"or set local_files_only:=false. ({type(exc).__name__})"
+                f"or set the parameter local_files_only to false (params file, or -p local_files_only:=false "
+                f"with ros2 run; it is no launch argument). ({type(exc).__name__})"
             ) from exc
         raise SegmenterError(f"could not download model '{repo_id}': {exc}") from exc
     return Path(folder)
