@@ -45,8 +45,8 @@ LAUNCH_ARGUMENTS = [
     ("command", "command", "Command topic (std_msgs/String) for continuous mode."),
     ("use_depth", "true", "Subscribe to the depth topic and compute 3D outputs (false: 2D results only)."),
     ("autostart", "true", "Configure and activate the node at startup."),
-    ("use_sim_time", "false", "Use /clock (bag playback or a simulator) for the time and TF lookups of every "
-                              "node started here (the node, the simulated camera, RViz)."),
+    ("use_sim_time", "false", "Use /clock (bag playback or a simulator) for the time and TF lookups of the "
+                              "node and RViz (not the simulated camera, which runs on its own clock)."),
     ("log_level", "info", "Log level of the node."),
     ("sim_camera", "false", "Also start the simulated RGB-D tabletop camera (demo)."),
     ("sim_rate_hz", "5.0", "Frame rate of the simulated camera."),
@@ -117,8 +117,7 @@ def generate_launch_description():
             "rate_hz": ParameterValue(arg("sim_rate_hz"), value_type=float),
             "scene_period_s": ParameterValue(arg("sim_scene_period_s"), value_type=float),
             "depth_encoding": ParameterValue(arg("sim_depth_encoding"), value_type=str),
-            "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
-        }],
+        }],  # no use_sim_time: the simulated camera is a clock of its own (with no /clock it stalled)
         remappings=[
             ("image", arg("image")),
             ("depth", arg("depth")),

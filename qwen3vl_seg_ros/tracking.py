@@ -36,9 +36,12 @@ _BLOCKED = 1e6
 #: Cost of leaving a track or an observation unmatched. Without it the assignment matched as
 #: many pairs as the gates allow before it looked at distances: with caps A and B tracked and
 #: then B (unmoved) and a new screw C 4 cm from it found, B took A's id and C took B's. Two
-#: unmatched (1.0) cost as much as the worst gated pair, so a lone pair in the gate is matched,
-#: but a still object is never moved off its own track to make room for more matches.
-_UNMATCHED = 0.5
+#: unmatched cost a hair more than the worst gated pair (1.0, a pair right on the gate), so a
+#: lone pair in the gate is always matched, but a still object is never moved off its own track to
+#: make room for more matches. The price of this choice: when every object moves by more than
+#: about half their spacing in the frame compared (a moving camera without target_frame), ids can
+#: pass to neighbours; with target_frame fixed in the world, centroids do not move.
+_UNMATCHED = 0.5 + 1e-6
 
 #: Largest track id: ``SegmentedObject.track_id`` is a uint32 (0 means "tracking off").
 MAX_TRACK_ID = 2**32 - 1

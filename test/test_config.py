@@ -135,17 +135,17 @@ def test_launch_file_is_valid_python_and_uses_the_installed_executable():
     assert "scripts/segmentation_node" in cmake and "install(DIRECTORY launch config rviz" in cmake
 
 
-def test_every_node_of_the_launch_file_follows_use_sim_time():
-    """With a bag's /clock, a node left on wall time drops the bag's TF and markers (RViz) or
-    stamps frames that match nothing (the simulated camera)."""
+def test_the_node_and_rviz_follow_use_sim_time_and_the_simulated_camera_does_not():
+    """With a bag's /clock, RViz on wall time drops the bag's TF and markers. The simulated camera
+    is a clock of its own: on sim time with no /clock it sent one frame in 12 s."""
     tree = ast.parse((ROOT / "launch" / "segmentation.launch.py").read_text())
-    calls = [n for n in ast.walk(tree)
-             if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("Node", "LifecycleNode")]
-    assert len(calls) == 3
-    for call in calls:
-        params = next(k.value for k in call.keywords if k.arg == "parameters")
-        text = ast.unparse(params)
-        assert "use_sim_time" in text or "explicit_overrides" in text, text
+    calls = {ast.unparse(next(k.value for k in n.keywords if k.arg in ("executable",))): n for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("Node", "LifecycleNode")}
+    assert set(calls) == {"'segmentation_node'", "'sim_camera'", "'rviz2'"}
+    params = {name: ast.unparse(next(k.value for k in call.keywords if k.arg == "parameters"))
+              for name, call in calls.items()}
+    assert "explicit_overrides" in params["'segmentation_node'"]  # use_sim_time among them
+    assert "use_sim_time" in params["'rviz2'"] and "use_sim_time" not in params["'sim_camera'"]
 
 
 def test_package_xml_is_format_3_and_names_what_we_import():

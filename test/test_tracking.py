@@ -152,6 +152,15 @@ def test_non_finite_centroids_never_match():
     assert new != old
 
 
+def test_a_pair_right_on_the_gate_is_matched():
+    """A distance equal to track_max_distance_m (or an IoU equal to the threshold) is inside the
+    gate: it must not tie with leaving both unmatched."""
+    tracker = ObjectTracker()
+    (old,) = tracker.update([at(0.0)], now=0.0, settings=SETTINGS)
+    (same,) = tracker.update([at(0.05)], now=0.1, settings=SETTINGS)
+    assert same == old
+
+
 def test_ids_start_again_at_one_after_the_uint32_range_skipping_live_ones():
     """track_id is a uint32: past 2^32 - 1 the wire carried 0 ("tracking off"), then old ids."""
     tracker = ObjectTracker()

@@ -64,7 +64,8 @@ _LFS_POINTER = b"version https://git-lfs"
 
 
 def lfs_pointer_note(path: Path) -> str:
-    """" (a Git LFS pointer, not weights: run `git lfs pull` ...)" when ``path`` is one, else ""."""
+    """A note for an error message when ``path`` is a Git LFS pointer, else "": the most common
+    reason a weight file is not a safetensors file (a clone without git-lfs)."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(_LFS_POINTER))

@@ -173,7 +173,8 @@ class SegmentationNode(LifecycleNode):
         # "not configured" or "not active" ones.
         self._service = self.create_service(Segment, "~/segment", self._on_segment, qos_profile=SERVICE_QOS,
                                             callback_group=self._service_group)
-        self.add_pre_set_parameters_callback(self._widen_integers)
+        if hasattr(self, "add_pre_set_parameters_callback"):  # rclpy >= 3.7 (Iron); Humble lacks it
+            self.add_pre_set_parameters_callback(self._widen_integers)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     # ------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class SegmentationNode(LifecycleNode):
                  for name in ("min_depth_m", "max_depth_m")}
         if ("min_depth_m" in new or "max_depth_m" in new) and value["min_depth_m"] >= value["max_depth_m"]:
             return (f"min_depth_m ({value['min_depth_m']:g}) must be below max_depth_m ({value['max_depth_m']:g}); "
-                    f"set both in one call, or the other end first")
+                    f"set the other end first (ros2 param set checks one parameter at a time)")
         for name in ("cluster_gap_m", "voxel_size_m"):
             if name in new and 0.0 < float(new[name]) < MIN_LENGTH_M:
                 return f"{name} must be 0 (off) or at least {MIN_LENGTH_M:g} m, not {float(new[name]):g}"

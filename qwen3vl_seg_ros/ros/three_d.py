@@ -82,10 +82,10 @@ class ThreeDStage:
         depth = depth_from_raw(raw, frame.depth.encoding)
         dh, dw = depth.shape
         # tf2 and RViz reject frame ids with a leading slash (a ROS 1 habit some drivers keep)
-        frame_id = frame.image.header.frame_id.strip().lstrip("/")
+        frame_id = frame.image.header.frame_id.lstrip("/")
         mismatch = depth_frame_mismatch(frame_id, frame.depth.header.frame_id)
         intrinsics, reason = None, ""
-        if not frame_id:
+        if not frame_id.strip():
             # clouds and markers in frame "" are dropped by TF and RViz, and an empty
             # geometry_frame_id tells the client that no 3D was attempted: say why instead
             reason = ("the colour image has an empty header.frame_id: 3D outputs need the camera's "
