@@ -47,6 +47,15 @@ def box_pixels(box: np.ndarray, height: int, width: int) -> tuple[int, int, int,
     return ix1, iy1, ix2, iy2
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """``[x1, y1, x2, y2]`` (exclusive right/bottom) of a mask; zeros for an empty mask."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    rows = np.flatnonzero(mask.any(axis=1))
+    if cols.size == 0:
+        return np.zeros(4, dtype=np.float32)
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
+
+
 def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     """The box as a full-image mask."""
     height, width = shape

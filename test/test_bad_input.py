@@ -585,6 +585,18 @@ def test_fixable_segmenter_output_is_fixed_with_a_warning(system, case, kind, ph
         assert "1 object(s) had a box reaching outside the image, clipped (index 2)" in result.message
 
 
+def test_a_mask_past_its_box_widens_the_box(system):
+    """S11: SegmentedObject.mask is a crop at the box; a mask reaching past its box lost those
+    pixels there (36 % of one object), while ~/mask and the cloud kept them."""
+    publish(system)
+    result = ask(system, "red emit:mask_past_box", "S11")
+    assert result.status == OK, result.message
+    obj = only_object(result)
+    assert (obj.box.x_offset, obj.box.y_offset, obj.box.width, obj.box.height) == (20, 30, 40, 50)
+    crop = np.frombuffer(bytes(obj.mask.data), np.uint8).reshape(obj.mask.height, obj.mask.step)[:, :obj.mask.width]
+    assert (obj.mask.width, obj.mask.height) == (40, 50) and int((crop == 255).sum()) == 40 * 50
+
+
 def test_all_scores_nan_is_no_match_that_says_so(system):
     """S06."""
     publish(system)

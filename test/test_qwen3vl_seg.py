@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, format_answer, parse_answer
+from qwen3vl_seg_ros.masks import mask_box  # numpy reference for the segmenter's torch mask_boxes
 from qwen3vl_seg_ros.model import loading
 from qwen3vl_seg_ros.model.generation import GenerationOutput, Generator
 from qwen3vl_seg_ros.model.mask_decoder import upsample_logits
 from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, mask_boxes, query_tokens, token_text
 from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint, build_tokenizer
 from qwen3vl_seg_ros.segmenter import SegmenterOptions, load_segmenter_class
-from qwen3vl_seg_ros.training.coco import mask_box  # numpy reference for the segmenter's torch mask_boxes
 from qwen3vl_seg_ros.types import InputError, SegmenterError
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine

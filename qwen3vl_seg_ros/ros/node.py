@@ -55,7 +55,7 @@ from visualization_msgs.msg import MarkerArray
 
 from qwen3vl_seg_ros.commands import clean_command
 from qwen3vl_seg_ros.geometry import MIN_LENGTH_M
-from qwen3vl_seg_ros.masks import box_mask
+from qwen3vl_seg_ros.masks import box_mask, mask_box
 from qwen3vl_seg_ros.msg import SegmentationResult
 from qwen3vl_seg_ros.overlay import draw_overlay, label_image
 from qwen3vl_seg_ros.ros import conversions, detections
@@ -711,6 +711,12 @@ class SegmentationNode(LifecycleNode):
             return None
         if not np.array_equal(clipped, box):
             problems.setdefault("had a box reaching outside the image, clipped", []).append(k)
+        if mask is not None and mask.any():
+            # The message's mask is a crop at the box: a mask reaching past its box (a decoder
+            # without refinement passes) lost those pixels there, while ~/mask and the cloud
+            # kept them. The box grows to cover its mask.
+            covered = mask_box(mask)
+            clipped = np.concatenate([np.minimum(clipped[:2], covered[:2]), np.maximum(clipped[2:], covered[2:])])
 
         def unit(v: Any) -> float:
             v = float(v)

@@ -8,7 +8,12 @@ RViz work on a laptop without hardware, and it publishes what a driver publishes
   ``rate_hz``; depth is aligned to the colour image (same intrinsics, same size);
 * a static transform (``/tf_static``, transient local) from ``world`` to the camera's optical
   frame and to a ``table`` frame, so ``target_frame:=world`` gives 3D outputs on the table,
-  whose top is the plane z = 0 (z up);
+  whose top is the plane z = 0 (z up). A known limit: the pose changes with the scene, and a
+  static transform holds at every stamp, so when a scene's pose arrives late (Fast DDS repairs
+  a lost reliable sample at its next heartbeat, seconds later on a loaded machine) the new
+  scene's first frames are put in the world with the old pose. The pose on ``/tf`` with each
+  frame's stamp was tried: samples were lost the same way for 2.6 s at a time, and the node
+  then gave no world 3D at all (it says so), which broke the demo more often;
 * the scene's ground truth, latched (transient local), for programs that want to check
   answers (the demo does): ``~/ground_truth`` (std_msgs/String, JSON: objects with their
   attributes and world positions, referring expressions with their target ids, the pose and

@@ -38,6 +38,7 @@ from typing import Any, overload
 import cv2
 import numpy as np
 
+from qwen3vl_seg_ros.masks import mask_box
 from qwen3vl_seg_ros.types import CameraIntrinsics, InputError
 
 
@@ -163,15 +164,6 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str = "segmen
     if mask.shape != (height, width):
         raise DatasetFormatError(f"{where}: decodes to {mask.shape}, expected {(height, width)}")
     return mask.astype(bool)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """``[x1, y1, x2, y2]`` (exclusive right/bottom) of a mask; zeros for an empty mask."""
-    cols = np.flatnonzero(mask.any(axis=0))
-    rows = np.flatnonzero(mask.any(axis=1))
-    if cols.size == 0:
-        return np.zeros(4, dtype=np.float32)
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def scene_boxes(example: Any) -> list[list[float]] | None:
     nothing (drawing); only the scene's other objects tell them apart. COCO-style samples have no
     instance map: None.
     """
-    from qwen3vl_seg_ros.training.coco import mask_box
+    from qwen3vl_seg_ros.masks import mask_box
 
     if example.instances is None:
         return None

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from qwen3vl_seg_ros.masks import mask_box
 from qwen3vl_seg_ros.training import render
-from qwen3vl_seg_ros.training.coco import CocoRefWriter, mask_box
+from qwen3vl_seg_ros.training.coco import CocoRefWriter
 from qwen3vl_seg_ros.training.expressions import (
     COLOURS,
     EXTRA_REFERRING_FORMS,

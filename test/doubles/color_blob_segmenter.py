@@ -50,6 +50,8 @@ MALFORMED = {
     "wrong_mask_size": "the red blob with a mask of half the image's size (a forgotten resize)",
     "uint8_mask": "the red blob with a 0/255 uint8 mask instead of bool",
     "score_range": "the red blob with score 1.7 and box_score -0.2 (logits instead of probabilities)",
+    "mask_past_box": "the red blob's box 10 px smaller on each side than its mask (a decoder without "
+                     "refinement passes: a mask may reach past the model's box)",
     "many": "emit:many:<n>: n box-only objects spread over the image (a runaway answer)",
     "bad_label": "a label holding a lone surrogate, and one of 10,000 characters",
     "none_label": "a label that is None instead of a str",
@@ -180,6 +182,8 @@ class ColorBlobSegmenterDouble(Segmenter):
             first.mask = first.mask.astype(np.uint8) * 255
         elif kind == "score_range":
             first.score, first.box_score = 1.7, -0.2
+        elif kind == "mask_past_box":
+            first.box = np.asarray(first.box, np.float32) + np.array([10, 10, -10, -10], np.float32)
         elif kind == "many":
             rng = np.random.default_rng(n)
             xy = rng.uniform(0, [w - 8, h - 8], size=(n, 2))
