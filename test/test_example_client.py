@@ -102,3 +102,12 @@ def test_missing_node_is_reported_quickly(capsys):
     assert "service /nobody/here/segment is not available after 0.5 s" in capsys.readouterr().err
     assert example_client.main(["red", "--node", "/nobody/here", "--wait", "0.5", "--continuous", "1"]) == 1
     assert "nobody subscribes to /nobody/command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_the_client_cannot_wait_for_is_refused(timeout, capsys):
+    """0 means the node's default_timeout_s, unknown to the client: it gave up after 5 s while
+    the node would still answer."""
+    with pytest.raises(SystemExit) as exit_info:
+        example_client.main(["red", "--timeout", timeout])
+    assert exit_info.value.code == 2 and "must be a number of seconds > 0" in capsys.readouterr().err

@@ -123,11 +123,21 @@ def stream(node: Node, executor: SingleThreadedExecutor, node_name: str, command
     return results
 
 
+def _positive(text: str) -> float:
+    """A timeout for the client: the node reads 0 as its own default_timeout_s, which the client
+    cannot know, so it gave up after 5 s while the node would still answer (at 8 s of 30)."""
+    value = float(text)
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3vl_seg_client", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", help="what to find, e.g. 'the red mug on the left'")
     parser.add_argument("--node", default="/qwen3vl_seg", help="the node's full name (default: /qwen3vl_seg)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="one-shot timeout_s (default: 5)")
+    parser.add_argument("--timeout", type=_positive, default=5.0,
+                        help="one-shot timeout_s, > 0 (default: 5); the client waits that long plus 5 s")
     parser.add_argument("--continuous", type=float, default=0.0, metavar="SECONDS",
                         help="use continuous mode for this many seconds instead of one call")
     parser.add_argument("--command-topic", default=None,
