@@ -43,9 +43,15 @@ def test_real_segmenter_answers_over_dds(checkpoint: str) -> None:
         assert obj.label == DEFAULT_ANSWER[0]["label"] and obj.mask_source == "decoder"
         scale = np.array([scene.width, scene.height, scene.width, scene.height]) / 1000
         x1, y1, x2, y2 = np.array(DEFAULT_ANSWER[0]["bbox_2d"]) * scale
-        assert (obj.box.x_offset, obj.box.y_offset) == (int(np.floor(x1)), int(np.floor(y1)))
-        assert (obj.box.x_offset + obj.box.width, obj.box.y_offset + obj.box.height) == (int(np.ceil(x2)),
-                                                                                         int(np.ceil(y2)))
+        # without refinement the box is the model's, grown only where the mask reaches past it
+        model = (int(np.floor(x1)), int(np.floor(y1)), int(np.ceil(x2)), int(np.ceil(y2)))
+        box = (obj.box.x_offset, obj.box.y_offset, obj.box.x_offset + obj.box.width, obj.box.y_offset + obj.box.height)
+        assert box[0] <= model[0] and box[1] <= model[1] and box[2] >= model[2] and box[3] >= model[3], (box, model)
+        crop = np.frombuffer(bytes(obj.mask.data), np.uint8).reshape(obj.mask.height, obj.mask.step)[:, :obj.mask.width]
+        grown = {"left": box[0] < model[0], "top": box[1] < model[1], "right": box[2] > model[2],
+                 "bottom": box[3] > model[3]}
+        edges = {"left": crop[:, 0], "top": crop[0], "right": crop[:, -1], "bottom": crop[-1]}
+        assert all(edges[side].any() for side, was in grown.items() if was), grown  # grown to mask pixels only
         assert 0.0 < obj.score <= 1.0 and 0.0 < obj.box_score <= 1.0 and 0.0 <= obj.mask_score <= 1.0
         assert obj.score == pytest.approx(obj.box_score * obj.mask_score, rel=1e-5)
         assert obj.mask.encoding == "mono8" and (obj.mask.width, obj.mask.height) == (obj.box.width, obj.box.height)
