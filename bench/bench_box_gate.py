@@ -2,8 +2,9 @@
 
 Why: far outside a small box the gate's sigmoids multiply down to subnormal floats, which CPUs
 compute on slowly; ``pixel_fusion.GATE_FLOOR`` zeroes them. This times the shipped tiny model's
-decoder on one frame, for one centred box of each side, both ways in one process (interleaved,
-so a shared machine's load hits both alike), and checks that the logits are the same.
+decoder on one frame, for one centred box of each side, both ways in one process (without the
+floor, then with it, box size by box size, so a shared machine's load hits both alike), and
+checks that the logits are the same.
 
     python bench/bench_box_gate.py [--width 640 --height 480 --repeat 7 --threads 1]
 """

@@ -586,10 +586,10 @@ def test_fixable_segmenter_output_is_fixed_with_a_warning(system, case, kind, ph
 
 
 def test_a_mask_past_its_box_widens_the_box(system):
-    """S11: SegmentedObject.mask is a crop at the box; a mask reaching past its box lost those
+    """S14: SegmentedObject.mask is a crop at the box; a mask reaching past its box lost those
     pixels there (36 % of one object), while ~/mask and the cloud kept them."""
     publish(system)
-    result = ask(system, "red emit:mask_past_box", "S11")
+    result = ask(system, "red emit:mask_past_box", "S14")
     assert result.status == OK, result.message
     obj = only_object(result)
     assert (obj.box.x_offset, obj.box.y_offset, obj.box.width, obj.box.height) == (20, 30, 40, 50)
