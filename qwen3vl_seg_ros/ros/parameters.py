@@ -55,7 +55,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("box_refine_passes", 1,
           "Mask decoder runs after the first, each on the box of its previous mask; each object's box is "
           "then its final mask's box (the model's own box stays in model_answer). 0: boxes as the model "
-          "gave them, grown only where a mask reaches past its box. Each pass is one more decoder call for all objects of the frame.", CONFIGURE, 0, 10),
+          "gave them, grown only where a mask reaches past its box. Each pass is one more decoder call "
+          "for all objects of the frame.", CONFIGURE, 0, 10),
     Param("calibrate_scores", True,
           "Use the model folder's score_calibration.json (the shipped model has one): each object's score "
           "becomes the probability, fitted on held-out data, that it is a right answer. It applies only with "
