@@ -290,6 +290,21 @@ def test_graph_mode_frame_sizes_beyond_the_cache(model: torch.nn.Module, process
     assert {k[0] for k in gen._state.prefills} <= set(gen._vision)
 
 
+def test_sizes_seen_once_keep_the_camera_sizes_graphs(model: torch.nn.Module, processor: object,
+                                                      fake_graphs: list[FakeGraph]) -> None:
+    """Frames whose prefill runs eagerly (a size seen once) went into the 4-grid vision cache and
+    evicted the camera size's warmed graphs: the next camera frame captured them again."""
+    gen = graph_mode(FastGreedyGenerator(model, NEVER))
+    gen.warmup(make_inputs(processor, seed=0), 6, check=False)
+    warmed = len(fake_graphs)
+    for seed, size in enumerate([(64, 64), (64, 96), (96, 96), (128, 128)]):
+        gen.generate(make_inputs(processor, seed=10 + seed, size=size), 6)
+    assert len(fake_graphs) == warmed  # nothing captured for sizes seen once
+    ref = EagerGreedyGenerator(model, NEVER).generate(make_inputs(processor, seed=30), 6)
+    assert_same(gen.generate(make_inputs(processor, seed=30), 6), ref)
+    assert len(fake_graphs) == warmed  # the camera size replayed its warm-up graphs
+
+
 def test_warmup_captures_buckets_and_self_checks(model: torch.nn.Module, processor: object,
                                                  fake_graphs: list[FakeGraph]) -> None:
     gen = graph_mode(FastGreedyGenerator(model, NEVER))

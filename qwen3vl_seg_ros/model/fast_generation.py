@@ -571,7 +571,10 @@ class FastGreedyGenerator(Generator):
 
     # ------------------------------------------------------------------------------ vision
 
-    def _vision_entry(self, grid: tuple[int, int, int]) -> _VisionEntry:
+    def _vision_entry(self, grid: tuple[int, int, int], keep: bool = True) -> _VisionEntry:
+        """The grid's vision tables, cached (the newest 4 grids) when ``keep``. A frame that runs
+        its prefill eagerly must not ``keep``: four sizes seen once each evicted the camera size's
+        warmed graphs, which the next camera frame then captured again."""
         entry = self._vision.get(grid)
         if entry is not None:
             self._vision.move_to_end(grid)
@@ -586,6 +589,8 @@ class FastGreedyGenerator(Generator):
             kwargs={})
         position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size, kwargs={})
         entry = _VisionEntry(grid=grid, interp_indices=indices, interp_weights=weights, position_ids=position_ids)
+        if not keep:
+            return entry
         self._vision[grid] = entry
         while len(self._vision) > 4:
             self._forget_grid(self._vision.popitem(last=False)[0])
@@ -728,7 +733,6 @@ class FastGreedyGenerator(Generator):
 
     def _fast_prefill(self, plan: _Plan, inputs: Mapping[str, torch.Tensor], state: _State) -> None:
         pixels = inputs["pixel_values"]
-        vision = self._vision_entry(plan.grid)
         key = (plan.grid, plan.padded)
         if self._graph_prefill and key not in state.prefills:
             self._seen[key] = self._seen.get(key, 0) + 1
@@ -736,8 +740,9 @@ class FastGreedyGenerator(Generator):
         # sizes (evaluation) runs eagerly instead of capturing graphs it would not reuse.
         if not self._graph_prefill or (key not in state.prefills and not self._force_capture
                                        and self._seen.get(key, 0) < self.capture_after):
-            self._eager_fast_prefill(plan, pixels, vision, state)
+            self._eager_fast_prefill(plan, pixels, self._vision_entry(plan.grid, keep=False), state)
             return
+        vision = self._vision_entry(plan.grid)
         try:
             if vision.graph is None:
                 self._capture_vision(vision, pixels)
