@@ -263,6 +263,32 @@ def test_padding_objects_do_not_change_real_ones() -> None:
     assert not torch.allclose(unmasked.final_logits[:3], plain.final_logits, atol=1e-4)
 
 
+def test_a_failed_decoder_capture_decodes_eagerly_from_then_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that fails (out of memory on a GPU) raised out of segment(), and every later frame
+    of the same shapes failed the same way. Emulated on the CPU: the capture itself raises."""
+    from qwen3vl_seg_ros.model import graphed_decoder
+
+    attempts: list[int] = []
+
+    def failing_capture(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("CUDA out of memory while capturing (emulated)")
+
+    monkeypatch.setattr(graphed_decoder.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(graphed_decoder, "capture_graph", failing_capture)
+    config = tiny_config()
+    decoder = BoxGuidedMaskDecoder(config).eval()
+    graphed = graphed_decoder.GraphedMaskDecoder(decoder)
+    data = inputs(config, frames=1, objects=3, seed=4)
+    del data["batch_index"]
+    with torch.inference_mode():
+        eager = decoder(**data)
+        for _ in range(2):
+            out = graphed(data["images"], data["vision"], data["llm_states"], data["boxes"])
+            torch.testing.assert_close(out.final_logits, eager.final_logits)
+    assert len(attempts) == 1  # the failed shapes are not captured again on every frame
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager() -> None:
     from qwen3vl_seg_ros.model.graphed_decoder import GraphedMaskDecoder

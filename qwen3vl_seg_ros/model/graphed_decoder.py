@@ -11,6 +11,7 @@ pool and at most ``max_graphs`` are kept.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutp
 from qwen3vl_seg_ros.model.vision_capture import VisionFeatures
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class GraphedMaskDecoder:
         self.decoder = decoder.eval()
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._eager_keys: set[tuple] = set()  # shapes whose capture failed: decoded eagerly from then on
         self._pool = torch.cuda.graph_pool_handle()
 
     @property
@@ -63,9 +67,19 @@ class GraphedMaskDecoder:
             return self.decoder(images, vision, llm_states, boxes)
         key = (bucket, tuple(images.shape), tuple(vision.vit_maps[0].shape), tuple(vision.merged_map.shape),
                llm_states.dtype, images.device)
+        if key in self._eager_keys:
+            return self.decoder(images, vision, llm_states, boxes)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(key, images, vision, llm_states, bucket)
+            try:
+                entry = self._capture(key, images, vision, llm_states, bucket)
+            except Exception as exc:  # out of memory while capturing, a capture-unsafe op: decode eagerly
+                # Without this every later frame of these shapes failed the same way; the eager
+                # decoder gives the same masks, only slower.
+                self._eager_keys.add(key)
+                log.warning("mask decoder capture failed for %d object(s) at %s; decoding them eagerly "
+                            "(%s: %s)", count, tuple(images.shape[-2:]), type(exc).__name__, exc)
+                return self.decoder(images, vision, llm_states, boxes)
         else:
             self._graphs.move_to_end(key)
         with torch.cuda.device(images.device):  # replay on the captured device's stream (cuda:N)
@@ -106,7 +120,9 @@ class GraphedMaskDecoder:
             return self.decoder(static["image"], features, static["llm_states"], static["boxes"],
                                 valid=static["valid"])
 
-        graph, output = capture_graph(run, device, pool=self._pool)
+        # thread_local: another thread's CUDA work (a model call a cleanup left running) must not
+        # abort this capture, as in the generator's captures
+        graph, output = capture_graph(run, device, pool=self._pool, capture_error_mode="thread_local")
         entry = _Graph(graph=graph, output=output, **static)
         self._graphs[key] = entry
         while len(self._graphs) > self.max_graphs:
