@@ -393,3 +393,16 @@ def test_warmup_close_and_registry(seg_folder: Path) -> None:
     seg.close()
     with pytest.raises(SegmenterError, match="closed"):
         seg.segment(image(), "the red cube")
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((9, 0), torch.bfloat16), ((8, 7), torch.bfloat16),
+                                                      ((7, 0), torch.float16), ((7, 5), torch.float16)])
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch, capability,
+                                                             expected) -> None:
+    """torch.cuda.is_bf16_supported() is true where bf16 is emulated, slowly (V100 7.0, T4 7.5,
+    Jetson Xavier 7.2), and asks the current device rather than the requested cuda:N."""
+    asked: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (asked.append(device), capability)[1])
+    assert loading.resolve_dtype("auto", torch.device("cuda:1")) == expected
+    assert asked == [torch.device("cuda:1")]
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32

@@ -193,7 +193,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     name = (name or "auto").strip().lower()
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 where the GPU computes it natively (compute capability 8.0 on: Ampere, Hopper,
+            # Jetson Orin); torch.cuda.is_bf16_supported() is also true where it is emulated, slowly
+            # (V100, T4, Jetson Xavier), and asks the current device, not the one requested.
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.float32
     if name not in _DTYPES:
         raise SegmenterError(f"dtype '{name}' is not supported; use auto, fp32, bf16 or fp16")

@@ -46,7 +46,9 @@ PARAMETERS: tuple[Param, ...] = (
           read_only=True),
     Param("device", "auto", "Torch device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.",
           CONFIGURE),
-    Param("dtype", "auto", "Weights dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'.",
+    Param("dtype", "auto", "Weights dtype: 'auto' (bf16 on a GPU that computes it natively, compute "
+          "capability 8.0 on; fp16 on older GPUs such as V100, T4, Jetson Xavier; fp32 on CPU), 'fp32', 'bf16', "
+          "'fp16'.",
           CONFIGURE, choices=("auto", "fp32", "bf16", "fp16")),
     Param("mask_head", "auto",
           "Mask head: 'auto' (decoder when present, else depth foreground when depth is valid, else "
