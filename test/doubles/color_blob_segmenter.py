@@ -186,7 +186,7 @@ class ColorBlobSegmenterDouble(Segmenter):
             first.box = np.asarray(first.box, np.float32) + np.array([10, 10, -10, -10], np.float32)
         elif kind == "many":
             rng = np.random.default_rng(n)
-            xy = rng.uniform(0, [w - 8, h - 8], size=(n, 2))
+            xy = rng.uniform(0, np.maximum([w - 8, h - 8], 1), size=(n, 2))  # images under 8 px too
             out.instances = [Instance(box=[x, y, x + 8, y + 8], label=f"thing {k}", score=float(s))
                              for k, ((x, y), s) in enumerate(zip(xy, rng.uniform(0.31, 1.0, n)))]
         elif kind == "bad_label":
