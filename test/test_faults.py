@@ -9,6 +9,7 @@ with a frozen subscriber is measured by ``bench/soak.py --frozen-subscriber``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -215,31 +216,45 @@ def test_deactivate_and_activate_under_load():
         s.close()
 
 
+@contextlib.contextmanager
+def planner_client(s: System, name: str, depth: int):
+    """A planner's own node with a ~/segment client of ``depth``, spun only when the test says."""
+    planner = Node(name, context=s.context)
+    client = planner.create_client(Segment, f"/{s.namespace}/qwen3vl_seg/segment",
+                                   qos_profile=QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE))
+    executor = SingleThreadedExecutor(context=s.context)
+    executor.add_node(planner)
+    try:
+        assert client.wait_for_service(timeout_sec=10.0)
+        yield client, executor
+    finally:
+        executor.shutdown()
+        planner.destroy_node()
+
+
+def spin_until_answered(executor: SingleThreadedExecutor, futures: list, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not all(f.done() for f in futures) and time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.1)
+
+
 @pytest.mark.ros
 def test_a_burst_of_answers_reaches_a_client_that_was_busy():
     """Deactivation answers every queued request at once; a client that was busy (not taking
     answers) for a moment still gets all of them if its own depth allows (here 64, like the node's)."""
     s = System("faults_burst", {"max_pending_requests": 40, "max_input_age_s": 0.1})
-    planner = Node("busy_planner", context=s.context)
-    client = planner.create_client(Segment, "/faults_burst/qwen3vl_seg/segment",
-                                   qos_profile=QoSProfile(depth=64, reliability=ReliabilityPolicy.RELIABLE))
-    executor = SingleThreadedExecutor(context=s.context)
-    executor.add_node(planner)
     try:
-        assert client.wait_for_service(timeout_sec=10.0)
-        futures = [client.call_async(Segment.Request(command="red", timeout_s=60.0, request_id=f"B{k}"))
-                   for k in range(30)]  # no frame: they all wait
-        assert wait_for(lambda: s.node._scheduler.pending_count() == 30, 10)
-        s.node.trigger_deactivate()  # 30 answers at once while the planner does not spin
-        time.sleep(1.0)
-        end = time.monotonic() + 10.0
-        while not all(f.done() for f in futures) and time.monotonic() < end:
-            executor.spin_once(timeout_sec=0.1)
-        assert sum(f.done() for f in futures) == 30
-        assert {f.result().result.message for f in futures} == {"node was deactivated before the request could run"}
+        with planner_client(s, "busy_planner", depth=64) as (client, executor):
+            futures = [client.call_async(Segment.Request(command="red", timeout_s=60.0, request_id=f"B{k}"))
+                       for k in range(30)]  # no frame: they all wait
+            assert wait_for(lambda: s.node._scheduler.pending_count() == 30, 10)
+            s.node.trigger_deactivate()  # 30 answers at once while the planner does not spin
+            time.sleep(1.0)
+            spin_until_answered(executor, futures, 10.0)
+            assert sum(f.done() for f in futures) == 30
+            assert {f.result().result.message for f in futures} == {
+                "node was deactivated before the request could run"}
     finally:
-        executor.shutdown()
-        planner.destroy_node()
         s.close()
 
 
@@ -247,18 +262,11 @@ def test_a_burst_of_requests_far_beyond_the_queue_gets_one_answer_each():
     """300 calls at once from one planner: the node refuses what exceeds max_pending_requests,
     and every call gets exactly one answer (a request queue of 64 lost all but the newest 64)."""
     s = System("faults_flood", {"max_input_age_s": 0.1})
-    planner = Node("flooding_planner", context=s.context)
-    client = planner.create_client(Segment, "/faults_flood/qwen3vl_seg/segment",
-                                   qos_profile=QoSProfile(depth=1024, reliability=ReliabilityPolicy.RELIABLE))
-    executor = SingleThreadedExecutor(context=s.context)
-    executor.add_node(planner)
     try:
-        assert client.wait_for_service(timeout_sec=10.0)
-        futures = [client.call_async(Segment.Request(command="red", timeout_s=1.0, request_id=f"F{k}"))
-                   for k in range(300)]  # no frame: the queued ones time out, the rest are refused
-        end = time.monotonic() + 60.0
-        while not all(f.done() for f in futures) and time.monotonic() < end:
-            executor.spin_once(timeout_sec=0.1)
+        with planner_client(s, "flooding_planner", depth=1024) as (client, executor):
+            futures = [client.call_async(Segment.Request(command="red", timeout_s=1.0, request_id=f"F{k}"))
+                       for k in range(300)]  # no frame: the queued ones time out, the rest are refused
+            spin_until_answered(executor, futures, 60.0)
         assert sum(f.done() for f in futures) == 300
         assert [f.result().result.request_id for f in futures] == [f"F{k}" for k in range(300)]
         assert all(f.result().result.status == ERROR for f in futures)
@@ -266,8 +274,6 @@ def test_a_burst_of_requests_far_beyond_the_queue_gets_one_answer_each():
         refused = sum("too many pending requests" in m for m in messages)
         assert refused > 0 and all("too many pending requests" in m or "timed out" in m for m in messages)
     finally:
-        executor.shutdown()
-        planner.destroy_node()
         s.close()
 
 
