@@ -15,6 +15,7 @@ import pytest
 from qwen3vl_seg_ros.model.tiny import DEFAULT_ANSWER, build_tiny_checkpoint
 from qwen3vl_seg_ros.msg import SegmentationResult
 
+from helpers import wait_for
 from ros_harness import Client, NodeHarness, Scene, new_context
 
 pytestmark = pytest.mark.ros
@@ -52,6 +53,11 @@ def test_real_segmenter_answers_over_dds(checkpoint: str) -> None:
                  "bottom": box[3] > model[3]}
         edges = {"left": crop[:, 0], "top": crop[0], "right": crop[:, -1], "bottom": crop[-1]}
         assert all(edges[side].any() for side, was in grown.items() if was), grown  # grown to mask pixels only
+        # the crop holds every pixel the label image (~/mask) gives this object: none lost past the box
+        assert wait_for(lambda: client.snapshot(client.masks), 5)
+        label = client.snapshot(client.masks)[-1]
+        labels = np.frombuffer(bytes(label.data), np.uint8).reshape(label.height, label.step)[:, :label.width]
+        assert int((crop == 255).sum()) == int((labels == obj.id).sum()) > 0
         assert 0.0 < obj.score <= 1.0 and 0.0 < obj.box_score <= 1.0 and 0.0 <= obj.mask_score <= 1.0
         assert obj.score == pytest.approx(obj.box_score * obj.mask_score, rel=1e-5)
         assert obj.mask.encoding == "mono8" and (obj.mask.width, obj.mask.height) == (obj.box.width, obj.box.height)
