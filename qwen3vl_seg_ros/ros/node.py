@@ -189,11 +189,8 @@ class SegmentationNode(LifecycleNode):
         """``max_rate_hz: 10`` in a params file (or ``-p max_input_age_s:=2``) is an integer to
         ROS, and declaring a double parameter with it raises at start-up: the process would die
         on a value every user means as 10.0. Such overrides are widened to floats first."""
-        for param in PARAMETERS:
-            given = self._parameter_overrides.get(param.name)
-            if (isinstance(param.default, float) and given is not None
-                    and given.type_ == Parameter.Type.INTEGER):
-                self._parameter_overrides[param.name] = Parameter(param.name, value=float(given.value))
+        for param in self._widen_integers(list(self._parameter_overrides.values())):
+            self._parameter_overrides[param.name] = param
 
     @staticmethod
     def _widen_integers(params: list[Parameter]) -> list[Parameter]:
@@ -470,9 +467,8 @@ class SegmentationNode(LifecycleNode):
 
     def _on_command(self, msg: String) -> None:
         if not msg.data.strip():
-            if self._scheduler.continuous_command:
+            if self._scheduler.set_continuous(None):
                 self.get_logger().info("continuous mode stopped (empty command)")
-            self._scheduler.set_continuous(None)
             return
         try:
             command, warnings = clean_command(msg.data, int(self.p("max_command_length")))
@@ -480,12 +476,11 @@ class SegmentationNode(LifecycleNode):
             self._error_result(Job(truncate(msg.data, ECHO_CHARS), "continuous-rejected", time.monotonic(),
                                    continuous=True), f"command refused: {exc}")
             return
-        if command == self._scheduler.continuous_command:
+        if not self._scheduler.set_continuous(command):
             return  # planners re-publish their goal: the same command changes nothing, nor logs
         for warning in warnings:
             self.get_logger().warning(warning)
         self.get_logger().info(f"continuous mode: '{truncate(command, 200)}' at most {self.p('max_rate_hz')} Hz")
-        self._scheduler.set_continuous(command)
 
     # ------------------------------------------------------------------------------------------
     # the one-shot service

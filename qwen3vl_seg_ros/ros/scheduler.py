@@ -149,19 +149,21 @@ class Scheduler:
             self._cv.notify_all()
         return None
 
-    def set_continuous(self, command: str | None) -> None:
-        """Starts (or replaces) continuous mode with ``command``; None or '' stops it.
+    def set_continuous(self, command: str | None) -> bool:
+        """Starts (or replaces) continuous mode with ``command``; None or '' stops it. Returns
+        whether anything changed.
 
         The same command again changes nothing: planners often re-publish their goal at a fixed
         rate, and restarting would re-run the last frame each time, past ``max_rate_hz``.
         """
         with self._cv:
             if (command or None) == self._continuous:
-                return
+                return False
             self._continuous = command or None
             self._last_continuous_at = -math.inf
             self._last_seen_seq = 0
             self._cv.notify_all()
+            return True
 
     @property
     def continuous_command(self) -> str | None:
