@@ -72,6 +72,7 @@ from qwen3vl_seg_ros.ros.results import (
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.ros.sync import Frame, RgbdSynchronizer
+from qwen3vl_seg_ros.ros.tf import clean_frame
 from qwen3vl_seg_ros.ros.three_d import ThreeDStage
 from qwen3vl_seg_ros.segmenter import Segmenter, SegmenterOptions, create_segmenter
 from qwen3vl_seg_ros.srv import Segment
@@ -873,7 +874,7 @@ def track_observations(result: SegmentationResult, target_frame: str = "") -> li
     it has 3D. With a target_frame set, a centroid left in the camera frame (TF unavailable for
     this result) is not given: the tracker keeps the track's world centroid instead."""
     frame = result.geometry_frame_id
-    target = target_frame.strip().lstrip("/")
+    target = clean_frame(target_frame)
     usable = bool(frame) and (not target or frame == target)
     return [Observation(
         box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),

@@ -97,7 +97,7 @@ def transform_to_msg(tf: Transform) -> TransformMsg:
     )
 
 
-def _clean(frame: str) -> str:
+def clean_frame(frame: str) -> str:
     """tf2 frame ids have no leading slash; accept one rather than fail on it."""
     return frame.strip().lstrip("/")
 
@@ -143,7 +143,7 @@ class TfBuffer:
         """Adds samples ``(parent, child, stamp_ns, T_parent_child)``; wakes waiting lookups once."""
         with self._cond:
             for parent, child, stamp_ns, tf in items:
-                self._insert(_clean(parent), _clean(child), int(stamp_ns), tf, static)
+                self._insert(clean_frame(parent), clean_frame(child), int(stamp_ns), tf, static)
             self._cond.notify_all()
 
     def _insert(self, parent: str, child: str, stamp: int, tf: Transform, static: bool) -> None:
@@ -193,7 +193,7 @@ class TfBuffer:
         self, target_frame: str, source_frame: str, stamp_ns: int, timeout_s: float = 0.0
     ) -> Transform:
         """``T_target_source`` at ``stamp_ns`` (0 = latest), waiting up to ``timeout_s`` for data."""
-        target, source = _clean(target_frame), _clean(source_frame)
+        target, source = clean_frame(target_frame), clean_frame(source_frame)
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self._cond:
             while True:

@@ -37,7 +37,7 @@ from qwen3vl_seg_ros.ros import conversions
 from qwen3vl_seg_ros.ros.markers import build_markers
 from qwen3vl_seg_ros.ros.pointcloud import cloud_to_msg, fill_object_3d
 from qwen3vl_seg_ros.ros.sync import Frame
-from qwen3vl_seg_ros.ros.tf import TransformLookup, TransformUnavailable
+from qwen3vl_seg_ros.ros.tf import TransformLookup, TransformUnavailable, clean_frame
 from qwen3vl_seg_ros.types import CameraIntrinsics, InputError, Instance
 
 if TYPE_CHECKING:
@@ -140,14 +140,15 @@ class ThreeDStage:
         transform, out_frame = self._target_transform(header, inputs.frame_id, warnings)
         # an object without a mask is its box, in the pixels its SegmentedObject.mask and ~/mask give it
         masks = [inst.mask if inst.mask is not None else box_mask(rgb.shape[:2], inst.box) for inst in instances]
+        config = self.geometry_config()
         try:
-            geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics,
-                                    self.geometry_config(), transform)
+            config.validate()
         except InputError as exc:  # parameters that cannot work together (a params file): 2D stays
             for obj in result.objects:
                 obj.has_3d, obj.status_3d = False, str(exc)
             warnings.append(f"no 3D: {exc}")
             return "", None
+        geoms = extract_objects(masks, inputs.depth_native, rgb, inputs.intrinsics, config, transform)
         cloud_header = Header(stamp=header.stamp, frame_id=out_frame)
         clouds = []
         for obj, geom in zip(result.objects, geoms):
@@ -184,7 +185,7 @@ class ThreeDStage:
         self._shown_frame = cloud.header.frame_id
 
     def _target_transform(self, header: Header, camera_frame: str, warnings: list[str]):
-        target = str(self._node.p("target_frame")).strip().lstrip("/")
+        target = clean_frame(str(self._node.p("target_frame")))
         if not target or target == camera_frame.lstrip("/"):
             return None, camera_frame
         try:
