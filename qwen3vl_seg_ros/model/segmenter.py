@@ -383,12 +383,10 @@ class Qwen3VLSeg(Segmenter):
         if len(parsed.objects) <= limit:
             return
         scores = [box_score(grounding.text, grounding.generated.token_probs, o.coord_span) for o in parsed.objects]
-        keep = sorted(np.argsort(-np.asarray(scores), kind="stable")[:limit])
+        keep = sorted(int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:limit])
         warnings.append(f"{len(parsed.objects)} objects in the answer; masks were made for the {limit} "
                         f"with the best box scores")
-        parsed.objects = [parsed.objects[i] for i in keep]
-        parsed.boxes = parsed.boxes[keep]
-        parsed.labels = [parsed.labels[i] for i in keep]
+        _keep_objects(parsed, keep)
 
     def _ground(self, rgb: np.ndarray, command: str, max_new_tokens: int) -> Grounding:
         """Prompt, processor, generation (recording vision features when the decoder runs), parse."""
@@ -510,9 +508,14 @@ def _decoder_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
 def _cap_objects(parsed: ParsedAnswer, max_objects: int, warnings: list[str]) -> None:
     if max_objects > 0 and len(parsed.objects) > max_objects:
         warnings.append(f"{len(parsed.objects)} objects found; only the first {max_objects} (max_objects) are kept")
-        parsed.objects = parsed.objects[:max_objects]
-        parsed.boxes = parsed.boxes[:max_objects]
-        parsed.labels = parsed.labels[:max_objects]
+        _keep_objects(parsed, list(range(max_objects)))
+
+
+def _keep_objects(parsed: ParsedAnswer, keep: list[int]) -> None:
+    """Keeps the objects ``keep`` (indices in the answer's order) in all three parallel lists."""
+    parsed.objects = [parsed.objects[i] for i in keep]
+    parsed.boxes = parsed.boxes[keep]
+    parsed.labels = [parsed.labels[i] for i in keep]
 
 
 def _added_tokens(tokenizer: object) -> list[str]:
