@@ -12,7 +12,6 @@ checks that the logits are the same.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from bench_decoder import synthetic_inputs  # bench/ is the script's folder
+    from bench_decoder import machine, synthetic_inputs  # bench/ is the script's folder
 
     decoder = load_decoder(args.model).eval()
     rgb, vision, queries, _ = synthetic_inputs(decoder.config, args.width, args.height, 1, torch.device("cpu"),
@@ -55,8 +54,9 @@ def main() -> None:
             pixel_fusion.GATE_FLOOR = floor
         return sorted(times)[len(times) // 2], out.final_logits
 
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
-          f"{torch.__version__}, {args.width}x{args.height}, median of {args.repeat}")
+    info = machine(torch.device("cpu"))
+    print(f"{info['cpu']}, Python {info['python']}, torch {info['torch']}, {args.width}x{args.height}, "
+          f"median of {args.repeat}")
     print("| box side | no floor ms | floor ms | same logits |")
     print("|---:|---:|---:|---|")
     with torch.inference_mode():
