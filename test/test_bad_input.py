@@ -267,6 +267,12 @@ def test_depth_in_another_frame_is_not_mixed(system):
     expect(system, result, OK, "depth frame 'other_camera_optical' differs from the colour image frame", level=INFO)
     assert not only_object(result).has_3d
     assert system.node._segmenter.last_depth_shape is None  # nor given to a mask head that cuts by depth
+    # the unaligned stream usually has another size too (848x480 depth for 640x480 colour):
+    # depth that is never used does not turn the 2D result into an error
+    publish(system, depth=depth_image(np.ones((100, 100), np.float32), "32FC1", frame_id="other_camera_optical"))
+    result = ask(system, "red", "D09c")
+    expect(system, result, OK, "depth frame 'other_camera_optical' differs from the colour image frame", level=INFO)
+    assert not only_object(result).has_3d
     publish(system)  # registered depth again: the segmenter gets it
     assert ask(system, "red", "D09b").status == OK
     assert system.node._segmenter.last_depth_shape == (120, 160)

@@ -35,6 +35,7 @@ from qwen3vl_seg_ros.ros.tf import (
     tf2_ros_available,
     transform_to_msg,
 )
+from qwen3vl_seg_ros.ros.three_d import TF_CACHE_S
 from qwen3vl_seg_ros.transforms import Transform, quat_from_axis_angle
 
 SEC = 1_000_000_000
@@ -147,6 +148,15 @@ def test_history_is_pruned_to_the_cache_time() -> None:
     with pytest.raises(TransformUnavailable, match=r"4\.000 s to 5\.000 s"):
         buf.lookup("a", "b", 3 * SEC)
     np.testing.assert_allclose(buf.lookup("a", "b", 4 * SEC + SEC // 2).translation, [4.5, 0.0, 0.0])
+
+
+def test_the_node_keeps_transforms_for_a_slow_segmentation() -> None:
+    """An image taken at t=4 s whose result is ready at t=30 s (a real model on a CPU, or a
+    queue of requests) still finds the moving robot's transform at its own stamp."""
+    buf = TfBuffer(cache_time_s=TF_CACHE_S)
+    for k in range(301):  # 30 s of a base moving at 10 Hz
+        buf.set_transform("world", "camera_optical", k * SEC // 10, Transform(translation=(k / 100, 0.0, 0.0)))
+    np.testing.assert_allclose(buf.lookup("world", "camera_optical", 4 * SEC).translation, [0.4, 0.0, 0.0])
 
 
 def test_time_jumping_back_restarts_the_history() -> None:

@@ -61,10 +61,17 @@ class ThreeDInputs:
     unit_hint: str = ""  # set when the depth values look like the wrong unit for the encoding
 
 
+# How far back transforms are kept. The lookup happens once the frame is segmented, at the
+# image's stamp: a real model on a CPU, or requests queued behind each other, can take longer
+# than tf2's default 10 s, after which a moving robot's older transforms are gone and every
+# result falls back to the camera frame.
+TF_CACHE_S = 60.0
+
+
 class ThreeDStage:
     def __init__(self, node: SegmentationNode) -> None:
         self._node = node
-        self._tf = TransformLookup(node)
+        self._tf = TransformLookup(node, cache_time_s=TF_CACHE_S)
         self._shown_frame = ""  # the frame of the cloud and markers on display, "" when none
 
     def close(self) -> None:
@@ -107,7 +114,9 @@ class ThreeDStage:
                 distortion = conversions.distortion_note(frame.camera_info)
                 if distortion:
                     warnings.append(distortion)
-        if intrinsics is None and (dh, dw) != (h, w):
+        if intrinsics is None and not mismatch and (dh, dw) != (h, w):
+            # depth in another frame is never used (reason above), whatever its size: a depth
+            # topic remapped to the unaligned stream keeps 2D results either way
             resolve_depth_intrinsics((w, h), (dw, dh), CameraIntrinsics(1, 1, 0, 0, w, h))
         if reason:
             warnings.append(reason)
