@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 from std_msgs.msg import Header
@@ -9,6 +12,7 @@ from std_msgs.msg import Header
 from qwen3vl_seg_ros.ros import conversions as cv
 from qwen3vl_seg_ros.types import InputError
 
+from doubles.cv_bridges import Ros2CvBridgeDouble, StepIgnoringCvBridgeDouble, UnloadedCvBridgeDouble
 from ros_harness import Scene, camera_info_msg, encode, image_msg
 
 
@@ -143,6 +147,41 @@ def test_cv_bridge_is_used_only_where_it_reads_exactly():
     whole_pixels.step = 18  # a whole pixel of padding: cv_bridge reads it right
     whole_pixels.data = b"".join(rgb[r].tobytes() + b"\xee" * 3 for r in range(4))
     assert cv.bridge_reads_exactly(whole_pixels)
+
+
+def test_a_bridge_is_used_only_when_it_reads_as_our_reader_does():
+    """A cv_bridge that imports is probed once: one whose compiled part did not load, or ROS 1's
+    that ignores ``step``, would turn every frame into an error or a sheared image."""
+    assert cv.probe_bridge(Ros2CvBridgeDouble()) == ""
+    assert "fails on rgb8: ImportError" in cv.probe_bridge(UnloadedCvBridgeDouble())
+    assert "decodes rgb8 differently" in cv.probe_bridge(StepIgnoringCvBridgeDouble())
+
+
+@pytest.mark.parametrize("bridge, used", [(Ros2CvBridgeDouble, True), (UnloadedCvBridgeDouble, False),
+                                          (StepIgnoringCvBridgeDouble, False)])
+def test_an_importable_bridge_is_kept_only_when_it_passes_the_probe(monkeypatch, bridge, used):
+    module = types.ModuleType("cv_bridge")
+    module.CvBridge = bridge
+    monkeypatch.setitem(sys.modules, "cv_bridge", module)
+    chosen, note = cv._working_bridge()
+    assert (chosen is not None) == used and (note == "") == used
+    monkeypatch.setitem(sys.modules, "cv_bridge", None)  # what an absent package looks like to import
+    assert cv._working_bridge() == (None, "cv_bridge is not importable")
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"])
+def test_through_a_working_bridge_every_image_decodes_as_without_it(monkeypatch, rgb, encoding):
+    pixels = rgb[:, :, 0] if encoding == "mono8" else encode(rgb, encoding)
+    images = [image_msg(pixels, encoding)]
+    padded = image_msg(pixels, encoding)  # rows padded by one pixel and a byte (part-pixel: numpy reads it)
+    extra = b"\xee" * (pixels.itemsize * (pixels.shape[2] if pixels.ndim == 3 else 1) + 1)
+    padded.step += len(extra)
+    padded.data = b"".join(row.tobytes() + extra for row in pixels)
+    images.append(padded)
+    expected = [cv.image_to_rgb(m) for m in images]
+    monkeypatch.setattr(cv, "_BRIDGE", Ros2CvBridgeDouble())
+    for msg, want in zip(images, expected):
+        np.testing.assert_array_equal(cv.image_to_rgb(msg), want)
 
 
 @pytest.mark.parametrize("box", [[10.6, 5.6, 20.4, 15.4], [11.5, 5.0, 12.5, 15.0], [-3.0, -2.5, 7.2, 4.0]])

@@ -1,13 +1,15 @@
 """sensor_msgs <-> numpy, with every check a camera driver's bad day calls for.
 
-Decoding uses ``cv_bridge`` when it is importable (a ROS 2 install) and our own numpy code
-otherwise (the PyPI environment, where only the ROS 1 cv_bridge exists). Both paths run the same
-validation first, so a bad message gives the same clear error either way.
+Decoding uses ``cv_bridge`` when it is importable (a ROS 2 install) and decodes a probe image
+as our own numpy code does (:func:`probe_bridge`), and that numpy code otherwise (the PyPI
+environment, where only the ROS 1 cv_bridge exists). Both paths run the same validation first,
+so a bad message gives the same clear error either way.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
@@ -15,12 +17,8 @@ from std_msgs.msg import Header
 
 from qwen3vl_seg_ros.types import CameraIntrinsics, InputError
 
-try:  # pragma: no cover - only on a ROS 2 install
-    from cv_bridge import CvBridge as _CvBridge
-
-    _BRIDGE = _CvBridge() if hasattr(_CvBridge, "imgmsg_to_cv2") else None
-except Exception:  # ImportError, or the ROS 1 package from PyPI failing on import
-    _BRIDGE = None
+_BRIDGE = None  # set at the end of the module by _working_bridge(), once the readers exist
+_BRIDGE_NOTE = "cv_bridge is not importable"
 
 #: Colour encodings the node accepts, with (channels, dtype).
 COLOR_ENCODINGS: dict[str, tuple[int, type]] = {
@@ -41,9 +39,9 @@ DEPTH_ENCODINGS: dict[str, tuple[int, type]] = {
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
-def using_cv_bridge() -> bool:
-    """Whether images are decoded through cv_bridge (for the log at startup)."""
-    return _BRIDGE is not None
+def decoder_note() -> str:
+    """How colour images are decoded, and why not through cv_bridge when it is not (for the log)."""
+    return "cv_bridge" if _BRIDGE is not None else f"numpy ({_BRIDGE_NOTE})"
 
 
 def _checked_array(msg: Image, table: dict[str, tuple[int, type]], what: str, max_pixels: int) -> np.ndarray:
@@ -120,8 +118,12 @@ def image_to_rgb(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     """Any supported colour encoding -> HxWx3 uint8 RGB (a copy the caller owns)."""
     arr = _checked_array(msg, COLOR_ENCODINGS, "colour", max_pixels)
     if _BRIDGE is not None and bridge_reads_exactly(msg):  # pragma: no cover - on ROS 2 installs only
-        return np.ascontiguousarray(_BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
-    enc = msg.encoding
+        return np.array(_BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8"), dtype=np.uint8, copy=True)
+    return _numpy_rgb(msg.encoding, arr)
+
+
+def _numpy_rgb(enc: str, arr: np.ndarray) -> np.ndarray:
+    """The numpy reader's encoding -> RGB step (``arr`` from :func:`_checked_array`)."""
     if enc == "rgb8":
         return arr.copy()
     if enc == "bgr8":
@@ -220,3 +222,42 @@ def mask_crop_msg(mask: np.ndarray | None, roi: RegionOfInterest, header: Header
         y0, x0 = int(roi.y_offset), int(roi.x_offset)
         crop = mask[y0:y0 + h, x0:x0 + w].astype(np.uint8) * 255
     return array_to_image(crop, "mono8", header)
+
+
+def probe_bridge(bridge: Any) -> str:
+    """Why ``bridge`` must not decode our images, or "" when it reads them as our own reader does.
+
+    Why: a cv_bridge that imports is not one that works. ROS 2's package imports while its
+    compiled part cannot load (its ``__init__`` swallows that ImportError, and every call then
+    raises); the ROS 1 package on PyPI imports too, but ignores ``step`` and, with OpenCV 5,
+    refuses every colour image. Each would turn every frame into an error. A 3x2 image of each
+    encoding, its rows padded by one pixel, is decoded both ways once, at import.
+    """
+    data = np.arange(64, dtype=np.uint8)
+    for enc, (channels, _) in COLOR_ENCODINGS.items():
+        msg = Image(height=2, width=3, encoding=enc, step=4 * channels, data=data[: 8 * channels].tobytes())
+        try:
+            got = np.asarray(bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
+        except Exception as exc:  # any failure means: decode with numpy
+            return f"cv_bridge fails on {enc}: {type(exc).__name__}: {exc}"
+        want = _numpy_rgb(enc, _checked_array(msg, COLOR_ENCODINGS, "colour", DEFAULT_MAX_PIXELS))
+        if got.shape != want.shape or not np.array_equal(got, want):
+            return f"cv_bridge decodes {enc} differently from the ROS 2 convention"
+    return ""
+
+
+def _working_bridge() -> tuple[Any, str]:
+    """cv_bridge when importable and :func:`probe_bridge` passes it, else None; and why not."""
+    try:
+        from cv_bridge import CvBridge
+
+        bridge = CvBridge()
+    except ImportError:
+        return None, "cv_bridge is not importable"
+    except Exception as exc:  # the ROS 1 package from PyPI may fail on import
+        return None, f"cv_bridge fails on import: {type(exc).__name__}: {exc}"
+    problem = probe_bridge(bridge)
+    return (None, problem) if problem else (bridge, "")
+
+
+_BRIDGE, _BRIDGE_NOTE = _working_bridge()

@@ -316,7 +316,7 @@ class SegmentationNode(LifecycleNode):
         self._configure_error = ""
         self._warm_sizes: set[tuple[int, int]] = set()  # the camera's own size is warmed on its first frame
         log.info(f"segmenter '{segmenter.name}' ready in {time.monotonic() - t0:.1f} s; "
-                 f"image decoding via {'cv_bridge' if conversions.using_cv_bridge() else 'numpy'}")
+                 f"image decoding via {conversions.decoder_note()}")
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
         images = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
         self._pubs = {
