@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 from geometry_msgs.msg import TransformStamped
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import Marker
@@ -18,6 +19,7 @@ from helpers import wait_for
 from ros_harness import Client, NodeHarness, Scene, camera_info_msg, image_msg, new_context, transient_local_qos
 
 pytestmark = pytest.mark.ros
+SUCCESS = TransitionCallbackReturn.SUCCESS
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,44 @@ def test_leading_slash_frame_is_dropped_from_3d_outputs(system):
     assert result.status == SegmentationResult.OK and result.objects[0].has_3d
     assert result.geometry_frame_id == "camera_optical"
     assert result.objects[0].cloud.header.frame_id == "camera_optical"
+
+
+def test_deactivate_and_cleanup_clear_the_objects_on_display():
+    """An inactive or unconfigured node reports no objects: its markers (lasting until replaced)
+    and cloud are cleared once, and a node configured anew does not leave the old ones behind."""
+    context = new_context("test_node_3d_lifecycle")
+    node = NodeHarness(context, {"min_points": 20})
+    client = Client(context, node_fqn="/test_node_3d_lifecycle/qwen3vl_seg")
+
+    def shown_then_cleared_by(transition) -> None:
+        client.wait_connected()
+        scene = Scene()
+        publish((node, client), scene, scene.depth_m())
+        assert client.call("red").result.objects[0].has_3d
+        assert wait_for(lambda: client.snapshot(client.markers), 5)
+        time.sleep(0.3)
+        n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
+        assert transition() == SUCCESS
+        assert wait_for(lambda: len(client.snapshot(client.markers)) == n_markers + 1, 5)
+        assert [m.action for m in client.snapshot(client.markers)[-1].markers] == [Marker.DELETEALL] * 3
+        assert wait_for(lambda: len(client.snapshot(client.clouds)) == n_clouds + 1, 5)
+        assert client.snapshot(client.clouds)[-1].width == 0
+
+    try:
+        shown_then_cleared_by(node.node.trigger_deactivate)
+        assert node.node.trigger_activate() == SUCCESS
+        shown_then_cleared_by(node.node.trigger_deactivate)
+        assert node.node.trigger_cleanup() == SUCCESS  # already cleared: nothing more
+        assert node.node.trigger_configure() == SUCCESS and node.node.trigger_activate() == SUCCESS
+        client.wait_connected()
+        time.sleep(0.3)
+        n_markers = len(client.snapshot(client.markers))
+        shown_then_cleared_by(node.node.trigger_deactivate)
+        assert len(client.snapshot(client.markers)) == n_markers + 2  # the objects, then their clear
+    finally:
+        client.close()
+        node.close()
+        context.try_shutdown()
 
 
 def test_markers_live_in_the_node_names_namespace():

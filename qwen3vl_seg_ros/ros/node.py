@@ -366,6 +366,8 @@ class SegmentationNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._scheduler.set_active(False, "node was deactivated before the request could run")
+        if self._three_d is not None:
+            self._three_d.clear_display()  # an inactive node reports no objects
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
@@ -393,6 +395,8 @@ class SegmentationNode(LifecycleNode):
             self.destroy_subscription(self._command_sub)
             self._command_sub = None
         self._scheduler.set_continuous(None)  # unconfigured forgets continuous mode, as a restart does
+        if self._three_d is not None:
+            self._three_d.clear_display()  # while the publishers exist (a deactivate may have done it)
         for pub in self._pubs.values():
             self.destroy_publisher(pub)
         self._pubs = {}

@@ -171,7 +171,7 @@ class ThreeDStage:
             warnings.append("no 3D for object " + ", ".join(missing))
         return out_frame, cloud_to_msg(concat_clouds(clouds), cloud_header)
 
-    def publish(self, result: SegmentationResult, cloud: Any, image_header: Header) -> None:
+    def publish(self, result: SegmentationResult | None, cloud: Any, image_header: Header) -> None:
         """~/cloud and ~/markers of a filled result (markers show each object's track id).
 
         A result without a cloud (NO_MATCH, ERROR, no 3D) clears what an earlier one put on
@@ -192,6 +192,12 @@ class ThreeDStage:
         self._node.publish_markers(build_markers(result.objects, cloud.header, lifetime_s=lifetime,
                                                  namespace=self._node.get_name()))
         self._shown_frame = cloud.header.frame_id
+
+    def clear_display(self) -> None:
+        """Clears the objects on display, if any, when the node stops reporting (deactivate,
+        cleanup): markers that last until replaced would otherwise stay in RViz, and a 3D stage
+        made anew at the next configure would not know they are there."""
+        self.publish(None, None, Header(stamp=self._node.get_clock().now().to_msg()))
 
     def _target_transform(self, header: Header, camera_frame: str, warnings: list[str]):
         target = clean_frame(str(self._node.p("target_frame")))
