@@ -34,7 +34,7 @@ def test_every_object_is_a_2d_detection_with_its_box_centre_and_size() -> None:
     out = deserialize_message(serialize_message(detections_2d(_result())), Detection2DArray)  # over the wire
     assert out.header.frame_id == "camera_optical" and (out.header.stamp.sec, out.header.stamp.nanosec) == (12, 34)
     mug, ball = out.detections
-    assert mug.id == "7" and ball.id == "result-2"  # the track id; the result's number when untracked
+    assert mug.id == "7" and ball.id == ""  # the track id; empty when untracked (no id to follow)
     assert (mug.bbox.center.position.x, mug.bbox.center.position.y) == (25.0, 40.5)
     assert (mug.bbox.size_x, mug.bbox.size_y, mug.bbox.center.theta) == (30.0, 41.0, 0.0)
     assert [(h.hypothesis.class_id, h.hypothesis.score) for h in mug.results] == [("red mug", pytest.approx(0.8))]

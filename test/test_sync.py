@@ -22,6 +22,29 @@ def test_waits_for_depth_while_depth_stream_is_active():
     assert sync.latest(now=100.2).depth == "d1"
 
 
+def test_depth_later_than_the_colour_queue_spans_suggests_a_longer_queue():
+    """Depth 0.4 s late at 30 Hz with 10 colour images kept (0.3 s): each depth's colour image
+    is gone by the time it arrives; the cure is a longer queue, not another clock."""
+    sync = RgbdSynchronizer(slop_s=0.02, queue_size=10)
+    for k in range(30):
+        t = 10.0 + k / 30
+        sync.add_image(f"img{k}", stamp=t, arrival=t + 0.01)
+        sync.add_depth(f"d{k}", stamp=t - 0.4, arrival=t + 0.01)
+    assert sync.latest(now=11.0) is None
+    reason = sync.explain(now=11.0)
+    assert "raise sync_queue_size (the 10 kept colour images span 0.300 s)" in reason
+    sync.add_depth("d_now", stamp=10.0 + 29 / 30, arrival=11.0)  # one pairs: the hint goes
+    assert sync.latest(now=11.0) is not None
+
+
+def test_depth_from_a_newer_clock_does_not_suggest_a_longer_queue():
+    sync = RgbdSynchronizer(slop_s=0.02, queue_size=10)
+    sync.add_image("img", stamp=10.0, arrival=100.0)
+    sync.add_depth("d", stamp=20.0, arrival=100.0)
+    reason = sync.explain(now=100.1)
+    assert "no depth image within sync_slop_s" in reason and "sync_queue_size" not in reason
+
+
 def test_a_paired_frame_that_is_only_old_is_not_blamed_on_depth():
     """A slow camera: the frame has its depth, it is just older than max_input_age_s; telling the
     user to check depth alignment ("closest stamp gap 0.000 s") sent them the wrong way."""

@@ -37,8 +37,13 @@ except ImportError:  # pragma: no cover - exercised by the node test that hides 
 
 
 def detection_id(obj: Any) -> str:
-    """The id a consumer can follow across messages: the track, else the object's number."""
-    return str(obj.track_id) if obj.track_id else f"result-{obj.id}"
+    """The id a consumer can follow across messages: the track, else "" (untracked).
+
+    vision_msgs asks that one object keep its id across messages, and allows an empty one: the
+    object's number in a result names another object in the next, and a consumer that associates
+    by id would merge them.
+    """
+    return str(obj.track_id) if obj.track_id else ""
 
 
 def _hypotheses(obj: Any, pose: Pose | None = None) -> list[Any]:

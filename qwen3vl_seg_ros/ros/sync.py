@@ -133,6 +133,15 @@ class RgbdSynchronizer:
                     f"(closest stamp gap {min(gaps):.3f} s); check that depth is aligned to colour "
                     f"and stamped from the same clock"
                 )
+                oldest = self._images[0]
+                if self._depths[-1].stamp < oldest.stamp:
+                    # depth that is merely late pairs with colour images already dropped from the
+                    # queue: the same symptom as another clock, with another cure
+                    parts.append(
+                        f"every depth image is older than the oldest kept colour image; if depth "
+                        f"arrives late rather than on another clock, raise sync_queue_size (the "
+                        f"{len(self._images)} kept colour images span {newest.stamp - oldest.stamp:.3f} s)"
+                    )
             if self._camera_info is None:
                 parts.append("no CameraInfo received (3D outputs disabled)")
             return "; ".join(parts)

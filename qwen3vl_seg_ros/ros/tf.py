@@ -407,9 +407,11 @@ class TransformLookup:
         """The transform mapping points in ``source_frame`` to ``target_frame`` at ``stamp``.
 
         ``stamp`` is an ``rclpy`` Time, a ``builtin_interfaces/Time`` or ns (0 = latest). Raises
-        :class:`TransformUnavailable` with the reason after waiting at most ``timeout_s``.
+        :class:`TransformUnavailable` with the reason after waiting at most ``timeout_s``. A leading
+        '/' is dropped here, so both backends answer alike (tf2 refuses such names).
         """
-        return self._impl.lookup(target_frame, source_frame, to_nanoseconds(stamp), float(timeout_s))
+        return self._impl.lookup(clean_frame(target_frame), clean_frame(source_frame),
+                                 to_nanoseconds(stamp), float(timeout_s))
 
     def close(self) -> None:
         """Removes the subscriptions (call before destroying the node)."""
