@@ -149,6 +149,13 @@ def test_cv_bridge_is_used_only_where_it_reads_exactly():
     assert cv.bridge_reads_exactly(whole_pixels)
 
 
+def test_an_array_of_the_other_byte_order_keeps_its_values_on_the_wire():
+    values = np.array([[1, 2], [300, 65535]], dtype=np.uint16)
+    for arr in (values.astype(">u2"), values.astype("<u2")):
+        msg = cv.array_to_image(arr, "16UC1")
+        np.testing.assert_array_equal(cv.depth_to_raw(msg), values)
+
+
 def test_a_bridge_is_used_only_when_it_reads_as_our_reader_does():
     """A cv_bridge that imports is probed once: one whose compiled part did not load, or ROS 1's
     that ignores ``step``, would turn every frame into an error or a sheared image."""

@@ -185,8 +185,12 @@ def distortion_note(msg: CameraInfo) -> str:
 
 
 def array_to_image(arr: np.ndarray, encoding: str, header: Header | None = None) -> Image:
-    """numpy -> Image without per-element copies (``bytes`` assignment is fast in rclpy)."""
-    arr = np.ascontiguousarray(arr)
+    """numpy -> Image without per-element copies (``bytes`` assignment is fast in rclpy).
+
+    The bytes go out in the host's order, which ``is_bigendian`` states: an array of another
+    byte order ('>u2' on a little-endian host) is converted first rather than mislabelled.
+    """
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
     msg = Image()
     if header is not None:
         msg.header = header
