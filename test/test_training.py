@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ from qwen3vl_seg_ros.training.train import (
     reference_forward,
     run_decoder,
 )
+from qwen3vl_seg_ros.training.train import main as train_main
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
 
@@ -374,6 +376,19 @@ def test_schedule_fitted_to_a_training_time(tmp_path: Path) -> None:
     assert trainer.stage_steps(1) == 300
 
 
+def test_a_schedule_fitted_after_a_short_first_stage_keeps_what_that_stage_ran(tmp_path: Path) -> None:
+    """The speed is measured at steps 20-60: a 40-step first stage is over by then. It keeps its
+    40 steps and stage b gets the rest (the plan had rescaled stage a and put b's step count on it)."""
+    stages = [{"name": "a", "steps": 40, "lr": 1e-3, "warmup_steps": 4}, {"name": "b", "steps": 200, "lr": 1e-4}]
+    trainer = Trainer(config_from_dict(tiny_config(stages=stages, run={**tiny_config()["run"], "train_time_s": 60})),
+                      tmp_path, log=lambda m: None)
+    trainer.state.stage, trainer.state.stage_step, trainer.state.step = 1, 21, 61
+    trainer._plan(1.0)  # 1 s a step: 60 steps in all
+    assert trainer.state.planned_steps == [40, 22] and trainer.total_steps() == 62  # b cannot end before step 22
+    trainer._plan(0.25)  # 240 steps in all
+    assert trainer.state.planned_steps == [40, 200]
+
+
 def test_number_embeddings_are_smooth(trainer: Trainer) -> None:
     emb = trainer.model.get_input_embeddings().weight
     ids = [trainer.tokenizer.convert_tokens_to_ids(str(v)) for v in (400, 401, 410, 900)]
@@ -554,6 +569,45 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     db = load_file(str(parts / "model" / "mask_decoder.safetensors"))
     for k in da:
         torch.testing.assert_close(db[k], da[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_with_one_log_line_per_step(tmp_path: Path) -> None:
+    """What a process killed in step 4 while saving leaves: the log of steps it trained past its
+    checkpoint (step 2), and the checkpoint between the two renames of a save (no checkpoint/, the
+    complete new one in checkpoint.tmp, the one before in checkpoint.old)."""
+    cfg = config_from_dict(tiny_config(stages=[{"name": "full", "steps": 4, "lr": 3e-3, "warmup_steps": 1}]))
+    Trainer(cfg, tmp_path / "straight", log=lambda m: None).run()
+    run = tmp_path / "run"
+    assert Trainer(cfg, run, log=lambda m: None, stop_at_step=2).run()["finished"] is False
+    log = run / "train_log.jsonl"
+    log.write_text(log.read_text() + "".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (3, 4)))
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+    (run / "checkpoint").rename(run / "checkpoint.tmp")
+    with pytest.raises(FileExistsError):
+        Trainer(cfg, run, log=lambda m: None).setup()  # a new run would delete both with its first save
+    assert Trainer(cfg, run, resume=True, log=lambda m: None).run()["finished"]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    np.testing.assert_allclose(_losses(run), _losses(tmp_path / "straight"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("problem, args, message", [
+    ("missing", [], "No such file or directory"),
+    ("text", [], "expected a mapping of sections"),
+    ("syntax", [], "bad.yaml"),
+    ("ok", ["--set", "stages.5.lr=1"], "--set 'stages.5.lr=1': list index out of range"),
+    ("ok", ["--resume"], "config.json not found"),
+])
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path: Path, capsys, problem, args, message) -> None:
+    texts = {"text": "just a string\n", "syntax": "run:\n  seed: [1,\n", "ok": (REPO / "config" /
+             "train_tiny_cpu_smoke.yaml").read_text()}
+    path = tmp_path / "bad.yaml"
+    if problem in texts:
+        path.write_text(texts[problem])
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([str(path), "--out", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 FULL_THEN_LORA = [{"name": "full", "steps": 2, "lr": 3e-3, "warmup_steps": 1},
@@ -815,6 +869,37 @@ def test_configurations(tmp_path: Path) -> None:
     assert stage.lr_factor(1, stage.steps // 3) == pytest.approx(stage.lr_factor(1))
     assert stage.lr_factor(stage.warmup_steps) == pytest.approx(1.0)
     assert gpu.stages[0].lr_factor(0, 10) == pytest.approx(0.5)  # warm-up at most a fifth of a short stage
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.0.decoder_lr_scale=-1", r"stage 'full': decoder_lr_scale must be a number >= 0, got -1"),
+    ("stages.0.vision_lr_scale=-0.5", "vision_lr_scale must be a number >= 0"),
+    ("stages.0.min_lr_ratio=-1", r"min_lr_ratio must be a number in \[0, 1\]"),
+    ("stages.0.steps=true", r"stages\[0\]\.steps: expected a number, got True"),
+    ("stages.0.lora={r: 0}", "lora: r must be a number >= 1"),
+    ("stages.0.lora={rank: 4}", "lora: unknown keys"),
+    ("stages.0.lora=[4]", "lora must be a mapping"),
+    ("optim.batch_size=0", "optim: batch_size must be a number >= 1"),
+    ("optim.betas=0.9", "optim.betas must be two numbers"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("optim.weight_decay=-1", "weight_decay must be a number >= 0"),
+    ("run.log_every=0", "run: log_every must be a number >= 1"),
+    ("run.seed=-1", "run: seed must be a number >= 0"),
+    ("run.precision=fp16", "run.precision must be"),
+    ("data.micro_batch=-2", "data: micro_batch must be a number >= 0"),
+    ("loss.dice=-1", "loss: dice must be a number >= 0"),
+    ("eval.enabled='no'", r"eval\.enabled: expected true or false, got 'no'"),
+])
+def test_a_bad_value_is_refused_when_the_configuration_loads(override: str, message: str) -> None:
+    """Each was accepted before: some trained silently wrong (a negative learning-rate scale is
+    gradient ascent), the others failed a step into training with an error naming no key."""
+    with pytest.raises(ValueError, match=message):
+        load_config(REPO / "config" / "train_tiny_cpu_smoke.yaml", [override])
+
+
+def test_a_stage_without_a_learning_rate_names_the_key() -> None:
+    with pytest.raises(ValueError, match=r"stages\[0\]: missing keys \['lr'\]"):
+        config_from_dict(tiny_config(stages=[{"name": "x", "steps": 1}]))
 
 
 def test_shipped_configuration_fits_in_30_mb() -> None:

@@ -126,9 +126,13 @@ class StageConfig:
         if self.llm not in LLM_MODES:
             raise ValueError(f"stage {self.name!r}: llm must be one of {LLM_MODES}, got {self.llm!r}")
         if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
+            self.lora = _build(LoraSettings, self.lora, f"stage {self.name!r}: lora")
+        elif self.lora is not None and not isinstance(self.lora, LoraSettings):
+            raise ValueError(f"stage {self.name!r}: lora must be a mapping (r, alpha, dropout, target_modules)")
         if self.llm == "lora" and self.lora is None:
             self.lora = LoraSettings()
+        if self.lora is not None:
+            _check(self.lora, f"stage {self.name!r}: lora", r=">= 1", alpha="> 0", dropout="in [0, 1)")
         if not isinstance(self.lr_scales, dict):
             raise ValueError(f"stage {self.name!r}: lr_scales must map name patterns to factors")
         for pattern, scale in self.lr_scales.items():
@@ -142,6 +146,10 @@ class StageConfig:
             self.lr_scales[pattern] = float(scale)
         if self.steps < 0 or self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"stage {self.name!r}: steps and warmup_steps must be >= 0 and lr > 0")
+        # a negative scale trains by gradient ascent, a negative min_lr_ratio ends the cosine below
+        # zero: the run finishes without an error and its model is just worse
+        _check(self, f"stage {self.name!r}", vision_lr_scale=">= 0", decoder_lr_scale=">= 0",
+               coord_sigma=">= 0", coord_sigma_until="> 0", min_lr_ratio="in [0, 1]")
 
     def lr_factor(self, step: int, steps: int | None = None) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio`` at the last of ``steps`` (step
@@ -176,7 +184,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm, 0 = off
 
     def __post_init__(self) -> None:
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        betas = self.betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        _check(self, "optim", batch_size=">= 1", weight_decay=">= 0", eps="> 0", grad_clip=">= 0")
 
 
 @dataclass
@@ -192,6 +205,12 @@ class RunConfig:
     decoder_chunk: int = 0  # frames per decoder call in a step (0 = all at once)
     torch_threads: int = 0  # 0 = torch's default
 
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"run.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        _check(self, "run", seed=">= 0", log_every=">= 1", train_time_s=">= 0", checkpoint_every_s=">= 0",
+               decoder_chunk=">= 0", torch_threads=">= 0")
+
 
 @dataclass
 class EvalConfig:
@@ -205,6 +224,10 @@ class EvalConfig:
     workers: int = 0  # 0 = one per CPU core (at most 14)
     time_limit_s: float = 150.0  # evaluation stops early (with what it has) after this
     reserve_s: float = 180.0  # with a time budget, training stops this long before it for the evaluation
+
+    def __post_init__(self) -> None:
+        _check(self, "eval", scenes=">= 0", queries_per_scene=">= 1", workers=">= 0", time_limit_s="> 0",
+               reserve_s=">= 0")
 
 
 @dataclass
@@ -227,28 +250,55 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1,
+          "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def _check(section: Any, where: str, **rules: str) -> None:
+    """Refuses a field outside its range (``rules``: field -> a key of ``_RULES``), with its name.
+
+    Why: out-of-range values otherwise either train silently wrong (a negative learning-rate
+    scale) or fail after the model is built, as a ZeroDivisionError or an IndexError that names
+    no key.
+    """
+    for name, rule in rules.items():
+        value = getattr(section, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _RULES[rule](value):
+            raise ValueError(f"{where}: {name} must be a number {rule}, got {value!r}")
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
-    """A dataclass from a mapping, refusing unknown keys (a typo must not pass silently)."""
+    """A dataclass from a mapping, refusing unknown and missing keys (a typo must not pass silently)."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    missing = sorted(f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
+    types = {f.name: f.type for f in fields}
     return cls(**{k: _number(v, str(types[k]), f"{where}.{k}") for k, v in data.items()})
 
 
 def _number(value: Any, type_name: str, where: str) -> Any:
-    """A number field's value as a number.
+    """A number field's value as a number (and a yes/no field's as a bool).
 
     PyYAML follows YAML 1.1, which reads ``4e-4`` and ``1e3`` (no dot) as strings; in a file or a
     ``--set`` they mean numbers, so they are taken as such, and a word where a number belongs (or
     a fraction where a count belongs) is refused here with the key's name rather than as a
-    TypeError deep in training.
+    TypeError deep in training. ``true`` is not a number (``steps: true`` would train one step),
+    and a quoted ``"no"`` is not a bool (it would count as true).
     """
+    if type_name == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if type_name in ("float", "int") and isinstance(value, bool):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
     if type_name not in ("float", "int") or not isinstance(value, (str, float)):
         return value
     try:
@@ -269,14 +319,19 @@ def set_dotted(data: dict, assignment: str) -> None:
         raise ValueError(f"--set expects key=value, got {assignment!r}")
     parts = key.strip().split(".")
     node: Any = data
-    for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    last = parts[-1]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    try:
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise TypeError(f"{'.'.join(parts[:-1])} is {node!r}, not a section")
+    except (IndexError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
+        raise ValueError(f"--set {assignment!r}: {exc}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -287,11 +342,16 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     stages = [_build(StageConfig, s, f"stages[{i}]") for i, s in enumerate(data.get("stages") or [])]
     if not stages:
         raise ValueError("configuration: 'stages' must list at least one stage")
+    loss = _build(LossWeights, data.get("loss"), "loss")
+    _check(loss, "loss", **{f.name: ">= 0" for f in dataclasses.fields(LossWeights)})
+    data_cfg = _build(DataConfig, data.get("data"), "data")
+    _check(data_cfg, "data", width=">= 1", height=">= 1", queries_per_scene=">= 1", num_workers=">= 0",
+           prefetch_factor=">= 1", micro_batch=">= 0")
     return TrainConfig(
         model=_build(ModelConfig, data.get("model"), "model"),
-        data=_build(DataConfig, data.get("data"), "data"),
+        data=data_cfg,
         optim=_build(OptimConfig, data.get("optim"), "optim"),
-        loss=_build(LossWeights, data.get("loss"), "loss"),
+        loss=loss,
         stages=stages,
         run=_build(RunConfig, data.get("run"), "run"),
         eval=_build(EvalConfig, data.get("eval"), "eval"),
@@ -300,10 +360,35 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Reads a YAML configuration and applies ``key=value`` overrides."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    with open(path) as stream:  # from the stream, a YAML error names the file
+        data = yaml.safe_load(stream) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (model, data, optim, loss, stages, run, "
+                         f"eval), got a {type(data).__name__}")
     for assignment in overrides:
         set_dotted(data, assignment)
     return config_from_dict(data)
+
+
+def check_run_folder(run_dir: Path, resume: bool) -> None:
+    """Refuses a run folder that does not fit ``resume`` (before any model is built).
+
+    A process killed between the two renames of :meth:`Trainer.save_checkpoint` leaves no
+    ``checkpoint/`` but a complete ``checkpoint.tmp`` (its state.json is written last) or the
+    previous ``checkpoint.old``: that one is put back, so ``--resume`` finds it and a new run in
+    the folder is refused instead of deleting both with its first save.
+    """
+    checkpoint = run_dir / "checkpoint"
+    if not (checkpoint / "state.json").is_file():
+        for spare in (run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"):
+            if (spare / "state.json").is_file():
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                spare.rename(checkpoint)
+                break
+    if resume and not (checkpoint / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint}")
+    if not resume and checkpoint.exists():
+        raise FileExistsError(f"{run_dir} already holds a run; use --resume or another --out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,12 +622,11 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        check_run_folder(self.run_dir, self.resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.run_dir / "checkpoint"
-        if self.resume and not (checkpoint / "state.json").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint}")
-        if not self.resume and checkpoint.exists():
-            raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
+        if self.resume:
+            self._trim_log()
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         self.device = self._device()
@@ -678,6 +762,17 @@ class Trainer:
             self.log(f"[train] stage '{stage.name}': LoRA merged into the weights")
 
     # -- checkpoints ------------------------------------------------------------------------
+
+    def _trim_log(self) -> None:
+        """Drops the log lines of steps past the checkpoint: a resumed run trains them again, and
+        a plot or a "last loss" read from the file would otherwise mix the lost run with the replay."""
+        log_path = self.run_dir / "train_log.jsonl"
+        if not log_path.is_file():
+            return
+        step = json.loads((self.run_dir / "checkpoint" / "state.json").read_text())["state"]["step"]
+        kept = [line for line in log_path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        log_path.write_text("".join(kept))
 
     def save_checkpoint(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Resumable state, written to ``checkpoint.tmp`` and swapped in (never half-written)."""
@@ -860,15 +955,20 @@ class Trainer:
     def _plan(self, seconds_per_step: float) -> None:
         """Rescales every stage so that the whole schedule takes ``run.train_time_s`` of training.
 
-        Called once, early in the first stage (during warm-up, whose length does not change):
-        the cosine schedule then ends when the time does, whatever the machine's speed. The plan
-        is saved with the state, so resumed runs keep it.
+        Called once, early in the run (during warm-up, whose length does not change): the cosine
+        schedule then ends when the time does, whatever the machine's speed. The plan is saved
+        with the state, so resumed runs keep it. A short first stage may be over by then: the
+        stages already finished keep the steps they ran, and the rest share what is left.
         """
         target = self.cfg.run.train_time_s
         total = max(1, round(target / seconds_per_step))
         configured = self.cfg.total_steps
-        plan = [max(1, round(s.steps * total / configured)) for s in self.cfg.stages]
-        plan[0] = max(plan[0], self.state.stage_step + 1)
+        current = self.state.stage
+        finished = [s.steps for s in self.cfg.stages[:current]]
+        rest = self.cfg.stages[current:]
+        left, rest_configured = max(1, total - sum(finished)), max(1, sum(s.steps for s in rest))
+        plan = finished + [max(1, round(s.steps * left / rest_configured)) for s in rest]
+        plan[current] = max(plan[current], self.state.stage_step + 1)
         self.state.planned_steps = plan
         self.log(f"[train] {seconds_per_step * 1000:.0f} ms per step: stages planned as {plan} steps "
                  f"({sum(plan)} in all, {target:.0f} s of training; configured {configured})")
@@ -1098,7 +1198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.train_time_s is not None:
         overrides.append(f"run.train_time_s={args.train_time_s}")
-    config = load_config(args.config, overrides)
+    try:
+        config = load_config(args.config, overrides)
+        check_run_folder(args.out, args.resume)
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+        parser.error(str(exc))  # usage and one line, exit 2: no traceback for a typo
     command = "python -m qwen3vl_seg_ros.train " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
     trainer = Trainer(config, args.out, resume=args.resume, time_budget_s=args.time_budget_s,
                       final_eval=not args.no_eval, stop_at_step=args.stop_at_step, command=command)
