@@ -40,7 +40,7 @@ LAUNCH_ARGUMENTS = [
     ("target_frame", "", "Frame of the 3D outputs ('' = the camera's optical frame)."),
     ("image_qos", "sensor_data", "QoS of the camera subscriptions: sensor_data, reliable, best_effort."),
     ("image", "image", "Colour image topic (sensor_msgs/Image)."),
-    ("depth", "depth", "Depth image topic aligned to the colour image (16UC1 mm or 32FC1 m)."),
+    ("depth", "depth", "Depth image topic aligned to the colour image (16UC1 or mono16 mm, or 32FC1 m)."),
     ("camera_info", "camera_info", "CameraInfo topic of the colour image."),
     ("command", "command", "Command topic (std_msgs/String) for continuous mode."),
     ("use_depth", "true", "Subscribe to the depth topic and compute 3D outputs (false: 2D results only)."),

@@ -70,6 +70,14 @@ def test_a_parameter_of_the_wrong_type_ends_start_up_with_a_clear_message():
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_sim_camera_help_prints_usage_without_publishing():
+    """`sim_camera --help` used to start the camera: a publisher on the user's /image and /tf_static."""
+    done = subprocess.run([sys.executable, "-m", "qwen3vl_seg_ros.ros.sim_camera", "--help"],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: sim_camera") and "publishing" not in done.stdout + done.stderr
+
+
 def test_help_lists_the_parameters_without_loading_anything():
     """`ros2 run qwen3vl_seg_ros segmentation_node --help` used to start loading the model."""
     done = subprocess.run([sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--help"],

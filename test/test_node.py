@@ -342,3 +342,14 @@ def test_vision_msgs_detections_mirror_the_result(system):
     assert client.call("green").result.status == SegmentationResult.NO_MATCH
     assert wait_for(lambda: len(client.snapshot(client.detections)) > n2, 5)
     assert client.snapshot(client.detections)[-1].detections == []
+
+    # an ERROR after objects: empty arrays too (as the cloud and markers are cleared), so a consumer
+    # keeping "the current detections" does not go on with an old answer's objects
+    assert client.call("the red blob").result.objects
+    assert wait_for(lambda: client.snapshot(client.detections)[-1].detections, 5)
+    n2, n3 = len(client.snapshot(client.detections)), len(client.snapshot(client.detections_3d))
+    assert client.call("red raise:error").result.status == SegmentationResult.ERROR
+    assert wait_for(lambda: len(client.snapshot(client.detections)) > n2
+                    and len(client.snapshot(client.detections_3d)) > n3, 5)
+    assert client.snapshot(client.detections)[-1].detections == []
+    assert client.snapshot(client.detections_3d)[-1].detections == []

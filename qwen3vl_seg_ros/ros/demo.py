@@ -657,7 +657,9 @@ def _gt_text(row: Row) -> list[str]:
     lines = [f"IoU {row.iou:.2f} ({len(row.target_ids)} target{'s' if len(row.target_ids) > 1 else ''})"]
     errors = [o["xy_error_m"] for o in row.objects if "xy_error_m" in o]
     if errors:
-        lines.append(f"3D off by {100 * max(errors):.1f} cm")
+        # the centroid of the visible surface against the object's footprint centre: a distance on
+        # the table plane (the height of a visible-surface centroid is not the object's centre's)
+        lines.append(f"x-y off by {100 * max(errors):.1f} cm")
     return lines
 
 

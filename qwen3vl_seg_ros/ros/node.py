@@ -104,8 +104,12 @@ SegmenterFactory = Callable[[str, SegmenterOptions, Callable[[str], None]], Segm
 USAGE = """usage: segmentation_node [-h] [--ros-args -p NAME:=VALUE ... --params-file FILE]
 
 The qwen3vl_seg lifecycle node: language-conditioned instance segmentation with per-object 3D.
-Topics, the ~/segment service and the messages are documented in the package's README. Its
-parameters, with their defaults (a params file in this form sets them):
+Topics, the ~/segment service and the messages are documented in the package's README.
+
+  -p autostart:=false   stay unconfigured, for a lifecycle manager or `ros2 lifecycle set`
+                        (default true: configure and activate at start-up)
+
+Its parameters, with their defaults (a params file in this form sets them):
 
 """
 
@@ -578,6 +582,7 @@ class SegmentationNode(LifecycleNode):
             result.objects = []
             if self._three_d is not None:
                 self._three_d.publish(result, None, header)  # RViz shows no objects of an earlier result
+            self._publish_detections(result)  # nor do the detection topics
         if job.answered:  # the watchdog already answered the request with a timeout ERROR
             result.message = safe_text("; ".join(m for m in (
                 "late: this request had already been answered with a timeout ERROR", result.message) if m))
@@ -775,7 +780,7 @@ class SegmentationNode(LifecycleNode):
             self._send("overlay", conversions.array_to_image(bgr, "bgr8", header))
 
     def _publish_detections(self, result: SegmentationResult) -> None:
-        """The result as vision_msgs detections (empty arrays for NO_MATCH: nothing there now)."""
+        """The result as vision_msgs detections (empty arrays for NO_MATCH and ERROR: no objects now)."""
         if self.p("publish_detections") and "detections" in self._pubs:
             self._send("detections", detections.detections_2d(result))
             self._send("detections_3d", detections.detections_3d(result))

@@ -79,7 +79,8 @@ PARAMETERS: tuple[Param, ...] = (
           "CPU threads of the model (0 = PyTorch's default, one per core). Set it to the cores the node may "
           "use when other processes share the CPU: oversubscribed threads make inference many times slower.",
           CONFIGURE, 0, 256),
-    Param("warmup", True, "Run a dummy command at configure so the first real one is fast.", CONFIGURE),
+    Param("warmup", True, "Run a dummy command at configure, and again on the first frame of each new "
+          "size, so the first real command is fast.", RUNTIME),
     # --- inputs and outputs (activate) ---
     Param("image_qos", "sensor_data",
           "QoS of the image, depth and camera_info subscriptions: 'sensor_data' (best effort, as most "
@@ -147,7 +148,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("cluster_gap_m", 0.03,
           "Depth gap that splits an object's points into clusters; the dominant nearest one is kept (m).",
           RUNTIME, 0.0, 10.0),
-    Param("voxel_size_m", 0.0, "Voxel downsampling of the clouds (m; 0 = off).", RUNTIME, 0.0, 1.0),
+    Param("voxel_size_m", 0.0, "Voxel downsampling of the published clouds (m; 0 = off); num_points, centroid and "
+          "box use every point.", RUNTIME, 0.0, 1.0),
     Param("min_depth_m", 0.05, "Depth readings nearer than this are ignored (m).", RUNTIME, 0.0, 100.0),
     Param("max_depth_m", 10.0, "Depth readings farther than this are ignored (m).", RUNTIME, 0.0, 1000.0),
     # --- visualisation (runtime) ---
@@ -158,11 +160,18 @@ PARAMETERS: tuple[Param, ...] = (
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMETERS}
 
 
+def _range(p: Param) -> str:
+    """" Range [min, max]." with whole numbers written out (``:g`` shows 67108864 as 6.71089e+07)."""
+    def text(v: Any) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+    return f" Range [{text(p.min)}, {text(p.max)}]."
+
+
 def markdown_table() -> str:
     """The README's parameter table."""
     lines = ["| parameter | default | applies | description |", "|---|---|---|---|"]
     for p in PARAMETERS:
-        rng = f" Range [{p.min:g}, {p.max:g}]." if p.min is not None else ""
+        rng = _range(p) if p.min is not None else ""
         choices = f" One of {', '.join(p.choices)}." if p.choices else ""
         default = f"`{p.default!r}`" if not isinstance(p.default, str) else f"`\"{p.default}\"`"
         applies = f"{p.applies}, read-only" if p.read_only else p.applies
@@ -194,7 +203,7 @@ def params_yaml() -> str:
     for p in PARAMETERS:
         text = p.description
         if p.min is not None:
-            text += f" Range [{p.min:g}, {p.max:g}]."
+            text += _range(p)
         if p.choices:
             text += f" One of: {', '.join(p.choices)}."
         words, line = text.split(), ""

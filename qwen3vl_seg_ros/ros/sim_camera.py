@@ -350,7 +350,14 @@ class SimCamera(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``sim_camera --ros-args -p rate_hz:=5.0 -p scene_period_s:=10.0``."""
-    rclpy.init(args=args if args is not None else sys.argv)
+    argv = args if args is not None else sys.argv
+    own = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
+    if "-h" in own or "--help" in own:  # answered without publishing anything on the user's domain
+        print("usage: sim_camera [-h] [--ros-args -p NAME:=VALUE ...]\n\n" + (__doc__ or "")
+              + "\nIts parameters (all read at start-up): the README's 'The simulated camera "
+              "sim_camera' section, or `ros2 param describe /sim_camera <name>` while it runs.")
+        return 0
+    rclpy.init(args=argv)
     code = 0
     node = None
     try:
