@@ -181,6 +181,22 @@ def _break(dataset_file: Path, edit) -> Path:
     return dataset_file
 
 
+def test_compressed_counts_are_read_as_pycocotools_writes_them() -> None:
+    """The check on compressed counts reads them as pycocotools does (its own encoder's output)."""
+    from pycocotools import mask as mask_utils
+
+    from qwen3vl_seg_ros.training.coco import _compressed_runs, encode_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        mask = rng.random((h, w)) < rng.random()
+        counts = encode_mask(mask)["counts"].encode("ascii")
+        runs = _compressed_runs(counts)
+        assert runs is not None and sum(runs) == h * w and min(runs) >= 0
+        assert sum(runs[1::2]) == int(mask.sum()) == int(mask_utils.area({"size": [h, w], "counts": counts}))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -209,6 +225,10 @@ def test_malformed_index_names_file_and_field(dataset_file: Path, edit, message:
         ({"size": [H, W + 1], "counts": "abc"}, r"size: \[10, 13\] differs"),
         ({"size": [H, W], "counts": [5, 5]}, "summing to H\\*W"),
         ({"size": [H, W], "counts": 17}, "expected a string or a list of ints"),
+        # compressed counts that stop short (pycocotools filled the rest from uninitialised memory)
+        ({"size": [H, W], "counts": "T3b1"}, r"compressed counts must decode to runs >= 0 summing to H\*W = 120"),
+        ({"size": [H, W], "counts": "\x7f\x7f~~zz"}, "compressed counts must decode"),  # not RLE at all
+        ({"size": [H, W], "counts": "e"}, "compressed counts must decode"),  # ends inside a run (0x20 set)
         ("nonsense", "expected polygons"),
     ],
 )

@@ -126,6 +126,37 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def _compressed_runs(data: bytes) -> list[int] | None:
+    """The run lengths a compressed COCO RLE string holds, or None when it is not one.
+
+    Why: pycocotools checks nothing here. Counts that stop short decode without an error, the
+    missing pixels taken from uninitialised memory (different on every call), so a truncated
+    file would train on random masks. The format (pycocotools' maskApi.c): each run is a
+    little-endian series of 5-bit groups, one character each (value + 48; bit 0x20: more
+    groups follow; 0x10 in the last group: negative), and from the third run on, each is
+    stored as the difference from the run two before.
+    """
+    runs: list[int] = []
+    pos = 0
+    while pos < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(data):
+                return None
+            group = data[pos] - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
 def _rle(segm: Any, height: int, width: int, where: str) -> dict:
     """pycocotools RLE of a polygon list or an RLE (compressed or not); ``where`` prefixes errors."""
     mask_utils = _mask_utils()
@@ -146,7 +177,12 @@ def _rle(segm: Any, height: int, width: int, where: str) -> dict:
                 raise DatasetFormatError(f"{where}.counts: uncompressed counts must be ints >= 0 summing to H*W")
             return mask_utils.frPyObjects(segm, height, width)
         if isinstance(counts, str | bytes):
-            return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            data = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            runs = _compressed_runs(data)
+            if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+                raise DatasetFormatError(f"{where}.counts: compressed counts must decode to runs >= 0 summing "
+                                         f"to H*W = {height * width}" + (f" (they sum to {sum(runs)})" if runs else ""))
+            return {"size": [height, width], "counts": data}
         raise DatasetFormatError(f"{where}.counts: expected a string or a list of ints, got {type(counts).__name__}")
     raise DatasetFormatError(f"{where}: expected polygons (list) or RLE (dict with 'size' and 'counts')")
 
