@@ -309,11 +309,14 @@ class _Candidates:
     def _absent(self) -> dict[str, list[Descriptor]]:
         """Descriptors that match nothing, grouped so that each kind is drawn equally often."""
         colour_shape = [Descriptor(None, c, s) for c in COLOURS for s in SHAPES]
-        # hard negatives: "the small red cube" when the only red cube is large. Only where every
-        # red cube is of one size: with a large and a medium one, a reader takes "the small red
-        # cube" for the smaller of the two, so it is no command without a target.
-        present = [d for d in colour_shape if len(self._sizes(d)) == 1]
-        with_size = [Descriptor(z, d.colour, d.shape) for d in present for z in SIZE_WORDS]
+        # hard negatives: "the small red cube" when every red cube is large (and "the big red cube"
+        # when every one is small). Only the opposite extreme: with a large and a medium red cube a
+        # reader takes "the small red cube" for the smaller of the two, and a lone medium pink can
+        # next to a large black one is "the small pink can" to anyone, so neither is a command
+        # without a target.
+        opposite = {"small": "large", "large": "small"}
+        with_size = [Descriptor(z, d.colour, d.shape) for d in colour_shape for z in SIZE_WORDS
+                     if self._sizes(d) == {opposite[z]}]
         groups = {
             "colour_shape": colour_shape,
             "size_colour_shape": with_size,
