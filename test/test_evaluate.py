@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from qwen3vl_seg_ros.training.evaluate import EvalSettings, main, run_evaluation
 
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
 W, H = 128, 96
 SCENES = 4
 ANSWER = ({"bbox_2d": [100, 200, 450, 700], "label": "red cube"},)
@@ -86,13 +90,26 @@ def test_box_head_metrics_match_a_hand_computation(box_report: tuple[dict, Path]
     assert sum(m["num_samples"] for m in by_type.values()) == len(exs)
     assert set(by_type) == {ex.query_type for ex in exs}
     # files: the JSON report, per-sample answers, and a PNG figure
-    saved = json.loads((tmp_path / "report.json").read_text())
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=_refuse)  # strict JSON
     assert saved["methods"]["box"]["overall"]["giou"] == pytest.approx(box_metrics["giou"])
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert len(lines) == len(exs)
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert report["timing"]["ms_per_command_median"] > 0
+
+
+def _refuse(constant: str) -> None:
+    raise AssertionError(f"report.json holds {constant}, which strict JSON readers (jq, JavaScript) reject")
+
+
+def test_a_report_is_strict_json_when_a_statistic_is_undefined(box_model: Path, tmp_path: Path) -> None:
+    """A score AUC over objects that are all right, or all wrong, is NaN: written as null."""
+    report = run_evaluation(settings(box_model, scenes=1, queries_per_scene=1, heads=(), examples=0,
+                                     out=str(tmp_path)), log=lambda m: None)
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=_refuse)
+    auc = report["scores"]["reported"]["auc"]
+    assert auc != auc and saved["scores"]["reported"]["auc"] is None  # NaN -> null
 
 
 def test_a_model_that_finds_nothing(empty_model: Path) -> None:
@@ -114,6 +131,39 @@ def test_workers_give_the_same_numbers_and_the_time_limit_stops(box_model: Path,
         assert two["methods"][method] == one["methods"][method]
     cut = run_evaluation(settings(box_model, scenes=50, heads=(), time_limit_s=0.5), log=lambda m: None)
     assert not cut["complete"] and cut["tasks_done"] < 50
+
+
+def test_a_model_that_does_not_load_ends_the_run_with_workers_too(tmp_path: Path) -> None:
+    """With 2 workers, a failing worker start made the process pool start new ones forever."""
+    done = subprocess.run([sys.executable, "-m", "qwen3vl_seg_ros.evaluate", "--model", str(tmp_path / "none"),
+                           "--scenes", "2", "--workers", "2", "--heads", "box", "--width", str(W), "--height", str(H)],
+                          capture_output=True, text=True, timeout=240, cwd=REPO, env=dict(os.environ))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("evaluate: "), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scenes", "-3"], "--scenes must be >= 0"),
+    (["--scenes", "0"], "--scenes must be > 0"),
+    (["--width", "-5", "--height", "96"], "--width and --height must both be > 0"),
+    (["--heads", "grabcutt"], "--heads: unknown ['grabcutt']"),
+    (["--coco", "/nonexistent/refs.json"], "--coco: no such file"),
+])
+def test_the_command_line_refuses_what_would_give_an_empty_or_wrong_report(
+        args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_coco_split_with_no_expressions_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen3vl_seg_ros.training.synthetic import main as write_synthetic
+
+    write_synthetic(["--out", str(tmp_path / "val"), "--num", "1", "--split", "val", "--width", str(W),
+                     "--height", str(H)])
+    coco = str(tmp_path / "val" / "annotations.json")
+    assert main(["--coco", coco, "--coco-split", "vall", "--heads", "box", "--out", str(tmp_path / "r")]) == 1
+    assert "holds no referring expressions of split 'vall'" in capsys.readouterr().err
 
 
 def test_command_line(box_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,7 +86,8 @@ def test_giou_ciou_precision_and_no_target() -> None:
     s = m.summary()
     assert s["num_samples"] == 4 and s["num_with_target"] == 2 and s["num_no_target"] == 2
     assert s["giou"] == pytest.approx((1 / 3 + 1 + 1 + 0) / 4)
-    assert s["ciou"] == pytest.approx((50 + 32) / (150 + 32))
+    no_target_pixels = int(instances([0, 0, 3, 3])[1].sum())  # sample 4's predicted mask
+    assert s["ciou"] == pytest.approx((50 + 32) / (150 + 32 + no_target_pixels))  # GRES: all samples
     assert s["precision@0.5"] == 0.5 and s["precision@0.7"] == 0.5 and s["precision@0.9"] == 0.5
     assert s["no_target_acc"] == 0.5 and s["no_target_fp_rate"] == 0.5
     assert s["no_target_fp_instances"] == 0.5
@@ -98,7 +99,7 @@ def test_giou_ciou_precision_and_no_target() -> None:
     assert set(by) == {"referring", "multi", "no_target"}
     assert by["referring"]["giou"] == pytest.approx(1 / 3) and by["referring"]["no_target_acc"] is None
     assert by["multi"]["ciou"] == 1.0
-    assert by["no_target"]["giou"] == 0.5 and by["no_target"]["ciou"] is None
+    assert by["no_target"]["giou"] == 0.5 and by["no_target"]["ciou"] == 0.0
 
 
 def test_hungarian_matching_where_greedy_fails() -> None:

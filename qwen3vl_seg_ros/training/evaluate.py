@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +42,7 @@ from qwen3vl_seg_ros.segmenter import SegmenterOptions
 #: The node's default ``score_threshold`` (config/params.yaml); ``decoder@score`` applies it.
 NODE_SCORE_THRESHOLD = 0.2
 METHODS = ("decoder", "box", "grabcut", "depth", "decoder@score")
+HEADS = ("box", "grabcut", "depth")  # the weight-free heads --heads may name
 
 
 @dataclass
@@ -96,6 +99,9 @@ def _tasks(settings: EvalSettings) -> list[tuple[str, int]]:
 
         n = len(RefDataset(settings.coco_json, settings.coco_image_root or None, settings.coco_split or None,
                            load_images=False))
+        if n == 0:  # a report of 0 samples marked complete reads as a success
+            split = f" of split '{settings.coco_split}'" if settings.coco_split else ""
+            raise ValueError(f"{settings.coco_json} holds no referring expressions{split} to evaluate")
         if settings.max_samples:
             n = min(n, settings.max_samples)
         return [("coco", i) for i in range(n)]
@@ -106,17 +112,23 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(settings: EvalSettings) -> None:
+    """Loads a worker's segmenter. A failure is kept and raised by the worker's first task: a
+    process pool whose initializer raises starts new workers forever (the run hung)."""
     import torch
 
     from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
 
     torch.set_num_threads(max(1, settings.threads))
+    _WORKER.clear()
+    _WORKER["settings"] = settings
+    _WORKER["dataset"] = None
     options = SegmenterOptions(model=settings.model, device=settings.device, dtype=settings.dtype,
                                box_refine_passes=settings.box_refine_passes,
                                coordinate_window=settings.coordinate_window)
-    _WORKER["settings"] = settings
-    _WORKER["seg"] = Qwen3VLSeg.from_options(options)
-    _WORKER["dataset"] = None
+    try:
+        _WORKER["seg"] = Qwen3VLSeg.from_options(options)
+    except Exception as exc:
+        _WORKER["init_error"] = exc
 
 
 def _examples(task: tuple[str, int]) -> list[Any]:
@@ -141,6 +153,8 @@ def _evaluate_task(task: tuple[str, int]) -> list[dict[str, Any]]:
     from qwen3vl_seg_ros.masks import box_mask, weight_free_mask
     from qwen3vl_seg_ros.training.metrics import evaluate_sample
 
+    if "init_error" in _WORKER:
+        raise _WORKER["init_error"]
     settings: EvalSettings = _WORKER["settings"]
     seg = _WORKER["seg"]
     out = []
@@ -389,7 +403,7 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
     if settings.out:
         out = Path(settings.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
         (out / "samples.jsonl").write_text("".join(
             json.dumps({k: v for k, v in r.items() if k not in ("results", "pred_mask")}) + "\n" for r in records))
         try:
@@ -398,6 +412,18 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
             log(f"[eval] could not draw the figure: {exc}")
     log(format_report(report))
     return report
+
+
+def _finite(value: Any) -> Any:
+    """The report with NaN and infinities as null: strict JSON readers (jq, JavaScript) reject
+    NaN, which a score AUC over objects that are all right (or all wrong) is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -457,7 +483,7 @@ def draw_report(report: dict[str, Any], records: list[dict[str, Any]], settings:
     fig = plt.figure(figsize=(3.2 * cols, 7.5))
     grid = fig.add_gridspec(2, cols, height_ratios=[1.0, 1.1])
     _WORKER["settings"] = settings  # the examples' images and ground truth are made again (cheap)
-    _WORKER.setdefault("dataset", None)
+    _WORKER["dataset"] = None  # one left by an earlier run in this process may be another file
     for k, r in enumerate(picks):
         ax = fig.add_subplot(grid[0, k])
         ex = _examples(tuple(r["task"]))[r["query"]]
@@ -514,6 +540,24 @@ def _pick_examples(records: list[dict[str, Any]], count: int) -> list[dict[str, 
 # command line
 
 
+def _argument_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the command line, or "": each of these ran to a report of 0 samples
+    marked complete, or failed only once the model had loaded."""
+    for name in ("scenes", "first_scene", "queries_per_scene", "max_samples", "time_limit_s", "examples"):
+        if getattr(args, name) < 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+    if args.workers < 0 or args.threads < 1:
+        return "--workers must be >= 0 and --threads >= 1"
+    if (args.width or args.height) and (args.width <= 0 or args.height <= 0):
+        return f"--width and --height must both be > 0 (or both left out), got {args.width}x{args.height}"
+    unknown = [h for h in args.heads.split(",") if h and h not in HEADS]
+    if unknown:
+        return f"--heads: unknown {unknown}; known: {', '.join(HEADS)}"
+    if args.coco and not Path(args.coco).is_file():
+        return f"--coco: no such file: {args.coco}"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qwen3vl_seg_ros.evaluate",
@@ -545,6 +589,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "coordinate_window, not a node parameter; -1 = plain greedy)")
     parser.add_argument("--out", default="", help="report folder (report.json, report.png, samples.jsonl)")
     args = parser.parse_args(argv)
+    problem = _argument_problem(args)
+    if problem:
+        parser.error(problem)  # usage and one line, exit 2, before any model loads
+    if not args.coco and args.scenes == 0:
+        parser.error("--scenes must be > 0")
     settings = EvalSettings(
         model=args.model, split=args.split, scenes=args.scenes, first_scene=args.first_scene,
         queries_per_scene=args.queries_per_scene, width=args.width, height=args.height, coco_json=args.coco,
@@ -552,7 +601,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
         time_limit_s=args.time_limit_s, heads=tuple(h for h in args.heads.split(",") if h), examples=args.examples,
         out=args.out, box_refine_passes=args.box_refine_passes, coordinate_window=args.coordinate_window)
-    run_evaluation(settings)
+    from qwen3vl_seg_ros.types import SegmenterError
+
+    try:
+        run_evaluation(settings)
+    except (SegmenterError, ValueError, OSError) as exc:  # a model that does not load, a bad file
+        print(f"evaluate: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -7,8 +7,9 @@ its prediction P >= 0 instances, each a box and a mask):
   masks. For a *no-target* sample (K = 0) it is 1 if nothing is predicted (P = 0) and 0
   otherwise, as in gRefCOCO; "nothing predicted" means no instance, whatever its mask.
 * **gIoU**: mean per-sample IoU over all samples (no-target samples included, scored as above).
-* **cIoU**: cumulative intersection / cumulative union of the mask unions, over samples with
-  targets (no-target samples have no pixels to accumulate).
+* **cIoU**: cumulative intersection / cumulative union of the mask unions, over all samples:
+  what is predicted for a no-target sample adds to the union (as in GRES/ReLA's evaluation), so a
+  model that paints objects on "nothing there" commands pays for their pixels.
 * **precision@t** (t = 0.5, 0.7, 0.9): fraction of samples with targets whose IoU >= t.
 * **box matching**: predicted and ground-truth boxes are matched one-to-one (Hungarian) so as
   to make the most pairs with box IoU > 0.5, ties going to the larger total IoU (maximising total
@@ -178,7 +179,7 @@ def summarize(results: list[SampleResult]) -> dict[str, float | int | None]:
         "num_with_target": int(tgt.sum()),
         "num_no_target": int(none.sum()),
         "giou": _mean(iou),
-        "ciou": _ratio(inter[tgt].sum(), union[tgt].sum()),
+        "ciou": _ratio(inter.sum(), union.sum()),
     }
     for t in PRECISION_THRESHOLDS:
         out[f"precision@{t}"] = _mean((iou[tgt] >= t).astype(np.float64))
