@@ -162,11 +162,15 @@ def _rle(segm: Any, height: int, width: int, where: str) -> dict:
     mask_utils = _mask_utils()
     if isinstance(segm, list):
         if not segm or not all(
-            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(isinstance(v, int | float) for v in p)
-            for p in segm
+            isinstance(p, list) and len(p) % 2 == 0 and all(isinstance(v, int | float) for v in p) for p in segm
         ):
+            raise DatasetFormatError(f"{where}: polygons must be lists of x, y pairs of numbers")
+        # COCO-derived files hold slivers of one or two points beside an object's real polygons
+        # (detectron2 drops them too): they cover no area, so they are left out, not fatal
+        polygons = [p for p in segm if len(p) >= 6]
+        if not polygons:
             raise DatasetFormatError(f"{where}: polygons must be lists of at least 3 x, y pairs of numbers")
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         size = segm["size"]
         if list(size) != [height, width]:
@@ -390,6 +394,18 @@ class RefDataset(Sequence[RefSample]):
         ]
         self.refs = [r for r in refs if split is None or r.split == split]
         self._entries = [(r, s) for r in self.refs for s in r.sentences]
+        self._check_masks()
+
+    def _check_masks(self) -> None:
+        """The structure of every target's mask (types, size, polygon lengths, run sums), checked
+        at open as the rest of the index is: one bad mask would otherwise stop a training run
+        when its sample comes up. Only the masks a kept ref targets (a RefCOCO file's source
+        holds many more); decoding stays with the sample."""
+        for ann_id in sorted({a for r in self.refs for a in r.ann_ids}):
+            ann = self.annotations[ann_id]
+            image = self.images[ann["image_id"]]
+            where = f"{self.json_path}: annotations[{self._ann_index[ann_id]}].segmentation"
+            _rle(ann["segmentation"], image.height, image.width, where)
 
     def __len__(self) -> int:
         return len(self._entries)
