@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -588,6 +589,29 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_with_one_log_line_per_st
     assert Trainer(cfg, run, resume=True, log=lambda m: None).run()["finished"]
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
     np.testing.assert_allclose(_losses(run), _losses(tmp_path / "straight"), rtol=1e-5)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_an_export(tmp_path: Path) -> None:
+    """A batch system's time limit (or kill, or Ctrl-C) lost the work since the last checkpoint."""
+    config = tmp_path / "long.yaml"
+    config.write_text(json.dumps(tiny_config(stages=[{"name": "full", "steps": 100000, "lr": 1e-3}])))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_seg_ros.train", str(config), "--out", str(run)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[train] step 3 "):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM: stopping after this step" in out and "continue with --resume" in out, out[-3000:]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())["state"]
+    logged = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert state["step"] >= 3 and logged[-1] == state["step"], (state, logged)  # no step cut in half
+    assert (run / "model" / "mask_decoder.safetensors").is_file()
 
 
 @pytest.mark.parametrize("problem, args, message", [

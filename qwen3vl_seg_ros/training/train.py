@@ -43,6 +43,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -598,6 +599,14 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.state = TrainState()
         self.stopped_early = False
+        self.stop_reason = ""  # set by request_stop (a signal): stop at the next step boundary
+
+    def request_stop(self, reason: str) -> None:
+        """Asks the run to stop after the step in progress, with a checkpoint and an export (what
+        the time budget does). Safe from a signal handler: it only sets a field the loop reads
+        between steps, so no step is cut in half (an optimizer update interrupted midway would
+        leave weights that no checkpoint should hold)."""
+        self.stop_reason = reason
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -1001,8 +1010,11 @@ class Trainer:
                 index = self.state.stage
                 stage = cfg.stages[index]
                 if self.state.stage_step == 0 and self._must_stop(deadline, step_time):
-                    # at a stage boundary the last checkpoint is already this state
+                    # at a stage boundary the last checkpoint is already this state (before the
+                    # first step there is none yet: one is written, so that --resume works)
                     self.log(f"[train] stopping at step {self.state.step}, before stage '{stage.name}'")
+                    if not (self.run_dir / "checkpoint" / "state.json").is_file():
+                        self.save_checkpoint(None)
                     self.stopped_early = True
                     return False
                 optimizer = self._enter_stage(index, load_weights=self.state.stage_step > 0)
@@ -1064,8 +1076,8 @@ class Trainer:
                         self.save_checkpoint(optimizer)
                         last_ckpt = time.monotonic()
                 if self.stopped_early:
-                    why = "--stop-at-step" if self.stop_at_step is not None and self.state.step >= self.stop_at_step \
-                        else "the time budget"
+                    why = self.stop_reason or ("--stop-at-step" if self.stop_at_step is not None
+                                               and self.state.step >= self.stop_at_step else "the time budget")
                     if self.state.stage_step > 0:
                         self.log(f"[train] stopping at step {self.state.step} ({why}): saving a checkpoint")
                         self.save_checkpoint(optimizer)
@@ -1107,7 +1119,10 @@ class Trainer:
         return workers, prefetch
 
     def _must_stop(self, deadline: float | None, step_time: float | None) -> bool:
-        """Whether another step would pass the time budget (or --stop-at-step is reached)."""
+        """Whether another step would pass the time budget (or --stop-at-step is reached, or a
+        stop was requested)."""
+        if self.stop_reason:
+            return True
         if self.stop_at_step is not None and self.state.step >= self.stop_at_step:
             return True
         return deadline is not None and step_time is not None and time.monotonic() + step_time > deadline
@@ -1131,11 +1146,13 @@ class Trainer:
         else:
             done = self.train()
         folder = self.export()
+        if self.stop_reason:
+            self.log(f"[train] stopped ({self.stop_reason}); continue with --resume --out {self.run_dir}")
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "model": str(folder), "finished": done,
                                    "step": self.state.step, "samples": self.state.samples,
                                    "model_mb": round(folder_size_mb(folder), 2),
                                    "wall_s": round(time.monotonic() - self.t0, 1)}
-        if self.final_eval:
+        if self.final_eval and not self.stop_reason:  # a user who stopped the run wants it to end now
             summary["eval"] = self._final_eval(folder)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         self.log(f"[train] done: {json.dumps(summary, default=str)}")
@@ -1206,8 +1223,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m qwen3vl_seg_ros.train " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
     trainer = Trainer(config, args.out, resume=args.resume, time_budget_s=args.time_budget_s,
                       final_eval=not args.no_eval, stop_at_step=args.stop_at_step, command=command)
+    install_stop_handlers(trainer)
     trainer.run()
-    return 0
+    return 128 + STOP_SIGNALS[trainer.stop_reason] if trainer.stop_reason else 0
+
+
+STOP_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+
+
+def install_stop_handlers(trainer: Trainer) -> None:
+    """Ctrl-C or a SIGTERM (a batch system's time limit, ``kill``) stops the run after the step in
+    progress, with a checkpoint and the export, instead of losing the work since the last
+    checkpoint (up to ``run.checkpoint_every_s``). A second signal stops at once."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.stop_reason:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        trainer.log(f"[train] {name}: stopping after this step with a checkpoint (again to stop at once)")
+        trainer.request_stop(name)
+
+    for sig in STOP_SIGNALS.values():
+        signal.signal(sig, on_signal)
 
 
 if __name__ == "__main__":
