@@ -119,7 +119,7 @@ def only_object(result: SegmentationResult):
 # colour images
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("case", "fields", "phrase"), [
-    ("I01", {"encoding": "yuv422"}, "unsupported colour encoding 'yuv422'; supported: rgb8, bgr8"),
+    ("I01", {"encoding": "nv21"}, "unsupported colour encoding 'nv21'; supported: rgb8, bgr8"),
     ("I01", {"encoding": "32FC1"}, "unsupported colour encoding '32FC1'"),
     ("I02", {"step": 100}, "colour image step 100 is smaller than width x bytes per pixel = 480"),
     ("I03", {"data": bytes(1000)}, "colour image data is truncated: 1000 bytes, expected step x height = 57600"),

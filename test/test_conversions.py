@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from qwen3vl_seg_ros.ros import conversions as cv
@@ -29,6 +30,51 @@ def test_colour_encodings_decode_to_rgb(rgb, encoding):
     np.testing.assert_array_equal(out, rgb)
 
 
+COLOUR = (200, 60, 20)  # R, G and B all different: a swapped channel or pattern shows
+
+
+@pytest.mark.parametrize("encoding, pattern", [("bayer_rggb8", "RGGB"), ("bayer_bggr8", "BGGR"),
+                                               ("bayer_gbrg8", "GBRG"), ("bayer_grbg8", "GRBG")])
+def test_bayer_images_are_demosaiced_with_the_ros_pattern(encoding, pattern):
+    """A camera's raw mosaic of one flat colour: each 2x2 cell holds the pattern's samples."""
+    h, w = 8, 10
+    index = {"R": 0, "G": 1, "B": 2}
+    mosaic = np.zeros((h, w), np.uint8)
+    for k, channel in enumerate(pattern):
+        mosaic[k // 2::2, k % 2::2] = COLOUR[index[channel]]
+    out = cv.image_to_rgb(image_msg(mosaic, encoding))
+    assert out.shape == (h, w, 3)
+    np.testing.assert_array_equal(out[2:-2, 2:-2], np.broadcast_to(COLOUR, (h - 4, w - 4, 3)))
+
+
+def _yuv_of(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """BT.601 video-range Y, U, V of a colour (what a 4:2:2 camera sends)."""
+    r, g, b = (c / 255 for c in rgb)
+    return (round(16 + 65.481 * r + 128.553 * g + 24.966 * b), round(128 - 37.797 * r - 74.203 * g + 112 * b),
+            round(128 + 112 * r - 93.786 * g - 18.214 * b))
+
+
+@pytest.mark.parametrize("encoding, order", [("yuv422", "UYVY"), ("uyvy", "UYVY"), ("yuv422_yuy2", "YUYV"),
+                                             ("yuyv", "YUYV")])
+def test_packed_yuv422_images_decode_in_their_byte_order(encoding, order):
+    h, w = 4, 6
+    y, u, v = _yuv_of(COLOUR)
+    pair = bytes({"Y": y, "U": u, "V": v}[c] for c in order)  # the 4 bytes of two pixels
+    msg = Image(height=h, width=w, encoding=encoding, step=2 * w, data=pair * (h * w // 2))
+    out = cv.image_to_rgb(msg).astype(int)
+    assert out.shape == (h, w, 3)
+    assert np.abs(out - np.array(COLOUR)).max() <= 3, out[0, 0]
+
+
+@pytest.mark.parametrize("encoding, width, height, message", [("yuv422", 5, 2, "even width"),
+                                                              ("bayer_rggb8", 1, 4, "at least 2x2")])
+def test_converted_encodings_refuse_sizes_they_cannot_have(encoding, width, height, message):
+    bpp = 2 if encoding == "yuv422" else 1
+    msg = Image(height=height, width=width, encoding=encoding, step=bpp * width, data=bytes(bpp * width * height))
+    with pytest.raises(InputError, match=message):
+        cv.image_to_rgb(msg)
+
+
 def test_mono8_is_replicated(rgb):
     out = cv.image_to_rgb(image_msg(rgb[:, :, 0], "mono8"))
     np.testing.assert_array_equal(out, np.repeat(rgb[:, :, :1], 3, axis=2))
@@ -45,7 +91,7 @@ def test_padded_rows_are_handled(rgb):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda m: setattr(m, "encoding", "yuv422"), "unsupported colour encoding 'yuv422'"),
+        (lambda m: setattr(m, "encoding", "nv21"), "unsupported colour encoding 'nv21'"),
         (lambda m: setattr(m, "encoding", "32FC1"), "supported: rgb8, bgr8, rgba8, bgra8, mono8"),
         (lambda m: (setattr(m, "width", 0), setattr(m, "height", 0)), "zero size (0x0)"),
         (lambda m: setattr(m, "step", 10), "step 10 is smaller than width x bytes per pixel = 33"),

@@ -73,7 +73,7 @@ def fuzz(key: str, *strategies: st.SearchStrategy) -> Callable[[Callable[..., No
 # ---------------------------------------------------------------------------------------------
 COLOUR = list(conversions.COLOR_ENCODINGS)
 DEPTH = list(conversions.DEPTH_ENCODINGS)
-OTHER_ENCODINGS = ["", "yuv422", "bayer_rggb8", "8UC3", "16UC3", "32FC3", "64FC1", "jpeg", "RGB8", "rgb8 ",
+OTHER_ENCODINGS = ["", "bayer_rggb16", "nv21", "8UC3", "16UC3", "32FC3", "64FC1", "jpeg", "RGB8", "rgb8 ",
                    "\u00e9ncoding"]
 U32 = 2**32 - 1
 
@@ -86,7 +86,9 @@ ANY_STEP = st.integers(0, 600)
 ANY_SIZE = st.integers(0, 3000)
 SEED = st.integers(0, 2**32 - 1)
 BIT = st.integers(0, 1)
-BYTES_PER_PIXEL = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "16UC1": 2, "mono16": 2, "32FC1": 4}
+BYTES_PER_PIXEL = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "16UC1": 2, "mono16": 2, "32FC1": 4,
+                   "yuv422": 2, "uyvy": 2, "yuv422_yuy2": 2, "yuyv": 2, "bayer_rggb8": 1, "bayer_bggr8": 1,
+                   "bayer_gbrg8": 1, "bayer_grbg8": 1}
 
 
 @st.composite

@@ -27,7 +27,27 @@ COLOR_ENCODINGS: dict[str, tuple[int, type]] = {
     "rgba8": (4, np.uint8),
     "bgra8": (4, np.uint8),
     "mono8": (1, np.uint8),
+    # packed 4:2:2 and raw Bayer (usb_cam's raw modes, machine-vision cameras), converted by
+    # OpenCV as cv_bridge converts them; channels = bytes per pixel of the one plane
+    "yuv422": (2, np.uint8),  # UYVY
+    "uyvy": (2, np.uint8),
+    "yuv422_yuy2": (2, np.uint8),  # YUYV
+    "yuyv": (2, np.uint8),
+    "bayer_rggb8": (1, np.uint8),
+    "bayer_bggr8": (1, np.uint8),
+    "bayer_gbrg8": (1, np.uint8),
+    "bayer_grbg8": (1, np.uint8),
 }
+#: The OpenCV conversion of each encoding that needs one. OpenCV names a Bayer pattern by the
+#: second row's second and third pixels, so ROS's RGGB is OpenCV's "BG" (cv_bridge's mapping).
+_OPENCV_TO_RGB = {
+    "yuv422": "COLOR_YUV2RGB_UYVY", "uyvy": "COLOR_YUV2RGB_UYVY",
+    "yuv422_yuy2": "COLOR_YUV2RGB_YUY2", "yuyv": "COLOR_YUV2RGB_YUY2",
+    "bayer_rggb8": "COLOR_BayerBG2RGB", "bayer_bggr8": "COLOR_BayerRG2RGB",
+    "bayer_gbrg8": "COLOR_BayerGR2RGB", "bayer_grbg8": "COLOR_BayerGB2RGB",
+}
+#: The encodings handed to cv_bridge when it works (the others always take OpenCV here).
+BRIDGE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 #: Depth encodings: 16UC1 / mono16 in millimetres, 32FC1 in metres (REP 118).
 DEPTH_ENCODINGS: dict[str, tuple[int, type]] = {
     "16UC1": (1, np.uint16),
@@ -110,6 +130,8 @@ def bridge_reads_exactly(msg: Image) -> bool:
     it byte-swaps on ``is_bigendian`` even for 8-bit data, through an API numpy 2 removed. Those
     images take the numpy reader, which handles both.
     """
+    if msg.encoding not in BRIDGE_ENCODINGS:
+        return False
     channels, dtype = COLOR_ENCODINGS[msg.encoding]
     return int(msg.step) % (channels * np.dtype(dtype).itemsize) == 0 and not msg.is_bigendian
 
@@ -124,6 +146,8 @@ def image_to_rgb(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
 
 def _numpy_rgb(enc: str, arr: np.ndarray) -> np.ndarray:
     """The numpy reader's encoding -> RGB step (``arr`` from :func:`_checked_array`)."""
+    if enc in _OPENCV_TO_RGB:
+        return _opencv_rgb(enc, arr)
     if enc == "rgb8":
         return arr.copy()
     if enc == "bgr8":
@@ -133,6 +157,17 @@ def _numpy_rgb(enc: str, arr: np.ndarray) -> np.ndarray:
     if enc == "bgra8":
         return np.ascontiguousarray(arr[:, :, 2::-1])
     return np.repeat(arr[:, :, None], 3, axis=2)  # mono8
+
+
+def _opencv_rgb(enc: str, arr: np.ndarray) -> np.ndarray:
+    import cv2
+
+    height, width = arr.shape[:2]
+    if enc.startswith("bayer_") and (height < 2 or width < 2):
+        raise InputError(f"a {enc} image needs at least 2x2 pixels (one Bayer cell), got {width}x{height}")
+    if not enc.startswith("bayer_") and width % 2:
+        raise InputError(f"a {enc} image has an even width (two pixels share their colour), got {width}")
+    return np.ascontiguousarray(cv2.cvtColor(np.ascontiguousarray(arr), getattr(cv2, _OPENCV_TO_RGB[enc])))
 
 
 def depth_to_raw(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -238,7 +273,8 @@ def probe_bridge(bridge: Any) -> str:
     encoding, its rows padded by one pixel, is decoded both ways once, at import.
     """
     data = np.arange(64, dtype=np.uint8)
-    for enc, (channels, _) in COLOR_ENCODINGS.items():
+    for enc in BRIDGE_ENCODINGS:
+        channels = COLOR_ENCODINGS[enc][0]
         msg = Image(height=2, width=3, encoding=enc, step=4 * channels, data=data[: 8 * channels].tobytes())
         try:
             got = np.asarray(bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
