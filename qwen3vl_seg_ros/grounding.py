@@ -313,9 +313,36 @@ def _valid_text(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _string_spans(segment: str) -> list[tuple[int, int]]:
+    """Spans of the double-quoted strings of an object's text (as :func:`_object_segments` reads them)."""
+    spans, start, escaped = [], -1, False
+    for i, ch in enumerate(segment):
+        if start >= 0:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"' and _closes_string(segment, i):
+                spans.append((start, i))
+                start = -1
+        elif ch == '"':
+            start = i
+    if start >= 0:
+        spans.append((start, len(segment)))
+    return spans
+
+
+def _box_keys(segment: str) -> list[re.Match[str]]:
+    """The box keys of an object's text, outside its strings: in a label-first answer the label
+    "x, bbox: y" holds a comma and a key word, which is no key."""
+    spans = _string_spans(segment)
+    return [m for m in _BOX_KEY.finditer(segment) if not any(a < m.start() <= b for a, b in spans)]
+
+
 def _read_box(segment: str) -> tuple[list[float] | None, tuple[int, int] | None, str]:
     """The coordinate list of an object: values, span within the segment, or a reason."""
-    key = _BOX_KEY.search(segment)
+    keys = _box_keys(segment)
+    key = keys[0] if keys else None
     if key:
         lst = _LIST.match(segment, key.end())
         if not lst:
@@ -383,11 +410,28 @@ def _to_pixels(rel: list[float], width: int, height: int) -> np.ndarray:
     return box.astype(np.float32)
 
 
+def _has_box(text: str, start: int, end: int) -> bool:
+    return bool(_BOX_KEY.search(text, start, end) or _QUAD.search(text[start:end])
+                or _POINT_KEY.search(text, start, end))
+
+
+def _unwrap(text: str, segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Replaces a wrapper (``{"objects": [{...}, {...}]}``, ``{"red cube": [{...}, {...}]}``)
+    by the objects inside it: read as one object, it gave the first box alone, silently."""
+    out = []
+    for start, end in segments:
+        inner = [(start + 1 + a, start + 1 + b) for a, b in _object_segments(text[start + 1:end])]
+        if sum(_has_box(text, a, b) for a, b in inner) >= 2:
+            out.extend(_unwrap(text, inner))
+        else:
+            out.append((start, end))
+    return out
+
+
 def _candidate_spans(text: str) -> list[tuple[int, int]]:
     """Object spans: brace-delimited objects, else bare ``[x1, y1, x2, y2]`` lists."""
-    segments = _object_segments(text)
-    if any(_BOX_KEY.search(text, s, e) or _QUAD.search(text[s:e]) or _POINT_KEY.search(text, s, e)
-           for s, e in segments):
+    segments = _unwrap(text, _object_segments(text))
+    if any(_has_box(text, s, e) for s, e in segments):
         return segments  # (objects with points only stay, so that the warning says "a point")
     return [(m.start(), m.end()) for m in _QUAD.finditer(text)]
 
@@ -417,6 +461,9 @@ def parse_answer(
         if values is None:
             warnings.append(f"object {index}: skipped, {problem}: {segment[:80]!r}")
             continue
+        extra = len(_box_keys(segment)) - 1
+        if extra > 0:  # {"label": "monitor", "bbox": [...], "label": "laptop", "bbox": [...]}
+            warnings.append(f"object {index}: holds {extra + 1} boxes; only the first was read: {segment[:80]!r}")
         fixed = _fix_relative_box(values, index, warnings)
         if fixed is None:
             continue

@@ -66,6 +66,36 @@ def test_a_label_that_says_box_keeps_its_box() -> None:
         assert np.allclose(parsed.boxes, [[100, 200, 300, 400]])
 
 
+def test_a_label_with_a_comma_and_a_box_word_keeps_its_box() -> None:
+    """In label-first order, ", bbox:" inside the label was read as the box key: object lost."""
+    for label_first in (False, True):
+        text = format_answer([([500, 200, 700, 400], "x, bbox: y")], False, label_first=label_first)
+        parsed = parse_answer(text, 1000, 1000)
+        assert parsed.labels == ["x, bbox: y"] and parsed.warnings == [], parsed.warnings
+        assert np.allclose(parsed.boxes, [[500, 200, 700, 400]])
+
+
+TWO_MUGS = '{"bbox_2d": [100, 200, 300, 400], "label": "mug"}, {"bbox_2d": [500, 200, 700, 400], "label": "mug"}'
+
+
+@pytest.mark.parametrize("text", [
+    '{"objects": [' + TWO_MUGS + ']}',
+    '{"mug": [{"bbox_2d": [100, 200, 300, 400]}, {"bbox_2d": [500, 200, 700, 400]}]}',
+    'Sure :-{ here: [' + TWO_MUGS + ']',
+])
+def test_objects_inside_a_wrapper_are_all_read(text: str) -> None:
+    """A wrapper object (or a stray brace in prose) was read as one object: one box, no warning."""
+    parsed = parse_answer(text, 1000, 1000)
+    assert np.allclose(parsed.boxes, [[100, 200, 300, 400], [500, 200, 700, 400]]), (parsed.boxes, parsed.warnings)
+
+
+def test_an_object_with_repeated_box_keys_says_what_it_dropped() -> None:
+    """Qwen3-VL-4B has answered with one flat object and repeated keys (QwenLM/Qwen3-VL#1720)."""
+    text = '{"label": "monitor", "bbox": [195, 138, 617, 480], "label": "laptop", "bbox": [600, 500, 900, 800]}'
+    parsed = parse_answer(text, 1000, 1000)
+    assert len(parsed.objects) == 1 and any("holds 2 boxes; only the first was read" in w for w in parsed.warnings)
+
+
 def test_normalize_and_split() -> None:
     assert normalize_command("  Please pick up   the mug!! ") == "the mug"
     assert split_targets("the red cube; the green ball") == ["the red cube", "the green ball"]

@@ -207,6 +207,50 @@ def test_no_match_keeps_the_raw_answer(seg: Qwen3VLSeg) -> None:
         assert reason.lower() in out.no_match_reason.lower()
 
 
+def _byte_level_tokenizer():
+    """A byte-level BPE (Qwen's kind) with few merges, so that accented and CJK characters
+    are split over several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(['{"bbox_2d": [100, 200, 300, 400], "label": "red mug"}'] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+class _CountingTokenizer:
+    """Counts the tokens it is asked to decode (how much work ``token_text`` does)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, batch, **kwargs):
+        self.decoded += sum(len(ids) for ids in batch)
+        return self.tokenizer.batch_decode(batch, **kwargs)
+
+
+def test_token_spans_with_characters_split_over_tokens() -> None:
+    """Each token ends where decoding the answer up to it ends (the definition), and the work is
+    linear in the answer's length: decoding every prefix took seconds on long looping answers."""
+    tok = _byte_level_tokenizer()
+    obj = '{"bbox_2d": [100, 200, 300, 400], "label": "tasse à café 杯 ☕"}, '
+    ids = tok("[" + obj * 20)["input_ids"]
+    assert "".join(tok.batch_decode([[t] for t in ids])) != tok.decode(ids)  # characters are split
+    counting = _CountingTokenizer(tok)
+    tt = token_text(counting, ids)
+    prefix_ends = [len(tok.decode(ids[: i + 1])) for i in range(len(ids))]
+    assert tt.text == tok.decode(ids) and tt.ends.tolist() == prefix_ends
+    assert counting.decoded <= 4 * len(ids), (counting.decoded, len(ids))  # prefixes: ~len(ids)^2 / 2
+
+
 def test_query_tokens_and_box_score_on_known_tokens() -> None:
     tok = build_tokenizer()
     seg_id = tok.convert_tokens_to_ids(SEG_TOKEN)
