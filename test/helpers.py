@@ -62,3 +62,19 @@ def load_bench(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def byte_level_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer (Qwen's kind) trained on ``texts`` with few merges, so that
+    accented and CJK characters split over tokens; it has no special tokens of its own (no
+    <|seg|>, as a plain Qwen3-VL-Instruct tokenizer has none)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(texts) * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)

@@ -20,6 +20,8 @@ from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint, build_tokenizer
 from qwen3vl_seg_ros.segmenter import SegmenterOptions, load_segmenter_class
 from qwen3vl_seg_ros.types import InputError, SegmenterError
 
+from helpers import byte_level_tokenizer
+
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
 
 ANSWER = ({"bbox_2d": [100, 200, 400, 600], "label": "red cube"},
@@ -207,21 +209,6 @@ def test_no_match_keeps_the_raw_answer(seg: Qwen3VLSeg) -> None:
         assert reason.lower() in out.no_match_reason.lower()
 
 
-def _byte_level_tokenizer():
-    """A byte-level BPE (Qwen's kind) with few merges, so that accented and CJK characters
-    are split over several tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(['{"bbox_2d": [100, 200, 300, 400], "label": "red mug"}'] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
-
-
 class _CountingTokenizer:
     """Counts the tokens it is asked to decode (how much work ``token_text`` does)."""
 
@@ -240,7 +227,7 @@ class _CountingTokenizer:
 def test_token_spans_with_characters_split_over_tokens() -> None:
     """Each token ends where decoding the answer up to it ends (the definition), and the work is
     linear in the answer's length: decoding every prefix took seconds on long looping answers."""
-    tok = _byte_level_tokenizer()
+    tok = byte_level_tokenizer(['{"bbox_2d": [100, 200, 300, 400], "label": "red mug"}'])
     obj = '{"bbox_2d": [100, 200, 300, 400], "label": "tasse à café 杯 ☕"}, '
     ids = tok("[" + obj * 20)["input_ids"]
     assert "".join(tok.batch_decode([[t] for t in ids])) != tok.decode(ids)  # characters are split

@@ -40,11 +40,15 @@ from qwen3vl_seg_ros.training.dataset import (
     train_scene_range,
 )
 from qwen3vl_seg_ros.training.model_builder import (
+    LoraSettings,
     apply_lora,
+    ensure_seg_token,
+    export_model,
     init_number_embeddings,
     init_vision_positions,
     is_lora,
     merge_lora,
+    set_trainable,
 )
 from qwen3vl_seg_ros.training.train import (
     Trainer,
@@ -56,6 +60,8 @@ from qwen3vl_seg_ros.training.train import (
     run_decoder,
 )
 from qwen3vl_seg_ros.training.train import main as train_main
+
+from helpers import byte_level_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
 
@@ -520,6 +526,75 @@ def test_lr_scales_pick_their_parameters_and_freeze_the_rest(tmp_path: Path, bat
 def test_lr_scales_refuse_bad_entries(scales) -> None:
     with pytest.raises(ValueError, match="lr_scales"):
         config_from_dict(tiny_config(stages=[{"name": "s", "steps": 1, "lr": 1e-3, "lr_scales": scales}]))
+
+
+SEG_TEXTS = ['{"bbox_2d": [100, 200, 300, 400], "label": "red mug"}']
+
+
+def test_seg_token_is_added_to_a_tokenizer_without_it(trainer: Trainer) -> None:
+    """A plain Qwen3-VL-Instruct tokenizer has no <|seg|> (transformers 5 renamed the keyword the
+    old call used, so training from a real checkpoint crashed here). Its embedding table has spare
+    rows past the tokenizer: the new token takes one, the table never shrinks, and the row starts
+    as the mean of the known rows."""
+    tok = byte_level_tokenizer(SEG_TEXTS)
+    model = copy.deepcopy(trainer.model)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(tok) < rows and SEG_TOKEN not in tok.get_vocab()
+    assert ensure_seg_token(model, tok)
+    seg = tok.convert_tokens_to_ids(SEG_TOKEN)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == rows
+    torch.testing.assert_close(weight[seg], weight[:seg].mean(0))
+    ids = tok("red mug" + SEG_TOKEN)["input_ids"]
+    assert ids[-1] == seg and tok.decode(ids, skip_special_tokens=True) == "red mug"
+    assert not ensure_seg_token(model, tok)  # once
+    full = copy.deepcopy(trainer.model)  # a table with no spare row grows by one
+    tok = byte_level_tokenizer(SEG_TEXTS)
+    full.resize_token_embeddings(len(tok))
+    assert ensure_seg_token(full, tok)
+    assert full.get_input_embeddings().weight.shape[0] == len(tok) == tok.convert_tokens_to_ids(SEG_TOKEN) + 1
+
+
+def test_an_added_seg_token_trains_in_a_lora_stage_and_merges(trainer: Trainer) -> None:
+    """Outside the adapters every embedding row is frozen in a LoRA stage: a newly added <|seg|>
+    kept its starting row for the whole stage. Its row trains (peft's trainable tokens) and is
+    merged into the tied embedding table; the other rows stay as they were."""
+    model, decoder = copy.deepcopy(trainer.model), copy.deepcopy(trainer.decoder)
+    seg, other = 5, 7
+    before = model.get_input_embeddings().weight.detach().clone()
+    peft_model = apply_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0), [seg])
+    set_trainable(model, decoder, "lora", 0.0)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens_" in n]
+    assert trained, "the added token's row does not train"
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    model.get_input_embeddings()(torch.tensor([[seg, other]])).pow(2).sum().backward()
+    optimizer.step()
+    merged = merge_lora(peft_model)
+    weight = merged.get_input_embeddings().weight
+    assert not torch.allclose(weight[seg], before[seg])
+    torch.testing.assert_close(weight[other], before[other])
+    assert merged.get_output_embeddings().weight.data_ptr() == weight.data_ptr()  # still tied
+
+
+def test_an_export_holds_tied_embeddings_once(trainer: Trainer, tmp_path: Path) -> None:
+    """The output projection of a tied model is the embedding table: writing it again cost 621 MB
+    per 2B export in bf16 (the cast to bf16 made two tensors of the one table, which
+    save_pretrained then wrote both). The folder loads back tied, with the same weights."""
+    from safetensors import safe_open
+    from transformers import Qwen3VLForConditionalGeneration
+
+    folder = export_model(trainer.model, trainer.decoder, trainer.base_folder, trainer.tokenizer, False,
+                          tmp_path / "m", dtype="bf16")
+    keys = []
+    for path in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            keys.extend(f.keys())
+    assert not any(k.endswith("lm_head.weight") for k in keys), keys
+    loaded = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    expected = trainer.model.get_input_embeddings().weight.detach().to(torch.bfloat16).float()
+    torch.testing.assert_close(loaded.get_output_embeddings().weight, expected)
+    assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
 
 
 def test_apply_lora_targets_only_the_language_model(trainer: Trainer) -> None:

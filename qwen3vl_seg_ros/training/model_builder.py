@@ -97,12 +97,28 @@ def prepare_base(cfg: ModelConfig, run_dir: Path, seed: int) -> Path:
 
 
 def ensure_seg_token(model: nn.Module, tokenizer: Any) -> bool:
-    """Adds ``<|seg|>`` to a tokenizer that lacks it (a plain Qwen3-VL-Instruct) and grows the
-    embeddings; returns whether the tokenizer changed (it must then be saved with the model)."""
+    """Adds ``<|seg|>`` to a tokenizer that lacks it (a plain Qwen3-VL-Instruct); returns whether
+    the tokenizer changed (it must then be saved with the model).
+
+    A real checkpoint's embedding table has spare rows past its tokenizer (151,936 for 151,669
+    tokens), so the new id usually has a row already; the table grows only when it has none (it
+    never shrinks: shrinking to the tokenizer's length dropped those rows). The row, never
+    trained, starts as the mean of the known tokens' rows (and so does an untied output row),
+    a neutral start that :func:`apply_lora`'s ``trainable_tokens`` then trains in a LoRA stage.
+    """
     if SEG_TOKEN in tokenizer.get_vocab():
         return False
-    tokenizer.add_special_tokens({"additional_special_tokens": [SEG_TOKEN]}, replace_additional_special_tokens=False)
-    model.resize_token_embeddings(len(tokenizer))
+    from transformers import AddedToken
+
+    # add_tokens(special) is the same call in transformers 4 and 5 (add_special_tokens' keyword
+    # for keeping the other extra tokens was renamed in 5, and crashed here)
+    tokenizer.add_tokens([AddedToken(SEG_TOKEN, special=True, normalized=False)], special_tokens=True)
+    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    if seg_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(seg_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        for table in {id(t): t for t in (model.get_input_embeddings(), model.get_output_embeddings()) if t}.values():
+            table.weight[seg_id] = table.weight[:seg_id].mean(0)
     return True
 
 
@@ -271,17 +287,22 @@ def language_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if ".visual." not in f".{n}."]
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSettings, trainable_tokens: Sequence[int] = ()) -> nn.Module:
     """Wraps the language model's projections with LoRA adapters (peft), in place.
 
     The vision tower and the rest are left as they are; the caller sets what else trains.
-    Returns the ``PeftModel`` (needed to merge); ``model`` itself keeps working and now runs
-    the adapters.
+    ``trainable_tokens``: token ids whose embedding rows train too (peft's trainable tokens):
+    a ``<|seg|>`` just added to a real checkpoint, which would otherwise keep its starting row
+    through the whole LoRA stage, as every embedding outside the adapters does. Returns the
+    ``PeftModel`` (needed to merge); ``model`` itself keeps working and now runs the adapters.
     """
     from peft import LoraConfig, get_peft_model
 
+    extra: dict[str, Any] = {}
+    if trainable_tokens:
+        extra["trainable_token_indices"] = {"embed_tokens": sorted(int(t) for t in trainable_tokens)}
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, bias="none")
+                        target_modules=lora.target_modules, bias="none", **extra)
     return get_peft_model(model, config)
 
 
@@ -321,10 +342,11 @@ def set_trainable(model: nn.Module, decoder: nn.Module, llm: str, vision_lr_scal
     frozen whatever their part says."""
     lora = is_lora(model)
     for name, p in language_parameters(model):
+        adapter = "lora_" in name or "trainable_tokens_" in name
         if llm == "lora":
-            p.requires_grad_("lora_" in name)
+            p.requires_grad_(adapter)
         else:
-            p.requires_grad_(llm == "full" and not (lora and "lora_" in name))
+            p.requires_grad_(llm == "full" and not (lora and adapter))
     for _, p in vision_parameters(model):
         p.requires_grad_(vision_lr_scale > 0)
     for p in decoder.parameters():
@@ -399,6 +421,10 @@ def export_model(model: nn.Module, decoder: BoxGuidedMaskDecoder, base_folder: P
     target = _DTYPES[dtype]
     state = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and output.weight.data_ptr() == inputs.weight.data_ptr():
+        # tied: the loader ties them again; the copy cost 621 MB (2B, bf16) in every export
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     copy_processor_files(base_folder, tmp)
     if image_pixels:

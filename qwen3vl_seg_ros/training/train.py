@@ -58,6 +58,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm import tqdm
 
+from qwen3vl_seg_ros.grounding import SEG_TOKEN
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput
 from qwen3vl_seg_ros.model.vision_capture import VisionCapture, VisionFeatures
 from qwen3vl_seg_ros.training.collate import Batch, Collator, concat_batches, pixel_values_from_patches
@@ -730,7 +731,9 @@ class Trainer:
             _restore_rng(load_file(str(checkpoint / "rng.safetensors")))
             self._rng_restored = True
         if stage.llm == "lora" and not is_lora(self.model):
-            self.peft_model = apply_lora(self.model, stage.lora or LoraSettings())
+            # a <|seg|> just added to the base's tokenizer trains with the adapters
+            seg = [self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)] if self.tokenizer_changed else []
+            self.peft_model = apply_lora(self.model, stage.lora or LoraSettings(), seg)
         set_trainable(self.model, self.decoder, stage.llm, stage.vision_lr_scale, stage.lr_scales)
         self.model.to(self.device)
         self.decoder.to(self.device)
