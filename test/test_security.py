@@ -294,6 +294,25 @@ def test_weights_that_are_git_lfs_pointers_or_corrupt_are_named(tmp_path):
         load_decoder(decoder)
 
 
+def test_weights_missing_from_a_checkpoint_are_an_error_not_random_values(tmp_path):
+    """A truncated merge or export: transformers filled the missing layer with random values and
+    only printed a table, so the node answered nonsense without an error."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
+    from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+    from qwen3vl_seg_ros.segmenter import SegmenterOptions
+
+    folder = build_tiny_checkpoint(tmp_path / "model", answer=({"bbox_2d": [0, 0, 10, 10], "label": "x"},))
+    (weights,) = sorted(folder.glob("model*.safetensors"))
+    tensors = load_file(str(weights))
+    dropped = [k for k in tensors if ".layers.1." in k and "language_model" in k]
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(SegmenterError, match=r"do not fit its config.json: tensors missing \[.*layers\.1\."):
+        Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu"))
+
+
 # ---------------------------------------------------------------------------------------------
 # trust_remote_code is never set; hub downloads fetch no code and no pickles
 # ---------------------------------------------------------------------------------------------

@@ -206,14 +206,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_qwen3vl(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen3VLForConditionalGeneration:
-    """Loads the model from safetensors in ``folder`` onto ``device``, in eval mode."""
+    """Loads the model from safetensors in ``folder`` onto ``device``, in eval mode.
+
+    A tensor the architecture has and the files lack (a truncated merge or export, keys of
+    another layout) is an error, as it is for the mask decoder: transformers would give it
+    random values and only print a table, and the node would answer nonsense without a word.
+    """
     check_qwen3vl_folder(folder)
     try:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, use_safetensors=True
+        model, info = Qwen3VLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True
         )
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a corrupt or LFS-pointer file
         notes = "".join(lfs_pointer_note(path) for path in sorted(folder.glob("*.safetensors")))
         raise SegmenterError(f"cannot load the Qwen3-VL weights from '{folder}': "
                              f"{type(exc).__name__}: {exc}{notes}") from exc
+    problems = [f"{what} {sorted(map(str, info.get(key) or []))[:5]}{' ...' if len(info.get(key) or []) > 5 else ''}"
+                for key, what in (("missing_keys", "missing"), ("mismatched_keys", "of another shape"))
+                if info.get(key)]
+    if problems:
+        raise SegmenterError(f"the Qwen3-VL weights in '{folder}' do not fit its config.json: tensors "
+                             + "; ".join(problems) + " (a truncated or partial checkpoint, or another model's files)")
     return model.to(device).eval()
