@@ -454,6 +454,7 @@ def parse_answer(
     if _EMPTY_LIST.match(text):
         return ParsedAnswer.from_objects([], "the model found no matching object (empty list)", warnings)
     objects: list[ParsedObject] = []
+    duplicates: list[int] = []
     dedup = _Deduplicator(dedupe_iou)
     for index, (start, end) in enumerate(_candidate_spans(text)):
         segment = text[start:end]
@@ -478,9 +479,12 @@ def parse_answer(
             coord_span=(start + coord_span[0], start + coord_span[1]),
         )
         if dedup.is_duplicate(obj):
-            warnings.append(f"object {index}: duplicate of an earlier object, dropped")
+            duplicates.append(index)
             continue
         objects.append(obj)
+    if duplicates:  # one line: a model stuck in a loop repeats one object hundreds of times
+        shown = ", ".join(map(str, duplicates[:10])) + (", ..." if len(duplicates) > 10 else "")
+        warnings.append(f"{len(duplicates)} duplicate(s) of earlier objects dropped (object {shown})")
     reason = ""
     if not objects:
         snippet = text.strip()

@@ -96,6 +96,15 @@ def test_an_object_with_repeated_box_keys_says_what_it_dropped() -> None:
     assert len(parsed.objects) == 1 and any("holds 2 boxes; only the first was read" in w for w in parsed.warnings)
 
 
+def test_a_looping_answer_gives_one_line_about_its_duplicates() -> None:
+    """A model stuck in a loop repeated one object 330 times: 329 warnings, 17 kB of message."""
+    text = "[" + ", ".join(['{"bbox_2d": [100, 200, 300, 400], "label": "mug"}'] * 330) + "]"
+    parsed = parse_answer(text, 1000, 1000)
+    assert len(parsed.objects) == 1
+    shown = ", ".join(str(i) for i in range(1, 11))
+    assert parsed.warnings == [f"329 duplicate(s) of earlier objects dropped (object {shown}, ...)"]
+
+
 def test_normalize_and_split() -> None:
     assert normalize_command("  Please pick up   the mug!! ") == "the mug"
     assert split_targets("the red cube; the green ball") == ["the red cube", "the green ball"]
