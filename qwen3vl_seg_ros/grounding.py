@@ -249,6 +249,7 @@ _QUAD = re.compile(
 _LABEL = re.compile(r"""["']label["']\s*:\s*(?:"((?:[^"\\]|\\.|"(?!\s*(?:[,:}\]]|$)))*)("|$)|'([^']*)('|$))""",
                     re.IGNORECASE)
 _AFTER_STRING = re.compile(r"\s*(?:[,:}\]]|$)")
+THINK_START, THINK_END = "<think>", "</think>"
 _EMPTY_LIST = re.compile(r"^\s*(?:```(?:json)?\s*)?\[\s*\]\s*(?:```)?\s*$", re.IGNORECASE)
 
 
@@ -444,11 +445,20 @@ def parse_answer(
     Tolerates code fences and prose around the JSON, a truncated last object, swapped or
     out-of-range coordinates, and duplicates (same box, or same label with IoU >= ``dedupe_iou``);
     each fix is reported in ``warnings``. An empty list or an answer without any box gives no
-    objects and a ``no_match_reason`` that quotes the answer.
+    objects and a ``no_match_reason`` that quotes the answer. A Qwen3-VL *Thinking* checkpoint
+    reasons inside ``<think>...</think>`` first: only what follows is the answer (the draft boxes
+    of its reasoning are not), and spans stay positions in ``text``.
     """
     warnings: list[str] = []
     if width <= 0 or height <= 0:
         return ParsedAnswer.from_objects([], f"the image has no pixels ({width}x{height})", warnings)
+    offset = 0
+    if THINK_END in text:
+        offset = text.rindex(THINK_END) + len(THINK_END)
+    elif THINK_START in text:
+        return ParsedAnswer.from_objects([], "the answer ended inside the model's <think> reasoning, before any "
+                                         "answer (raise max_new_tokens, or use an Instruct checkpoint)", warnings)
+    text = text[offset:]
     if not text.strip():
         return ParsedAnswer.from_objects([], "the model gave an empty answer", warnings)
     if _EMPTY_LIST.match(text):
@@ -475,8 +485,8 @@ def parse_answer(
             box=_to_pixels(fixed, width, height),
             label=label,
             relative_box=(fixed[0], fixed[1], fixed[2], fixed[3]),
-            span=(start, end),
-            coord_span=(start + coord_span[0], start + coord_span[1]),
+            span=(offset + start, offset + end),
+            coord_span=(offset + start + coord_span[0], offset + start + coord_span[1]),
         )
         if dedup.is_duplicate(obj):
             duplicates.append(index)

@@ -105,6 +105,19 @@ def test_a_looping_answer_gives_one_line_about_its_duplicates() -> None:
     assert parsed.warnings == [f"329 duplicate(s) of earlier objects dropped (object {shown}, ...)"]
 
 
+def test_a_thinking_checkpoints_reasoning_is_not_its_answer() -> None:
+    """Qwen3-VL-*-Thinking writes draft boxes while it reasons: only the answer after </think>
+    counts, and each object's spans still index the whole text (the token scores use them)."""
+    text = ('<think>maybe {"bbox_2d": [1, 1, 50, 50], "label": "mug"}? no, the other one.</think>\n'
+            '```json\n[{"bbox_2d": [100, 200, 300, 400], "label": "mug"}]\n```')
+    parsed = parse_answer(text, 1000, 1000)
+    assert np.allclose(parsed.boxes, [[100, 200, 300, 400]]) and parsed.warnings == []
+    obj = parsed.objects[0]
+    assert text[obj.span[0]] == "{" and text[obj.coord_span[0]:obj.coord_span[1]] == "[100, 200, 300, 400]"
+    cut = parse_answer('<think>the mug is at {"bbox_2d": [1, 1, 50, 50]', 1000, 1000)
+    assert cut.objects == [] and "ended inside the model's <think> reasoning" in cut.no_match_reason
+
+
 def test_normalize_and_split() -> None:
     assert normalize_command("  Please pick up   the mug!! ") == "the mug"
     assert split_targets("the red cube; the green ball") == ["the red cube", "the green ball"]
