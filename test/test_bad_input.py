@@ -623,6 +623,31 @@ def test_broken_segmenter_output_is_an_error_naming_it(system, case, kind, phras
     assert result.objects == []
 
 
+def _many_scores(n: int) -> np.ndarray:
+    """The scores of the double's ``emit:many:<n>`` objects (its positions are drawn first)."""
+    rng = np.random.default_rng(n)
+    rng.uniform(0, 1, size=(n, 2))
+    return rng.uniform(0.31, 1.0, n)
+
+
+def test_score_threshold_drops_objects_and_says_so(system):
+    """The node applies score_threshold: the objects below it go, and when none is left the
+    NO_MATCH names the threshold (removing the filter passed every other test)."""
+    scores = _many_scores(40)
+    system.set_params(score_threshold=0.9)
+    try:
+        publish(system)
+        result = ask(system, "emit:many:40", "S11-threshold")
+        assert result.status == OK and sorted(o.score for o in result.objects) == pytest.approx(
+            sorted(s for s in scores if s >= 0.9))
+        system.set_params(score_threshold=1.0)
+        publish(system)
+        result = ask(system, "emit:many:40", "S11-threshold-all")
+        expect(system, result, NO_MATCH, "40 candidate(s) scored below score_threshold=1.00", level=INFO)
+    finally:
+        system.set_params(score_threshold=0.2)
+
+
 def test_thousands_of_objects_from_a_segmenter(system):
     """S11: 3000 objects; 50 kept by default; with max_objects=1000 the label image is 16UC1."""
     publish(system)
@@ -630,6 +655,8 @@ def test_thousands_of_objects_from_a_segmenter(system):
     expect(system, result, OK, "3000 objects found; kept the 50 best (max_objects)", level=INFO)
     assert len(result.objects) == 50
     assert [o.score for o in result.objects] == sorted((o.score for o in result.objects), reverse=True)
+    # the 50 best, not any 50 put in order: the double's scores, drawn as it draws them
+    np.testing.assert_allclose([o.score for o in result.objects], np.sort(_many_scores(3000))[::-1][:50], rtol=1e-6)
     system.set_params(max_objects=1000)
     try:
         n_masks = len(system.client.snapshot(system.client.masks))

@@ -82,7 +82,7 @@ def assert_same(fast, ref, atol: float = 2e-5) -> None:
 # ------------------------------------------------------------------------------- emulated graphs
 
 
-class FakeGraph:
+class FakeGraphDouble:
     """Replays by re-running the captured function into the outputs returned at capture."""
 
     def __init__(self, fn, outputs) -> None:
@@ -102,13 +102,13 @@ def _copy_into(static, fresh) -> None:
 
 
 @pytest.fixture()
-def fake_graphs(monkeypatch: pytest.MonkeyPatch) -> list[FakeGraph]:
-    graphs: list[FakeGraph] = []
+def fake_graphs(monkeypatch: pytest.MonkeyPatch) -> list[FakeGraphDouble]:
+    graphs: list[FakeGraphDouble] = []
 
     def capture(fn, device):
         fn()
         out = fn()
-        graphs.append(FakeGraph(fn, out))
+        graphs.append(FakeGraphDouble(fn, out))
         return graphs[-1], out
 
     monkeypatch.setattr(fast_generation, "_capture", capture)
@@ -167,7 +167,7 @@ def test_generate_matches_eager(model: torch.nn.Module, processor: object) -> No
 
 
 def test_coordinate_windows_alike_in_both_paths(model: torch.nn.Module, processor: object,
-                                                fake_graphs: list[FakeGraph]) -> None:
+                                                fake_graphs: list[FakeGraphDouble]) -> None:
     """With coordinates chosen by their window (:mod:`token_choice`) the graphed path writes what the
     eager one does. The random model spreads most of its mass over the 1001 numbers, so every token
     is a number, where plain greedy writes words too."""
@@ -251,7 +251,7 @@ def test_capacity_buckets() -> None:
 
 
 def test_graph_mode_pads_prompts_and_reuses_graphs(model: torch.nn.Module, processor: object,
-                                                   fake_graphs: list[FakeGraph]) -> None:
+                                                   fake_graphs: list[FakeGraphDouble]) -> None:
     gen = graph_mode(FastGreedyGenerator(model, NEVER))
     eager = EagerGreedyGenerator(model, NEVER)
     for seed, command in ((5, "the red cube"), (6, "the red cube"), (7, "the small blue ball left of the big mug")):
@@ -277,7 +277,7 @@ def test_graph_mode_pads_prompts_and_reuses_graphs(model: torch.nn.Module, proce
 
 
 def test_graph_mode_frame_sizes_beyond_the_cache(model: torch.nn.Module, processor: object,
-                                                  fake_graphs: list[FakeGraph]) -> None:
+                                                  fake_graphs: list[FakeGraphDouble]) -> None:
     """Five frame sizes evict the first size's vision graph; coming back to it recaptures both graphs."""
     gen = graph_mode(FastGreedyGenerator(model, NEVER))
     gen.capture_after = 1
@@ -291,7 +291,7 @@ def test_graph_mode_frame_sizes_beyond_the_cache(model: torch.nn.Module, process
 
 
 def test_sizes_seen_once_keep_the_camera_sizes_graphs(model: torch.nn.Module, processor: object,
-                                                      fake_graphs: list[FakeGraph]) -> None:
+                                                      fake_graphs: list[FakeGraphDouble]) -> None:
     """Frames whose prefill runs eagerly (a size seen once) went into the 4-grid vision cache and
     evicted the camera size's warmed graphs: the next camera frame captured them again."""
     gen = graph_mode(FastGreedyGenerator(model, NEVER))
@@ -306,7 +306,7 @@ def test_sizes_seen_once_keep_the_camera_sizes_graphs(model: torch.nn.Module, pr
 
 
 def test_warmup_captures_buckets_and_self_checks(model: torch.nn.Module, processor: object,
-                                                 fake_graphs: list[FakeGraph]) -> None:
+                                                 fake_graphs: list[FakeGraphDouble]) -> None:
     gen = graph_mode(FastGreedyGenerator(model, NEVER))
     inputs = make_inputs(processor, seed=8)
     lines: list[str] = []

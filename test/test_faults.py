@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 # the scheduler's deadlines (plain threads, no DDS)
 # ---------------------------------------------------------------------------------------------
-class SlowModel:
+class SlowModelDouble:
     """run() sleeps ``delay`` s; records the order of events so tests can check "before"."""
 
     def __init__(self, delay: float) -> None:
@@ -77,9 +77,9 @@ class SlowModel:
         return reply
 
 
-def scheduler(delay: float) -> tuple[RgbdSynchronizer, SlowModel, Scheduler]:
+def scheduler(delay: float) -> tuple[RgbdSynchronizer, SlowModelDouble, Scheduler]:
     frames = RgbdSynchronizer(use_depth=False)
-    model = SlowModel(delay)
+    model = SlowModelDouble(delay)
     sched = Scheduler(frames, model.run, model.fail)
     sched.max_input_age_s = 60.0
     sched.start()
@@ -88,7 +88,7 @@ def scheduler(delay: float) -> tuple[RgbdSynchronizer, SlowModel, Scheduler]:
     return frames, model, sched
 
 
-def submit(sched: Scheduler, model: SlowModel, rid: str, timeout: float) -> list:
+def submit(sched: Scheduler, model: SlowModelDouble, rid: str, timeout: float) -> list:
     answers: list = []
     now = time.monotonic()
     assert sched.submit(Job("cmd", rid, now, deadline=now + timeout, reply=model.reply_to(rid, answers))) is None
@@ -113,7 +113,7 @@ def test_queued_request_expires_while_the_model_is_busy():
     frames, model, sched = scheduler(delay=1.5)
     try:
         slow = submit(sched, model, "slow", timeout=10.0)
-        time.sleep(0.1)
+        assert wait_for(lambda: model.running == 1, 5)  # the model is busy with it
         queued = submit(sched, model, "queued", timeout=0.3)
         assert wait_for(lambda: queued, 5)
         assert "in the queue: the model was busy with 'slow'" in queued[0][1]
@@ -139,7 +139,7 @@ def test_stop_with_a_stuck_model_answers_it_and_never_runs_two_inference_threads
     frames, model, sched = scheduler(delay=1.0)
     try:
         stuck = submit(sched, model, "stuck", timeout=30.0)
-        time.sleep(0.1)
+        assert wait_for(lambda: model.running == 1, 5)  # a sleep here failed when the thread started late
         sched.stop("node was cleaned up", timeout=0.1)  # the model outlives the join
         assert stuck and stuck[0] == ("error", "node was cleaned up (the model was still running on this request)")
         sched.start()  # configured again while the old call still runs
@@ -147,7 +147,7 @@ def test_stop_with_a_stuck_model_answers_it_and_never_runs_two_inference_threads
         frames.add_image("img", 0.0, time.monotonic())
         after = submit(sched, model, "after", timeout=30.0)
         assert wait_for(lambda: after, 10) and after[0] == ("ok", "after")
-        assert model.events.index("done stuck") < model.events.index("done after")  # SlowModel asserts one at a time
+        assert model.events.index("done stuck") < model.events.index("done after")  # the double asserts one at a time
         assert model.replies["stuck"] == 1
     finally:
         sched.stop()

@@ -140,6 +140,15 @@ class TableScene:
 # ---------------------------------------------------------------------------------------------
 # depth decoding, intrinsics, frames
 # ---------------------------------------------------------------------------------------------
+def test_the_mode_centre_is_the_crowded_surface_not_the_median() -> None:
+    """45 % of the points on a surface at 0.5 m, 30 % at 0.8 m, 25 % at 2.0 m: the median (0.8 m)
+    is no surface the object has much of; around the mode (0.5 m) the points at 2.0 m are outliers."""
+    z = np.r_[np.full(450, 0.5), np.full(300, 0.8), np.full(250, 2.0)].astype(np.float32)
+    keep = reject_outliers(z, "mode", 3.0, 0.005, 0.005)
+    assert keep[:750].all() and not keep[750:].any()
+    assert reject_outliers(z, "mad", 3.0, 0.005, 0.005).all()  # around the median all are kept
+
+
 def test_depth_from_raw_units_and_invalid_values() -> None:
     mm = np.array([[0, 1000, 65535, 1]], dtype=np.uint16)
     np.testing.assert_array_equal(depth_from_raw(mm, "16UC1"), np.array([[np.nan, 1.0, 65.535, 0.001]], np.float32))

@@ -226,8 +226,9 @@ def test_continuous_mode_rate_limit_and_stop(system):
         # a run started just before the stop may still answer (late on a loaded machine); after
         # that, nothing: running on would add a result every 0.25 s and never go quiet for 0.7 s
         assert _quiet_for(client, 0.7, timeout=5.0), "continuous mode did not stop"
-        # 2 s at max_rate_hz=4 -> at most 9 runs (one at once, then every 0.25 s), and it did run
-        assert 3 <= len(results) <= 9, len(results)
+        # 2 s at max_rate_hz=4 -> at most 9 runs (one at once, then every 0.25 s); it ran more than
+        # once (the lower bound is loose: how many fit in 2 s depends on the machine's load)
+        assert 2 <= len(results) <= 9, len(results)
         assert all(r.command == "blue" and r.status == SegmentationResult.OK for r in results)
         stamps = [(r.header.stamp.sec, r.header.stamp.nanosec) for r in results]
         assert stamps == sorted(set(stamps)), "a frame was processed twice"

@@ -12,7 +12,9 @@ from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
 from helpers import repeating, wait_for
 
 
-class Recorder:
+class ModelRecorderDouble:
+    """Test double of the model side of the scheduler: records the jobs it runs and fails."""
+
     def __init__(self, delay: float = 0.0):
         self.runs: list[tuple[str, int]] = []
         self.failures: list[tuple[str, str]] = []
@@ -33,7 +35,7 @@ class Recorder:
 
 def make(delay=0.0, active=True):
     frames = RgbdSynchronizer(use_depth=False)
-    rec = Recorder(delay)
+    rec = ModelRecorderDouble(delay)
     sched = Scheduler(frames, rec.run, rec.fail)
     sched.max_input_age_s = 0.5
     sched.start()
@@ -137,8 +139,9 @@ def test_continuous_mode_rate_limit_new_frames_only_and_stop():
         n_stopped = len(rec.runs)
         time.sleep(0.5)
         assert len(rec.runs) == n_stopped  # stopped
-        # 1.5 s at most 5 Hz: 7 or 8 runs at most (the first runs at once), and not a trickle
-        assert 3 <= n_stopped <= 8, rec.runs
+        # 1.5 s at most 5 Hz: 7 or 8 runs at most (the first runs at once); it repeated (a loose
+        # lower bound: how many fit in 1.5 s depends on the machine's load)
+        assert 2 <= n_stopped <= 8, rec.runs
         seqs = [s for _, s in rec.runs]
         assert seqs == sorted(set(seqs))  # never the same frame twice
         assert all(rid.startswith("continuous-") for rid, _ in rec.runs)
@@ -194,7 +197,7 @@ def test_a_rate_raised_at_runtime_applies_at_once():
 def test_a_huge_timeout_does_not_stop_the_watchdog():
     """timeout_s is any positive float32: 1e10 s is past threading's longest wait. The watchdog
     must survive it and still answer a later request at its own deadline while the model is busy."""
-    frames, rec, gate = RgbdSynchronizer(use_depth=False), Recorder(), threading.Event()
+    frames, rec, gate = RgbdSynchronizer(use_depth=False), ModelRecorderDouble(), threading.Event()
 
     def busy_run(job, frame):
         gate.wait(5.0)  # the model is busy until the test lets it go

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import rclpy
+from builtin_interfaces.msg import Time
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -86,7 +86,7 @@ def test_camera_info_and_static_tf_match_the_scene():
     assert (info.width, info.height) == (160, 120) and info.header.frame_id == "cam"
     assert list(info.k) == [intr.fx, 0.0, intr.cx, 0.0, intr.fy, intr.cy, 0.0, 0.0, 1.0]
     assert info.p[0] == intr.fx and info.p[10] == 1.0
-    tf = static_transforms(rendered.scene, FRAMES, SimpleNamespace(sec=1, nanosec=2))
+    tf = static_transforms(rendered.scene, FRAMES, Time(sec=1, nanosec=2))
     camera, table = tf.transforms
     assert (camera.header.frame_id, camera.child_frame_id) == ("world", "camera_color_optical_frame")
     np.testing.assert_allclose(transform_from_msg(camera.transform).as_matrix(), rendered.scene.cam_to_world,
@@ -97,7 +97,7 @@ def test_camera_info_and_static_tf_match_the_scene():
 
 def test_ground_truth_document():
     rendered = render_scene(2, **SMALL)
-    doc = json.loads(json.dumps(ground_truth(rendered, 7, SimpleNamespace(sec=5, nanosec=6), FRAMES)))
+    doc = json.loads(json.dumps(ground_truth(rendered, 7, Time(sec=5, nanosec=6), FRAMES)))
     assert doc["number"] == 7 and doc["index"] == 2 and doc["seed"] == split_seed("test", 2)
     assert doc["stamp"] == {"sec": 5, "nanosec": 6} and doc["frame_id"] == "camera_color_optical_frame"
     ids = {o["id"] for o in doc["objects"]}

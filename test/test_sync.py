@@ -12,6 +12,15 @@ def test_pairs_image_with_closest_depth_within_slop():
     assert frame.image == "img1" and frame.depth == "d_near" and frame.depth_stamp == 10.01
 
 
+def test_the_closest_of_several_depths_within_slop_is_paired_whatever_their_order():
+    for order in ((10.015, 10.004), (10.004, 10.015)):
+        sync = RgbdSynchronizer(slop_s=0.02)
+        sync.add_image("img", stamp=10.0, arrival=100.0)
+        for stamp in order:
+            sync.add_depth(f"d{stamp}", stamp=stamp, arrival=100.0)
+        assert sync.latest(now=100.1).depth_stamp == 10.004
+
+
 def test_waits_for_depth_while_depth_stream_is_active():
     sync = RgbdSynchronizer(slop_s=0.02, depth_timeout_s=1.0)
     sync.add_depth("d0", stamp=9.0, arrival=99.5)

@@ -237,6 +237,29 @@ def test_boxes_draw_one_of_several_jitter_scales() -> None:
         DataConfig(box_jitter="wide")
 
 
+def test_mask_losses_by_hand() -> None:
+    """Dice, BCE + Dice and the IoU head's loss on masks whose answers are known (breaking the
+    Dice or the IoU-head loss passed every other training test)."""
+    from qwen3vl_seg_ros.model.mask_decoder import DecoderOutput
+    from qwen3vl_seg_ros.training.losses import LossWeights, dice_loss, mask_losses
+
+    target = torch.zeros(1, 8, 8)
+    target[0, :4] = 1.0  # the top half
+    sure = (target * 2 - 1) * 50  # logits that are the target, confidently
+    assert float(dice_loss(sure, target)) < 1e-3
+    # the right half of every row flipped: 16 of the 32 target pixels, and 16 wrong ones
+    half = torch.where(torch.arange(8)[None, None, :] < 4, sure, -sure)
+    assert float(dice_loss(half, target)) == pytest.approx(1 - (2 * 16 + 1) / (32 + 32 + 1), abs=1e-3)
+    iou = torch.tensor([0.2], requires_grad=True)
+    low = sure[:, ::4, ::4].clone()  # the decoder's low-resolution logits, upsampled by the loss
+    out = DecoderOutput(mask_logits=(low, low.clone()), iou=iou)
+    total, stats = mask_losses(out, target, LossWeights(bce=0.0, dice=0.0))
+    assert float(stats["mask_iou"]) == pytest.approx(1.0)
+    assert float(total) == pytest.approx((0.2 - 1.0) ** 2)  # the IoU head's squared error alone
+    total.backward()
+    assert float(iou.grad) == pytest.approx(2 * (0.2 - 1.0))  # pulled up towards the true IoU
+
+
 def test_language_loss_scores_answer_tokens_and_coordinates() -> None:
     from qwen3vl_seg_ros.training.losses import CoordinateTable, lm_loss
 
