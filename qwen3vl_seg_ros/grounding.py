@@ -422,11 +422,19 @@ def _unwrap(text: str, segments: list[tuple[int, int]]) -> list[tuple[int, int]]
     out = []
     for start, end in segments:
         inner = [(start + 1 + a, start + 1 + b) for a, b in _object_segments(text[start + 1:end])]
-        if sum(_has_box(text, a, b) for a, b in inner) >= 2:
+        if sum(_has_box(text, a, b) for a, b in inner) >= 2 and not _own_box(text, start, end, inner):
             out.extend(_unwrap(text, inner))
         else:
             out.append((start, end))
     return out
+
+
+def _own_box(text: str, start: int, end: int, inner: list[tuple[int, int]]) -> bool:
+    """Whether a span has a box of its own, outside its inner objects (then it is an object)."""
+    chars = list(text[start:end])
+    for a, b in inner:
+        chars[a - start:b - start] = " " * (b - a)
+    return _has_box("".join(chars), 0, end - start)
 
 
 def _candidate_spans(text: str) -> list[tuple[int, int]]:

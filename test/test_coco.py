@@ -229,6 +229,7 @@ def test_malformed_index_names_file_and_field(dataset_file: Path, edit, message:
         ({"size": [H, W], "counts": "T3b1"}, r"compressed counts must decode to runs >= 0 summing to H\*W = 120"),
         ({"size": [H, W], "counts": "\x7f\x7f~~zz"}, "compressed counts must decode"),  # not RLE at all
         ({"size": [H, W], "counts": "e"}, "compressed counts must decode"),  # ends inside a run (0x20 set)
+        ({"size": [H, W], "counts": "\u00e9" * 4}, "compressed counts must decode"),  # not ASCII
         ("nonsense", "expected polygons"),
     ],
 )

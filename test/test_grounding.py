@@ -89,6 +89,12 @@ def test_objects_inside_a_wrapper_are_all_read(text: str) -> None:
     assert np.allclose(parsed.boxes, [[100, 200, 300, 400], [500, 200, 700, 400]]), (parsed.boxes, parsed.warnings)
 
 
+def test_an_object_with_its_own_box_stays_one_object_whatever_it_holds() -> None:
+    text = ('[{"bbox_2d": [10, 10, 900, 900], "label": "tray", "parts": [{"bbox_2d": [100, 200, 300, 400]}, '
+            '{"bbox_2d": [500, 200, 700, 400]}]}]')
+    assert np.allclose(parse_answer(text, 1000, 1000).boxes, [[10, 10, 900, 900]])
+
+
 def test_an_object_with_repeated_box_keys_says_what_it_dropped() -> None:
     """Qwen3-VL-4B has answered with one flat object and repeated keys (QwenLM/Qwen3-VL#1720)."""
     text = '{"label": "monitor", "bbox": [195, 138, 617, 480], "label": "laptop", "bbox": [600, 500, 900, 800]}'

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -679,7 +680,8 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_with_one_log_line_per_st
     run = tmp_path / "run"
     assert Trainer(cfg, run, log=lambda m: None, stop_at_step=2).run()["finished"] is False
     log = run / "train_log.jsonl"
-    log.write_text(log.read_text() + "".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (3, 4)))
+    log.write_text(log.read_text() + "".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (3, 4))
+                   + '{"step": 5, "lo')  # and a last line cut off by the kill
     shutil.copytree(run / "checkpoint", run / "checkpoint.old")
     (run / "checkpoint").rename(run / "checkpoint.tmp")
     with pytest.raises(FileExistsError):
@@ -692,15 +694,18 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_with_one_log_line_per_st
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_an_export(tmp_path: Path) -> None:
     """A batch system's time limit (or kill, or Ctrl-C) lost the work since the last checkpoint."""
     config = tmp_path / "long.yaml"
-    config.write_text(json.dumps(tiny_config(stages=[{"name": "full", "steps": 100000, "lr": 1e-3}])))
+    cfg = tiny_config(stages=[{"name": "full", "steps": 100000, "lr": 1e-3}])
+    cfg["data"]["num_workers"] = 2  # the signal reaches them too: one that died failed the step
+    config.write_text(json.dumps(cfg))
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_seg_ros.train", str(config), "--out", str(run)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         for line in proc.stdout:
             if line.startswith("[train] step 3 "):
                 break
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a batch system's time limit does
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -1017,6 +1022,14 @@ def test_a_bad_value_is_refused_when_the_configuration_loads(override: str, mess
     gradient ascent), the others failed a step into training with an error naming no key."""
     with pytest.raises(ValueError, match=message):
         load_config(REPO / "config" / "train_tiny_cpu_smoke.yaml", [override])
+
+
+def test_values_that_worked_before_the_range_checks_still_load() -> None:
+    """No limit (0) for the final evaluation, a fractional LoRA alpha, prefetch 0 (clamped to 1)."""
+    cfg = load_config(REPO / "config" / "train_tiny_cpu_smoke.yaml",
+                      ["eval.time_limit_s=0", "stages.0.lora={r: 4, alpha: 6.5}", "data.prefetch_factor=0",
+                       "stages.0.coord_sigma_until=0"])
+    assert cfg.eval.time_limit_s == 0 and cfg.stages[0].lora.alpha == 6.5
 
 
 def test_a_stage_without_a_learning_rate_names_the_key() -> None:

@@ -133,7 +133,7 @@ def _compressed_runs(data: bytes) -> list[int] | None:
     missing pixels taken from uninitialised memory (different on every call), so a truncated
     file would train on random masks. The format (pycocotools' maskApi.c): each run is a
     little-endian series of 5-bit groups, one character each (value + 48; bit 0x20: more
-    groups follow; 0x10 in the last group: negative), and from the third run on, each is
+    groups follow; 0x10 in the last group: negative), and from the fourth run on, each is
     stored as the difference from the run two before.
     """
     runs: list[int] = []
@@ -181,7 +181,10 @@ def _rle(segm: Any, height: int, width: int, where: str) -> dict:
                 raise DatasetFormatError(f"{where}.counts: uncompressed counts must be ints >= 0 summing to H*W")
             return mask_utils.frPyObjects(segm, height, width)
         if isinstance(counts, str | bytes):
-            data = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            try:
+                data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+            except UnicodeEncodeError:  # "replace" would make each such character a valid "?"
+                data = b"\x00"
             runs = _compressed_runs(data)
             if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
                 raise DatasetFormatError(f"{where}.counts: compressed counts must decode to runs >= 0 summing "

@@ -15,6 +15,7 @@ part, the queries are almost free.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,6 +286,14 @@ def build_stream(data: DataConfig, collator: Collator, micro_batch: int, start_i
     return SyntheticStream(collator, micro_batch, data, start_item, seed)
 
 
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """A terminal's Ctrl-C and a batch system's SIGTERM reach every process of the group: a
+    worker that died of them failed the step in progress, so the trainer, which stops after
+    that step with a checkpoint, lost the run. The workers ignore both; the trainer ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(stream: _ItemStream, num_workers: int, prefetch_factor: int, pin_memory: bool,
                 spawn: bool = False) -> DataLoader:
     """A loader yielding the stream's items in index order (``batch_size=None``: items are batches).
@@ -295,7 +304,8 @@ def make_loader(stream: _ItemStream, num_workers: int, prefetch_factor: int, pin
     "terminate called without an active exception")."""
     kwargs: dict = {}
     if num_workers > 0:
-        kwargs = dict(prefetch_factor=max(1, prefetch_factor), persistent_workers=False)
+        kwargs = dict(prefetch_factor=max(1, prefetch_factor), persistent_workers=False,
+                      worker_init_fn=_leave_stop_signals_to_the_trainer)
         if spawn or threading.active_count() > 1:
             # Forking a process that runs other threads (a ROS executor, a progress monitor) can
             # copy a held lock into the child, which then hangs; a fresh interpreter cannot.

@@ -73,7 +73,7 @@ class LoraSettings:
     """LoRA of a stage (peft)."""
 
     r: int = 32
-    alpha: int = 64
+    alpha: float = 64  # peft scales by alpha / r; a fraction is fine
     dropout: float = 0.05
     target_modules: str = LLM_LORA_TARGETS
 

@@ -151,7 +151,7 @@ class StageConfig:
         # a negative scale trains by gradient ascent, a negative min_lr_ratio ends the cosine below
         # zero: the run finishes without an error and its model is just worse
         _check(self, f"stage {self.name!r}", vision_lr_scale=">= 0", decoder_lr_scale=">= 0",
-               coord_sigma=">= 0", coord_sigma_until="> 0", min_lr_ratio="in [0, 1]")
+               coord_sigma=">= 0", coord_sigma_until=">= 0", min_lr_ratio="in [0, 1]")
 
     def lr_factor(self, step: int, steps: int | None = None) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio`` at the last of ``steps`` (step
@@ -228,7 +228,7 @@ class EvalConfig:
     reserve_s: float = 180.0  # with a time budget, training stops this long before it for the evaluation
 
     def __post_init__(self) -> None:
-        _check(self, "eval", scenes=">= 0", queries_per_scene=">= 1", workers=">= 0", time_limit_s="> 0",
+        _check(self, "eval", scenes=">= 0", queries_per_scene=">= 1", workers=">= 0", time_limit_s=">= 0",
                reserve_s=">= 0")
 
 
@@ -348,7 +348,7 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     _check(loss, "loss", **{f.name: ">= 0" for f in dataclasses.fields(LossWeights)})
     data_cfg = _build(DataConfig, data.get("data"), "data")
     _check(data_cfg, "data", width=">= 1", height=">= 1", queries_per_scene=">= 1", num_workers=">= 0",
-           prefetch_factor=">= 1", micro_batch=">= 0")
+           prefetch_factor=">= 0", micro_batch=">= 0")
     return TrainConfig(
         model=_build(ModelConfig, data.get("model"), "model"),
         data=data_cfg,
@@ -782,8 +782,14 @@ class Trainer:
         if not log_path.is_file():
             return
         step = json.loads((self.run_dir / "checkpoint" / "state.json").read_text())["state"]["step"]
-        kept = [line for line in log_path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in log_path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a full disk or a power loss
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         log_path.write_text("".join(kept))
 
     def save_checkpoint(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -1165,9 +1171,10 @@ class Trainer:
         from qwen3vl_seg_ros.training.evaluate import EvalSettings, run_evaluation
 
         ev = self.cfg.eval
-        limit = ev.time_limit_s
+        limit = ev.time_limit_s  # 0: no limit
         if self.time_budget_s is not None:
-            limit = min(limit, max(10.0, self.t0 + self.time_budget_s - time.monotonic() - 20.0))
+            left = max(10.0, self.t0 + self.time_budget_s - time.monotonic() - 20.0)
+            limit = min(limit, left) if limit > 0 else left
         settings = EvalSettings(model=str(folder), split=ev.split, scenes=ev.scenes,
                                 queries_per_scene=ev.queries_per_scene, device=ev.device, workers=ev.workers,
                                 time_limit_s=limit, width=self.cfg.data.width, height=self.cfg.data.height,
@@ -1226,18 +1233,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m qwen3vl_seg_ros.train " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
     trainer = Trainer(config, args.out, resume=args.resume, time_budget_s=args.time_budget_s,
                       final_eval=not args.no_eval, stop_at_step=args.stop_at_step, command=command)
-    install_stop_handlers(trainer)
-    trainer.run()
+    previous = install_stop_handlers(trainer)
+    try:
+        trainer.run()
+    finally:  # main() may be called from a program with its own handlers
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 128 + STOP_SIGNALS[trainer.stop_reason] if trainer.stop_reason else 0
 
 
 STOP_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 
 
-def install_stop_handlers(trainer: Trainer) -> None:
+def install_stop_handlers(trainer: Trainer) -> dict[int, Any]:
     """Ctrl-C or a SIGTERM (a batch system's time limit, ``kill``) stops the run after the step in
     progress, with a checkpoint and the export, instead of losing the work since the last
-    checkpoint (up to ``run.checkpoint_every_s``). A second signal stops at once."""
+    checkpoint (up to ``run.checkpoint_every_s``). A second signal stops at once. The data
+    loader's workers ignore both (see ``dataset.make_loader``). Returns the handlers replaced."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -1248,8 +1260,10 @@ def install_stop_handlers(trainer: Trainer) -> None:
         trainer.log(f"[train] {name}: stopping after this step with a checkpoint (again to stop at once)")
         trainer.request_stop(name)
 
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS.values()}
     for sig in STOP_SIGNALS.values():
         signal.signal(sig, on_signal)
+    return previous
 
 
 if __name__ == "__main__":
