@@ -601,6 +601,29 @@ def test_an_added_seg_token_trains_in_a_lora_stage_and_merges(trainer: Trainer) 
     assert merged.get_output_embeddings().weight.data_ptr() == weight.data_ptr()  # still tied
 
 
+def test_an_added_seg_token_trains_its_output_row_too_when_untied(trainer: Trainer, tmp_path: Path) -> None:
+    """An untied model (as 8B) writes a token by its output row, which is no embedding row."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    folder = tmp_path / "untied"
+    shutil.copytree(trainer.base_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    seg, other = 5, 7
+    before = model.get_output_embeddings().weight.detach().clone()
+    peft_model = apply_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0), [seg])
+    set_trainable(model, copy.deepcopy(trainer.decoder), "lora", 0.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    hidden = torch.randn(1, 1, before.shape[1])
+    model.get_output_embeddings()(hidden)[0, 0, [seg, other]].sum().backward()
+    optimizer.step()
+    weight = merge_lora(peft_model).get_output_embeddings().weight
+    assert not torch.allclose(weight[seg], before[seg])
+    torch.testing.assert_close(weight[other], before[other])
+
+
 def test_an_export_holds_tied_embeddings_once(trainer: Trainer, tmp_path: Path) -> None:
     """The output projection of a tied model is the embedding table: writing it again cost 621 MB
     per 2B export in bf16 (the cast to bf16 made two tensors of the one table, which

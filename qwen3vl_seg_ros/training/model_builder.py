@@ -300,7 +300,13 @@ def apply_lora(model: nn.Module, lora: LoraSettings, trainable_tokens: Sequence[
 
     extra: dict[str, Any] = {}
     if trainable_tokens:
-        extra["trainable_token_indices"] = {"embed_tokens": sorted(int(t) for t in trainable_tokens)}
+        ids = sorted(int(t) for t in trainable_tokens)
+        extra["trainable_token_indices"] = {"embed_tokens": ids}
+        output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+        if output is not None and output.weight.data_ptr() != inputs.weight.data_ptr():
+            # untied (8B): the output row is what makes the model write the token
+            name = next(n for n, module in model.named_modules() if module is output)
+            extra["trainable_token_indices"][name.rsplit(".", 1)[-1]] = ids
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, bias="none", **extra)
     return get_peft_model(model, config)
