@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 
 import rclpy
@@ -31,6 +32,7 @@ from rclpy.duration import Duration
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
 from rclpy.utilities import remove_ros_args
 from std_msgs.msg import String
 
@@ -61,20 +63,40 @@ def describe(result: SegmentationResult) -> str:
 
 def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, command: str, timeout_s: float,
                  wait_s: float) -> SegmentationResult | None:
-    """Calls ``~/segment`` once; None when the service is missing or never answers."""
+    """Calls ``~/segment`` once; None when the service is missing or never answers.
+
+    The answer is also taken from ``~/result``, where the node publishes every answer with its
+    request id: right after the node starts, a service response can be lost (the node's side
+    has not yet discovered this client's response reader; DDS discovery is not symmetric).
+    """
     client = node.create_client(Segment, service)
     if not client.wait_for_service(timeout_sec=wait_s):
         print(f"service {service} is not available after {wait_s:g} s: is the node running, active, and on the "
               f"same ROS_DOMAIN_ID?", file=sys.stderr)
         return None
-    # float(): rclpy serialises an int put into a float32 field as 0.0 (which means the default 5 s)
-    future = client.call_async(Segment.Request(command=command, timeout_s=float(timeout_s)))
-    # The node answers within timeout_s (with an ERROR if it has to); the margin covers transport.
-    executor.spin_until_future_complete(future, timeout_sec=timeout_s + 5.0)
-    if not future.done():
+    request_id = f"example-{uuid.uuid4().hex[:12]}"
+    answer = Future()
+
+    def take(result: SegmentationResult) -> None:
+        if not answer.done():
+            answer.set_result(result)
+
+    published = node.create_subscription(
+        SegmentationResult, service.rsplit("/", 1)[0] + "/result",
+        lambda msg: take(msg) if msg.request_id == request_id else None,
+        QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    try:
+        # float(): rclpy serialises an int put into a float32 field as 0.0 (which means the default 5 s)
+        future = client.call_async(Segment.Request(command=command, timeout_s=float(timeout_s), request_id=request_id))
+        future.add_done_callback(lambda f: take(f.result().result))
+        # The node answers within timeout_s (with an ERROR if it has to); the margin covers transport.
+        executor.spin_until_future_complete(answer, timeout_sec=timeout_s + 5.0)
+    finally:
+        node.destroy_subscription(published)
+    if not answer.done():
         print(f"no answer from {service} within {timeout_s + 5.0:g} s", file=sys.stderr)
         return None
-    return future.result().result
+    return answer.result()
 
 
 def answers_command(sent: str, echoed: str) -> bool:
