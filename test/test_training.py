@@ -32,6 +32,7 @@ from qwen3vl_seg_ros.training.collate import (
     pixel_values_from_patches,
     target_answer,
 )
+from qwen3vl_seg_ros.training.config import config_from_dict, load_config
 from qwen3vl_seg_ros.training.dataset import (
     DataConfig,
     SyntheticStream,
@@ -54,8 +55,6 @@ from qwen3vl_seg_ros.training.model_builder import (
 from qwen3vl_seg_ros.training.train import (
     Trainer,
     _first_samples,
-    config_from_dict,
-    load_config,
     multimodal_forward,
     reference_forward,
     run_decoder,
