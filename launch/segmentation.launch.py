@@ -64,6 +64,20 @@ NODE_PARAMETER_ARGUMENTS = ["segmenter", "model", "decoder", "device", "dtype", 
 BOOLEAN_ARGUMENTS = ["use_depth", "autostart", "use_sim_time"]
 
 
+def launch_bool(name, value):
+    """A boolean launch argument: true/false/1/0, any case, as IfCondition reads them.
+
+    Why strict: read as "true or not", autostart:=ture left the node unconfigured and
+    use_depth:=ture switched 3D off, without a word; and RViz's bool parameter refused "1",
+    which the node accepted. A typo now stops the launch with the argument's name.
+    """
+    words = {"true": True, "1": True, "false": False, "0": False}
+    text = value.strip().lower()
+    if text not in words:
+        raise ValueError(f"launch argument {name}:={value!r} is not a boolean: use true or false")
+    return words[text]
+
+
 def explicit_overrides(values):
     """The node parameters set by launch arguments given a value other than their default.
 
@@ -76,7 +90,7 @@ def explicit_overrides(values):
         value = values[name]
         if value.strip().lower() == defaults[name].lower():
             continue
-        out[name] = value.strip().lower() in ("true", "1", "yes", "on") if name in BOOLEAN_ARGUMENTS else value
+        out[name] = launch_bool(name, value) if name in BOOLEAN_ARGUMENTS else value
     return out
 
 
@@ -126,13 +140,17 @@ def generate_launch_description():
         condition=IfCondition(arg("sim_camera")),
         output="screen",
     )
-    rviz = Node(
-        package="rviz2",
-        executable="rviz2",
-        arguments=["-d", arg("rviz_config"), "-f", arg("rviz_fixed_frame")],
-        # a bag's TF and markers are stamped in its time: RViz on wall time would drop them
-        parameters=[{"use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool)}],
-        condition=IfCondition(arg("rviz")),
-        output="screen",
-    )
-    return LaunchDescription([*declared, OpaqueFunction(function=segmentation_node), sim_camera, rviz])
+    def rviz(context):
+        sim_time = launch_bool("use_sim_time", LaunchConfiguration("use_sim_time").perform(context))
+        return [Node(
+            package="rviz2",
+            executable="rviz2",
+            arguments=["-d", arg("rviz_config"), "-f", arg("rviz_fixed_frame")],
+            # a bag's TF and markers are stamped in its time: RViz on wall time would drop them
+            parameters=[{"use_sim_time": sim_time}],
+            condition=IfCondition(arg("rviz")),
+            output="screen",
+        )]
+
+    return LaunchDescription([*declared, OpaqueFunction(function=segmentation_node), sim_camera,
+                              OpaqueFunction(function=rviz)])

@@ -109,7 +109,7 @@ def launch_module_without_launch_ros() -> dict:
     """The launch file's constants and explicit_overrides, run without its launch imports."""
     tree = ast.parse((ROOT / "launch" / "segmentation.launch.py").read_text())
     kept = [n for n in tree.body if isinstance(n, ast.Assign)
-            or (isinstance(n, ast.FunctionDef) and n.name == "explicit_overrides")]
+            or (isinstance(n, ast.FunctionDef) and n.name in ("explicit_overrides", "launch_bool"))]
     namespace: dict = {}
     exec(compile(ast.Module(body=kept, type_ignores=[]), "segmentation.launch.py", "exec"), namespace)
     return namespace
@@ -125,6 +125,20 @@ def test_launch_arguments_left_at_their_default_leave_the_params_file_alone():
     given.update(device="cuda", target_frame="base_link", use_depth="False", autostart="true", use_sim_time="true")
     assert launch["explicit_overrides"](given) == {"device": "cuda", "target_frame": "base_link",
                                                    "use_depth": False, "use_sim_time": True}
+
+
+@pytest.mark.parametrize("value", ["ture", "yes", "on", ""])
+def test_a_boolean_launch_argument_that_is_no_boolean_stops_the_launch(value):
+    """Read as "true or not", autostart:=ture left the node unconfigured without a word; "yes" is
+    refused too, since IfCondition (sim_camera, rviz) refuses it."""
+    launch = launch_module_without_launch_ros()
+    defaults = {name: default for name, default, _ in launch["LAUNCH_ARGUMENTS"]}
+    given = {name: defaults[name] for name in [*launch["NODE_PARAMETER_ARGUMENTS"], "autostart", "use_sim_time"]}
+    given["autostart"] = value
+    with pytest.raises(ValueError, match=f"launch argument autostart:={value!r} is not a boolean"):
+        launch["explicit_overrides"](given)
+    given.update(autostart="0", use_sim_time="1")  # what IfCondition accepts, the node accepts
+    assert launch["explicit_overrides"](given) == {"autostart": False, "use_sim_time": True}
 
 
 def test_launch_file_is_valid_python_and_uses_the_installed_executable():
