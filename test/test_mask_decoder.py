@@ -169,6 +169,35 @@ def test_box_gate_has_no_subnormal_floats_far_from_a_small_box() -> None:
     assert gates[0, 60, 80] > 0.95
 
 
+def test_a_bf16_box_encoding_keeps_the_fp32_frequencies() -> None:
+    """The octave frequencies were a buffer: a decoder loaded in bf16 rounded them (the base
+    decoder's top one, 2^15 pi, by 26 rad), so its box features were not those it trained on."""
+    from qwen3vl_seg_ros.model.query_encoder import BoxFourierEncoding
+
+    encoder = BoxFourierEncoding(16, 32)
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.9], [0.33, 0.01, 0.34, 0.02]])
+    seen: dict[torch.dtype, torch.Tensor] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        encoder.to(dtype)
+        hook = encoder.mlp.register_forward_pre_hook(lambda _m, args, d=dtype: seen.__setitem__(d, args[0]))
+        encoder(boxes)
+        hook.remove()
+    torch.testing.assert_close(seen[torch.bfloat16], seen[torch.float32].to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width, height", [(848, 480), (424, 240), (640, 480), (1280, 720), (320, 240), (100, 75)])
+def test_the_decoder_image_has_sides_its_stride_maps_cover(width: int, height: int) -> None:
+    """A side that is no multiple of the stem's stride (848x480 -> 256x145) made the stride-4 map
+    cover 148 rows, which the upsampling stretched onto 145: masks pulled up to the top left
+    (about 10 px at the bottom of an 848x480 frame; mask IoU 0.83 against 0.95)."""
+    from qwen3vl_seg_ros.model.mask_decoder import DECODER_SIDE_MULTIPLE, decoder_image_uint8
+
+    image = decoder_image_uint8(np.zeros((height, width, 3), np.uint8), 256)
+    _, h, w = image.shape
+    assert h % DECODER_SIDE_MULTIPLE == 0 and w % DECODER_SIDE_MULTIPLE == 0, (w, h)
+    assert max(h, w) <= 256 and abs(w / h - width / height) < 0.05 * width / height
+
+
 def test_box_features_are_normalised() -> None:
     feats = box_features(torch.tensor([[0.1, 0.2, 1.1, 1.2], [0.5, 0.5, 0.5005, 0.5005]]))
     torch.testing.assert_close(feats[0], torch.tensor([0.1, 0.2, 1.0, 1.0]))

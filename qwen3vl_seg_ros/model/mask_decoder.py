@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,9 @@ from qwen3vl_seg_ros.model.feature_injection import FeatureInjection
 from qwen3vl_seg_ros.model.pixel_fusion import PixelFusion, log_prior
 from qwen3vl_seg_ros.model.query_encoder import QueryEncoder, QueryLayer
 from qwen3vl_seg_ros.model.vision_capture import VisionFeatures
+
+#: The decoder image's sides are multiples of this (the CNN stem's deepest stride).
+DECODER_SIDE_MULTIPLE = 8
 
 
 @dataclass
@@ -170,3 +175,18 @@ def upsample_logits(logits: torch.Tensor, height: int, width: int) -> torch.Tens
         return logits.new_zeros((0, height, width))
     return F.interpolate(logits[:, None].float(), size=(height, width), mode="bilinear",
                          align_corners=False)[:, 0]
+
+
+def decoder_image_uint8(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """``(3, h, w)`` uint8: the image the decoder's CNN stem reads, before ``/ 255`` (inference
+    and training both make it here): long side at most ``max_side``, area interpolation."""
+    height, width = rgb.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    # sides a multiple of DECODER_SIDE_MULTIPLE: the stride-4/8 maps then cover the image exactly,
+    # which upsample_logits assumes (a 145-row image gave 37 rows covering 148: masks shifted)
+    m = DECODER_SIDE_MULTIPLE
+    size = (max(m, round(width * scale / m) * m), max(m, round(height * scale / m) * m))
+    if size != (width, height):
+        shrink = size[0] < width or size[1] < height
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))

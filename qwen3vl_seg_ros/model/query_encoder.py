@@ -38,14 +38,16 @@ class BoxFourierEncoding(nn.Module):
 
     def __init__(self, num_freqs: int, dim: int) -> None:
         super().__init__()
-        freqs = math.pi * (2.0 ** torch.arange(num_freqs, dtype=torch.float32))
-        self.register_buffer("freqs", freqs, persistent=False)
+        # the frequencies are made in fp32 at each call: a buffer cast with a bf16 decoder was
+        # rounded (26 rad off at 2^15 pi, for the base decoder's 16 frequencies)
+        self.num_freqs = num_freqs
         in_dim = 4 + 4 * 2 * num_freqs
         self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, boxes: torch.Tensor) -> torch.Tensor:
         feats = box_features(boxes.float())
-        angles = feats[..., None] * self.freqs  # (N, 4, F)
+        freqs = math.pi * (2.0 ** torch.arange(self.num_freqs, dtype=torch.float32, device=feats.device))
+        angles = feats[..., None] * freqs  # (N, 4, F)
         encoded = torch.cat([feats, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
         return self.mlp(encoded.to(self.mlp[0].weight.dtype))
 

@@ -45,7 +45,12 @@ from qwen3vl_seg_ros.model.loading import (
     resolve_dtype,
     resolve_model_folder,
 )
-from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder, DecoderOutput, upsample_logits
+from qwen3vl_seg_ros.model.mask_decoder import (
+    BoxGuidedMaskDecoder,
+    DecoderOutput,
+    decoder_image_uint8,
+    upsample_logits,
+)
 from qwen3vl_seg_ros.model.score_calibration import (
     CALIBRATION_FILE,
     CalibrationError,
@@ -512,14 +517,8 @@ def _ms(since: float) -> float:
 
 def _decoder_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
     """The raw image for the CNN stem: ``(1, 3, h, w)`` in 0..1, long side at most ``max_side``."""
-    import cv2
 
-    height, width = rgb.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    if scale < 1.0:
-        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                         interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(decoder_image_uint8(rgb, max_side))[None].float() / 255.0
 
 
 def _cap_objects(parsed: ParsedAnswer, max_objects: int, warnings: list[str]) -> None:

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, boxes_to_relative, build_prompt, format_answer
+from qwen3vl_seg_ros.model.mask_decoder import decoder_image_uint8
 from qwen3vl_seg_ros.types import CameraIntrinsics
 
 #: Text appended to every answer: the token at which generation stops.
@@ -281,20 +282,6 @@ def token_places(classes: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # images
-
-
-def decoder_image_uint8(rgb: np.ndarray, max_side: int) -> np.ndarray:
-    """``(3, h, w)`` uint8: the image the decoder's CNN stem reads at inference, before ``/ 255``.
-
-    Same resize as :func:`qwen3vl_seg_ros.model.segmenter._decoder_image` (long side at most
-    ``max_side``, area interpolation); a test checks both agree.
-    """
-    height, width = rgb.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    if scale < 1.0:
-        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                         interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
 def resize_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
