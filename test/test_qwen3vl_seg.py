@@ -101,6 +101,17 @@ def test_mask_boxes_and_empty_masks_keep_their_box() -> None:
     assert got.tolist() == [[2, 1, 5, 4], [1.5, 1.5, 3.0, 4.0], [7, 5, 8, 6]]
 
 
+def test_a_refined_box_leaves_out_specks_on_another_object() -> None:
+    """With several targets, masks carried 1-3 px specks on the other targets: the box of every
+    pixel spanned two objects, and the next decoder pass spoiled the mask."""
+    masks = np.zeros((2, 40, 60), bool)
+    masks[0, 10:20, 5:15] = True  # the object, inside the box the pass was given
+    masks[0, 30:32, 50:52] = True  # a speck on another target
+    masks[1, 25:35, 40:55] = True  # a mask that found its object away from a shifted box
+    fallback = torch.tensor([[4.0, 9.0, 16.0, 21.0], [0.0, 0.0, 10.0, 10.0]])
+    assert mask_boxes(torch.from_numpy(masks), fallback).tolist() == [[5, 10, 15, 20], [40, 25, 55, 35]]
+
+
 @pytest.mark.parametrize("passes", [0, 1, 3])
 def test_box_refinement_runs_the_decoder_on_its_own_masks(seg_folder: Path, passes: int) -> None:
     """Each extra decoder pass gets the boxes of the previous pass's masks; the result's box is
