@@ -513,12 +513,13 @@ def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     for k, mask in enumerate(masks.cpu().numpy()):
         if not mask.any():
             continue
-        _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
         x1, y1 = (max(0, int(np.floor(v))) for v in boxes[k, :2])
         x2, y2 = (int(np.ceil(v)) for v in boxes[k, 2:])
         inside = np.unique(labels[y1:max(y1, y2), x1:max(x1, x2)])
         inside = inside[inside > 0]
-        keep = np.isin(labels, inside) if inside.size else mask
+        # one part, every part inside, or none inside (a shifted box): the whole mask
+        keep = np.isin(labels, inside) if 0 < inside.size < count - 1 else mask
         rows, cols = keep.any(axis=1), keep.any(axis=0)
         boxes[k] = [cols.argmax(), rows.argmax(), width - cols[::-1].argmax(), height - rows[::-1].argmax()]
     return torch.as_tensor(boxes, dtype=fallback.dtype, device=fallback.device)
