@@ -28,7 +28,7 @@ from PIL import Image
 
 from qwen3vl_seg_ros.commands import markup_pattern, markup_tokens, strip_markup_tokens
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
-from qwen3vl_seg_ros.masks import MaskEstimate, weight_free_mask
+from qwen3vl_seg_ros.masks import MaskEstimate, mask_box, weight_free_mask
 from qwen3vl_seg_ros.model.checkpoint import DECODER_WEIGHTS, DecoderCheckpointError, has_decoder, load_decoder
 from qwen3vl_seg_ros.model.fast_generation import (
     FastGreedyGenerator,
@@ -508,7 +508,6 @@ def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     spanned two objects and the next pass spoiled the mask (exact boxes: mask IoU 0.965 -> 0.843,
     a fifth of the boxes below IoU 0.5; with components 0.965 and none).
     """
-    height, width = masks.shape[-2:]
     boxes = fallback.detach().cpu().numpy().astype(np.float64)
     for k, mask in enumerate(masks.cpu().numpy()):
         if not mask.any():
@@ -519,9 +518,7 @@ def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         inside = np.unique(labels[y1:max(y1, y2), x1:max(x1, x2)])
         inside = inside[inside > 0]
         # one part, every part inside, or none inside (a shifted box): the whole mask
-        keep = np.isin(labels, inside) if 0 < inside.size < count - 1 else mask
-        rows, cols = keep.any(axis=1), keep.any(axis=0)
-        boxes[k] = [cols.argmax(), rows.argmax(), width - cols[::-1].argmax(), height - rows[::-1].argmax()]
+        boxes[k] = mask_box(np.isin(labels, inside) if 0 < inside.size < count - 1 else mask)
     return torch.as_tensor(boxes, dtype=fallback.dtype, device=fallback.device)
 
 
@@ -531,7 +528,6 @@ def _ms(since: float) -> float:
 
 def _decoder_image(rgb: np.ndarray, max_side: int) -> torch.Tensor:
     """The raw image for the CNN stem: ``(1, 3, h, w)`` in 0..1, long side at most ``max_side``."""
-
     return torch.from_numpy(decoder_image_uint8(rgb, max_side))[None].float() / 255.0
 
 

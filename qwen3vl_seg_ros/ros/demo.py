@@ -391,12 +391,15 @@ class DemoClient:
                     raise DemoTimeoutError(f"timed out waiting for {what}")
                 self._cond.wait(min(remaining, 0.2))
 
-    def call(self, client: Any, request: Any, deadline: float, what: str) -> Any:
-        """A service call that gives up at ``deadline`` (the service may not even exist yet)."""
+    def _wait_for_service(self, client: Any, deadline: float, what: str) -> None:
         while not client.wait_for_service(timeout_sec=0.2):
             self._check_children()
             if time.monotonic() > deadline:
                 raise DemoTimeoutError(f"the service for {what} did not appear")
+
+    def call(self, client: Any, request: Any, deadline: float, what: str) -> Any:
+        """A service call that gives up at ``deadline`` (the service may not even exist yet)."""
+        self._wait_for_service(client, deadline, what)
         future = client.call_async(request)
         while not future.done():
             self._check_children()
@@ -411,13 +414,9 @@ class DemoClient:
         there too, and a service response can be lost right after start-up (the node's side had
         not yet discovered the client's response reader: DDS discovery is not symmetric). Seen
         in CI on a loaded machine: the node answered OK in 71 ms, the response never came."""
-        client = self.segment_client
-        while not client.wait_for_service(timeout_sec=0.2):
-            self._check_children()
-            if time.monotonic() > deadline:
-                raise DemoTimeoutError(f"the service for {what} did not appear")
+        self._wait_for_service(self.segment_client, deadline, what)
         sent = time.monotonic()
-        future = client.call_async(request)
+        future = self.segment_client.call_async(request)
         future.add_done_callback(lambda _f: self._notify())
 
         def answered() -> SegmentationResult | None:

@@ -49,6 +49,7 @@ from rclpy.qos import (
 )
 from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
+from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
@@ -900,7 +901,7 @@ def main(args: list[str] | None = None) -> int:
     the middleware goes; a second signal ends the process at once.
     """
     argv = args if args is not None else sys.argv
-    own = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
+    own = remove_ros_args(argv)[1:]
     if "-h" in own or "--help" in own:  # answered before any model loads or participant starts
         print(USAGE + params_yaml(), end="")
         return 0

@@ -46,6 +46,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
@@ -351,7 +352,7 @@ class SimCamera(Node):
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``sim_camera --ros-args -p rate_hz:=5.0 -p scene_period_s:=10.0``."""
     argv = args if args is not None else sys.argv
-    own = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
+    own = remove_ros_args(argv)[1:]
     if "-h" in own or "--help" in own:  # answered without publishing anything on the user's domain
         print("usage: sim_camera [-h] [--ros-args -p NAME:=VALUE ...]\n\n" + (__doc__ or "")
               + "\nIts parameters (all read at start-up): the README's 'The simulated camera "

@@ -42,7 +42,6 @@ from qwen3vl_seg_ros.segmenter import SegmenterOptions
 #: The node's default ``score_threshold`` (config/params.yaml); ``decoder@score`` applies it.
 NODE_SCORE_THRESHOLD = 0.2
 METHODS = ("decoder", "box", "grabcut", "depth", "decoder@score")
-HEADS = ("box", "grabcut", "depth")  # the weight-free heads --heads may name
 
 
 @dataclass
@@ -550,11 +549,15 @@ def _argument_problem(args: argparse.Namespace) -> str:
         return "--workers must be >= 0 and --threads >= 1"
     if (args.width or args.height) and (args.width <= 0 or args.height <= 0):
         return f"--width and --height must both be > 0 (or both left out), got {args.width}x{args.height}"
-    unknown = [h for h in args.heads.split(",") if h and h not in HEADS]
+    from qwen3vl_seg_ros.masks import WEIGHT_FREE_HEADS
+
+    unknown = [h for h in args.heads.split(",") if h and h not in WEIGHT_FREE_HEADS]
     if unknown:
-        return f"--heads: unknown {unknown}; known: {', '.join(HEADS)}"
+        return f"--heads: unknown {unknown}; known: {', '.join(WEIGHT_FREE_HEADS)}"
     if args.coco and not Path(args.coco).is_file():
         return f"--coco: no such file: {args.coco}"
+    if not args.coco and args.scenes == 0:
+        return "--scenes must be > 0"
     return ""
 
 
@@ -592,8 +595,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _argument_problem(args)
     if problem:
         parser.error(problem)  # usage and one line, exit 2, before any model loads
-    if not args.coco and args.scenes == 0:
-        parser.error("--scenes must be > 0")
     settings = EvalSettings(
         model=args.model, split=args.split, scenes=args.scenes, first_scene=args.first_scene,
         queries_per_scene=args.queries_per_scene, width=args.width, height=args.height, coco_json=args.coco,

@@ -96,6 +96,12 @@ def prepare_base(cfg: ModelConfig, run_dir: Path, seed: int) -> Path:
     return resolve_model_folder(cfg.base, cfg.local_files_only)
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output projection is the input embedding table (2B and 4B; 8B is untied)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
 def ensure_seg_token(model: nn.Module, tokenizer: Any) -> bool:
     """Adds ``<|seg|>`` to a tokenizer that lacks it (a plain Qwen3-VL-Instruct); returns whether
     the tokenizer changed (it must then be saved with the model).
@@ -116,8 +122,11 @@ def ensure_seg_token(model: nn.Module, tokenizer: Any) -> bool:
     seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     if seg_id >= model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(seg_id + 1, mean_resizing=False)
+    tables = [model.get_input_embeddings()]
+    if model.get_output_embeddings() is not None and not tied_embeddings(model):
+        tables.append(model.get_output_embeddings())
     with torch.no_grad():
-        for table in {id(t): t for t in (model.get_input_embeddings(), model.get_output_embeddings()) if t}.values():
+        for table in tables:
             table.weight[seg_id] = table.weight[:seg_id].mean(0)
     return True
 
@@ -302,8 +311,8 @@ def apply_lora(model: nn.Module, lora: LoraSettings, trainable_tokens: Sequence[
     if trainable_tokens:
         ids = sorted(int(t) for t in trainable_tokens)
         extra["trainable_token_indices"] = {"embed_tokens": ids}
-        output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-        if output is not None and output.weight.data_ptr() != inputs.weight.data_ptr():
+        output = model.get_output_embeddings()
+        if output is not None and not tied_embeddings(model):
             # untied (8B): the output row is what makes the model write the token
             name = next(n for n, module in model.named_modules() if module is output)
             extra["trainable_token_indices"][name.rsplit(".", 1)[-1]] = ids
@@ -427,8 +436,7 @@ def export_model(model: nn.Module, decoder: BoxGuidedMaskDecoder, base_folder: P
     target = _DTYPES[dtype]
     state = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is not None and output.weight.data_ptr() == inputs.weight.data_ptr():
+    if tied_embeddings(model):
         # tied: the loader ties them again; the copy cost 621 MB (2B, bf16) in every export
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
