@@ -16,6 +16,9 @@
 # Run it through the device tool:  bash scripts/gpu_round22.sh   (timeout_s about 540: ~1.5 min of
 # rendering and tower, 5 min of the two trainings, export)
 # Then, here on the CPU: bench/attention_on_target.py and evaluate on val against round 19b.
+# Ran on 2026-11-28 (H200, 8 min) with this checkout's transformers (5.24) carried as a wheel, as the
+# device README says: pip download --no-deps transformers==5.24.0 -d .whl, carry [".whl"], and first
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -euo pipefail
 OUT=${OUT:-runs/gpu_round22_out}
 mkdir -p "$OUT" runs

@@ -361,6 +361,41 @@ def test_fast_inputs_equal_the_processor(processor: object) -> None:
     assert fast(np.zeros((100, 130, 3), np.uint8), text) is None  # would be resampled: the processor's job
 
 
+class TensorOnlyImageProcessorDouble:
+    """The torchvision backend's shape (picked where torchvision is installed, as on the GPU image):
+    its rescale and normalize take tensors and raise TypeError on numpy arrays."""
+
+    def __init__(self, real: object) -> None:
+        self.do_rescale, self.rescale_factor = real.do_rescale, real.rescale_factor
+        self.do_normalize, self.image_mean, self.image_std = real.do_normalize, real.image_mean, real.image_std
+
+    @staticmethod
+    def _tensor(image: object) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(image)}")
+        return image
+
+    def rescale(self, image: object, scale: float) -> torch.Tensor:
+        return self._tensor(image) * scale
+
+    def normalize(self, image: object, mean: list[float], std: list[float]) -> torch.Tensor:
+        shape = (-1, 1, 1)
+        return (self._tensor(image) - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+def test_lookup_table_with_a_tensor_only_image_processor(processor: object) -> None:
+    """The GPU image's processor refused numpy (a TypeError at warm-up); both backends give one table."""
+    import copy
+
+    fast = FastInputs(processor, torch.device("cpu"), torch.float32)
+    numpy_table = fast.table
+    fast.processor = copy.copy(processor)
+    fast.processor.image_processor = TensorOnlyImageProcessorDouble(processor.image_processor)
+    table = fast._lookup_table()
+    assert table.shape == (3, 256)
+    torch.testing.assert_close(table, numpy_table)
+
+
 def test_segmenter_with_the_fast_generator(model: torch.nn.Module, processor: object) -> None:
     """The segmenter's fast-path plumbing (warm-up, GPU-style inputs) gives the eager answers."""
     from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg

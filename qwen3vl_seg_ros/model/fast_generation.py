@@ -1079,12 +1079,22 @@ class FastInputs:
         """(3, 256) float32: the processor's value for each channel and uint8 level."""
         ip = self.processor.image_processor
         levels = np.tile(np.arange(256, dtype=np.uint8)[None, None, :], (3, 1, 1))  # channels first
-        image: np.ndarray = levels
+        try:  # the PIL backend works on numpy arrays
+            image = self._processed(ip, levels)
+        except TypeError:  # the torchvision backend (where torchvision is installed) takes tensors
+            image = self._processed(ip, torch.from_numpy(levels).float())
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        return torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(3, 256).copy())
+
+    @staticmethod
+    def _processed(ip, image):
+        """The processor's own rescale and normalize, so the table follows its settings."""
         if getattr(ip, "do_rescale", True):
             image = ip.rescale(image, ip.rescale_factor)
         if getattr(ip, "do_normalize", True):
             image = ip.normalize(image, ip.image_mean, ip.image_std)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(3, 256).copy())
+        return image
 
     def _limits(self) -> tuple[int, int]:
         size = self.processor.image_processor.size
