@@ -340,9 +340,9 @@ def _box_keys(segment: str) -> list[re.Match[str]]:
     return [m for m in _BOX_KEY.finditer(segment) if not any(a < m.start() <= b for a, b in spans)]
 
 
-def _read_box(segment: str) -> tuple[list[float] | None, tuple[int, int] | None, str]:
-    """The coordinate list of an object: values, span within the segment, or a reason."""
-    keys = _box_keys(segment)
+def _read_box(segment: str, keys: list[re.Match[str]]) -> tuple[list[float] | None, tuple[int, int] | None, str]:
+    """The coordinate list of an object (``keys``: its :func:`_box_keys`): values, span within the
+    segment, or a reason."""
     key = keys[0] if keys else None
     if key:
         lst = _LIST.match(segment, key.end())
@@ -476,11 +476,12 @@ def parse_answer(
     dedup = _Deduplicator(dedupe_iou)
     for index, (start, end) in enumerate(_candidate_spans(text)):
         segment = text[start:end]
-        values, coord_span, problem = _read_box(segment)
+        keys = _box_keys(segment)
+        values, coord_span, problem = _read_box(segment, keys)
         if values is None:
             warnings.append(f"object {index}: skipped, {problem}: {segment[:80]!r}")
             continue
-        extra = len(_box_keys(segment)) - 1
+        extra = len(keys) - 1
         if extra > 0:  # {"label": "monitor", "bbox": [...], "label": "laptop", "bbox": [...]}
             warnings.append(f"object {index}: holds {extra + 1} boxes; only the first was read: {segment[:80]!r}")
         fixed = _fix_relative_box(values, index, warnings)
