@@ -16,6 +16,25 @@ from qwen3vl_seg_ros.types import InputError
 _WHITESPACE = re.compile(r"\s+")
 
 
+def _clean(text: str) -> tuple[str, int]:
+    """The text with control and format characters as spaces, whitespace collapsed; how many were replaced."""
+    cleaned_chars = []
+    removed = 0
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and not ch.isspace():
+            cleaned_chars.append(" ")
+            removed += 1
+        else:
+            cleaned_chars.append(ch)
+    return _WHITESPACE.sub(" ", "".join(cleaned_chars)).strip(), removed
+
+
+def is_blank(text: str) -> bool:
+    """Whether nothing of ``text`` is left once cleaned (spaces, a BOM, zero-width marks): a
+    planner's "stop" may carry such characters, read from a file or typed in a terminal."""
+    return not text.strip() or not _clean(text)[0]
+
+
 def clean_command(text: str, max_length: int) -> tuple[str, list[str]]:
     """Returns the command as the model will see it, and warnings about what was changed.
 
@@ -28,15 +47,7 @@ def clean_command(text: str, max_length: int) -> tuple[str, list[str]]:
             f"command is {len(text)} characters long; the limit is max_command_length={max_length}"
         )
     warnings: list[str] = []
-    cleaned_chars = []
-    removed = 0
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and not ch.isspace():
-            cleaned_chars.append(" ")
-            removed += 1
-        else:
-            cleaned_chars.append(ch)
-    cleaned = _WHITESPACE.sub(" ", "".join(cleaned_chars)).strip()
+    cleaned, removed = _clean(text)
     if removed:
         warnings.append(f"removed {removed} control/format character(s) from the command")
     if not cleaned:

@@ -9,6 +9,7 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State
 from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
 
 from qwen3vl_seg_ros.msg import SegmentationResult
 
@@ -76,7 +77,6 @@ def test_transitions_and_answers_in_every_state():
         assert "node is not configured" in client.call("red").result.message
 
         # and it can be configured again, taking the configure- and activate-time parameters set meanwhile
-        from rclpy.parameter import Parameter
         assert all(r.successful for r in node.set_parameters([Parameter("diagnostics_period_s", value=0.5),
                                                               Parameter("sync_queue_size", value=4)]))
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
@@ -264,4 +264,121 @@ def test_a_failed_warm_up_closes_the_segmenter_it_loaded():
         assert node._segmenter is None and "CUDA out of memory" in node._configure_error
     finally:
         node.destroy_node()
+        context.try_shutdown()
+
+
+def test_deactivate_mid_run_leaves_no_objects_on_display():
+    """A continuous run still in the model when the node is deactivated answers on ~/result,
+    but its objects never reach RViz: deactivate cleared the display and it stays clear (markers
+    live until replaced, and an inactive node replaces nothing)."""
+    from visualization_msgs.msg import Marker
+
+    with served("lifecycle_display") as (harness, client):
+        node = harness.node
+        node.set_parameters([Parameter("max_rate_hz", value=0.0)])
+        with client.streaming(Scene(), rate_hz=20):
+            client.send_command("red sleep:0.6")
+            assert wait_for(lambda: len(client.snapshot(client.markers)) >= 1, 10)  # first run shown
+            assert wait_for(lambda: node._scheduler._busy_job is not None
+                            and node._scheduler._busy_job.request_id != "continuous-1", 10)
+            assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+            running = node._scheduler._busy_job
+            assert wait_for(lambda: any(r.request_id == running.request_id
+                                        for r in client.snapshot(client.results)), 10)  # it finished
+        time.sleep(0.5)  # what the run would have published has arrived by now
+        last_markers = client.snapshot(client.markers)[-1]
+        assert last_markers.markers and all(m.action == Marker.DELETEALL for m in last_markers.markers)
+        last_cloud = client.snapshot(client.clouds)[-1]
+        assert last_cloud.width * last_cloud.height == 0
+        client.send_command("")
+
+
+def test_a_run_through_cleanup_and_reconfigure_is_marked_late():
+    """A continuous run still in the model through cleanup -> configure -> activate: the cleanup
+    answers it with an ERROR, and its own result, when the model returns, says it is late (it
+    holds objects from before the cleanup) and shows nothing on the new session's display."""
+    with served("lifecycle_straggler") as (harness, client):
+        node = harness.node
+        node.set_parameters([Parameter("max_rate_hz", value=0.0)])
+        with client.streaming(Scene(), rate_hz=10):
+            client.send_command("red sleep:3")
+            assert wait_for(lambda: node._scheduler._busy_job is not None, 10)
+            run_id = node._scheduler._busy_job.request_id
+            node.trigger_deactivate()
+            node.trigger_cleanup()
+            markers_before = len(client.snapshot(client.markers))
+            node.trigger_configure()
+            node.trigger_activate()
+            assert wait_for(lambda: len([r for r in client.snapshot(client.results) if r.request_id == run_id]) >= 2,
+                            10)
+        answers = [r for r in client.snapshot(client.results) if r.request_id == run_id]
+        assert len(answers) == 2, [(r.status, r.message) for r in answers]
+        assert answers[0].status == SegmentationResult.ERROR and "cleaned up" in answers[0].message
+        assert answers[1].message.startswith("late: this run had already been answered with an ERROR")
+        assert len(client.snapshot(client.markers)) == markers_before  # nothing on the new display
+        assert node._scheduler.continuous_command is None  # a configure starts without continuous mode
+
+
+def test_a_stop_of_invisible_characters_stops_continuous_mode():
+    """A planner's "stop" read from a file can carry a BOM or a zero-width space: it is empty once
+    cleaned, so it stops continuous mode instead of being refused as an empty command."""
+    with served("lifecycle_blank_stop") as (harness, client):
+        node = harness.node
+        for blank in ("\ufeff", "\u200b", " \u200b\ufeff "):
+            client.send_command("blue")
+            assert wait_for(lambda: node._scheduler.continuous_command == "blue", 5)
+            client.send_command(blank)
+            assert wait_for(lambda: node._scheduler.continuous_command is None, 5), repr(blank)
+        assert not [r for r in client.snapshot(client.results) if r.request_id == "continuous-rejected"]
+
+
+def test_after_shutdown_the_refusal_says_so():
+    """Finalized is the lifecycle's end: the answer must not advise configuring the node."""
+    with served("lifecycle_finalized") as (harness, client):
+        node = harness.node
+        assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+        result = client.call("red", timeout_s=2.0).result
+        assert result.status == SegmentationResult.ERROR
+        assert "shut down" in result.message and "configure" not in result.message, result.message
+
+
+def test_diagnostics_and_the_service_speak_during_a_slow_configure():
+    """Configure through the lifecycle service (nav2's lifecycle manager, `ros2 lifecycle set`)
+    with a model that loads for 2 s: /diagnostics keeps coming and says "loading", and a command
+    sent meanwhile is told the node is configuring."""
+    import threading
+
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    from ros_harness import must_call_service
+
+    namespace = "lifecycle_slow_load"
+    context = new_context(namespace)
+    harness = NodeHarness(context, {"segmenter": "doubles.color_blob_segmenter:SlowLoadingSegmenterDouble",
+                                    "diagnostics_period_s": 0.2}, autostart=False)
+    client = Client(context, node_fqn=f"/{namespace}/qwen3vl_seg")
+    seen: list[tuple[float, str]] = []
+    client.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen.extend(
+        (time.monotonic(), s.message) for s in m.status if s.name.startswith(namespace)), 10)
+    try:
+        assert client.segment_client.wait_for_service(timeout_sec=10)
+        answer: dict = {}
+        request = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_CONFIGURE))
+        configure = threading.Thread(target=lambda: answer.update(response=must_call_service(
+            client.node, ChangeState, f"/{namespace}/qwen3vl_seg/change_state", request, answer_wait_s=20)))
+        t0 = time.monotonic()
+        configure.start()
+        assert wait_for(lambda: any(t >= t0 for t, _ in seen), 5)  # configure began: the load is on
+        time.sleep(0.3)
+        refusal = client.call("red", timeout_s=1.0).result.message
+        configure.join(20)
+        t1 = time.monotonic()
+        assert answer["response"].success
+        assert "configuring" in refusal and "loading segmenter" in refusal, refusal
+        loading = [t for t, m in seen if t0 <= t <= t1 and m.startswith("loading segmenter")]
+        assert len(loading) >= 3, seen  # ~10 at 0.2 s over 2 s; before the fix, one
+    finally:
+        client.close()
+        harness.close()
         context.try_shutdown()

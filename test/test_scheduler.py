@@ -276,3 +276,37 @@ def test_stop_answers_pending_requests():
     job, answers, _ = one_shot(sched, "r1", timeout=30.0)
     sched.stop("shutting down")
     assert answers and answers[0][2] == "shutting down"
+
+
+def test_stop_with_a_continuous_run_in_the_model_ends_both_threads_in_one_timeout():
+    """No caller waits for a continuous run: stop answers it with an ERROR once, and the watchdog
+    ends with it, so stop() blocks for its timeout once, not twice (launch's SIGTERM grace)."""
+    frames, rec, sched = make(delay=3.0)
+    sched.max_rate_hz = 0.0
+    frames.add_image("img", 0.0, time.monotonic())
+    sched.set_continuous("red")
+    assert wait_for(lambda: sched._busy_job is not None, 5)
+    watchdog = sched._watchdog
+    sched.stop("cleaned up", timeout=0.3)
+    assert not watchdog.is_alive()  # joined within stop's timeout
+    failures = [f for f in rec.failures if f[0] == "continuous-1"]
+    assert len(failures) == 1 and "cleaned up" in failures[0][1]
+    assert sched._busy_job.answered  # its late result will say so
+
+
+def test_a_request_timing_out_behind_a_warm_up_is_told_so():
+    """A warm-up for a new frame size holds the inference thread: a request that times out behind
+    it on a fresh frame must not be sent off to debug its camera."""
+    frames, rec, sched = make()
+    release = threading.Event()
+    sched.run_soon(lambda: release.wait(5))
+    try:
+        frames.add_image("img", 0.0, time.monotonic())
+        _, answers, refusal = one_shot(sched, "r1", timeout=0.3)
+        assert refusal is None
+        assert wait_for(lambda: answers, 3)
+        reason = rec.failures[0][1]
+        assert "warming up for a new frame size" in reason and "synchronized frame" not in reason, reason
+    finally:
+        release.set()
+        sched.stop()

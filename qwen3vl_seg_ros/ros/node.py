@@ -54,7 +54,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
-from qwen3vl_seg_ros.commands import clean_command
+from qwen3vl_seg_ros.commands import clean_command, is_blank
 from qwen3vl_seg_ros.geometry import MIN_LENGTH_M
 from qwen3vl_seg_ros.masks import box_mask, mask_box
 from qwen3vl_seg_ros.msg import SegmentationResult
@@ -161,8 +161,18 @@ class SegmentationNode(LifecycleNode):
         self._diag_pub = self.create_publisher(
             DiagnosticArray, "/diagnostics",
             QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
+        # Its own group: configure runs in the default group (with the lifecycle services), and a
+        # model load there took the diagnostics with it (silent for the whole load, then STALE).
         self._diag_timer = self.create_timer(float(self.p("diagnostics_period_s")), self._publish_diagnostics,
+                                             callback_group=MutuallyExclusiveCallbackGroup(),
                                              clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._loading = ""  # the segmenter being loaded by configure, "" otherwise
+        self._shut_down = False  # the lifecycle shutdown transition ran (Finalized: no way back)
+        # RViz and the detection topics show the objects of the current lifecycle "session" only: a
+        # job still in the model when the node is deactivated or cleaned up publishes its answer on
+        # ~/result, but not on the display topics (deactivate cleared them; they stay clear).
+        self._display_lock = threading.Lock()
+        self._display_epoch = 0
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
@@ -300,7 +310,15 @@ class SegmentationNode(LifecycleNode):
         spec = self.p("segmenter")
         self._diag_timer.timer_period_ns = int(float(self.p("diagnostics_period_s")) * 1e9)
         log.info(f"configuring: loading segmenter '{spec}' (model '{self.p('model') or 'shipped tiny model'}')")
-        self._publish_diagnostics(override=(DiagnosticStatus.WARN, f"loading segmenter '{spec}'"))
+        self._loading = spec
+        self._publish_diagnostics()
+        try:
+            return self._configure(spec)
+        finally:
+            self._loading = ""
+
+    def _configure(self, spec: str) -> TransitionCallbackReturn:
+        log = self.get_logger()
         t0 = time.monotonic()
         segmenter = None
         try:
@@ -371,8 +389,7 @@ class SegmentationNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._scheduler.set_active(False, "node was deactivated before the request could run")
-        if self._three_d is not None:
-            self._three_d.clear_display()  # an inactive node reports no objects
+        self._clear_display()  # an inactive node reports no objects
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
@@ -385,8 +402,23 @@ class SegmentationNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._shut_down = True
         self._release("node is shutting down")
         return TransitionCallbackReturn.SUCCESS
+
+    def _clear_display(self) -> None:
+        """Clears RViz's objects and ends the display epoch, so that a job still running cannot
+        put its objects back (see ``_display_epoch``)."""
+        with self._display_lock:
+            self._display_epoch += 1
+            if self._three_d is not None:
+                self._three_d.clear_display()
+
+    def _show(self, epoch: int, publish: Callable[[], None]) -> None:
+        """Runs ``publish`` (display topics) only while the display epoch a job began in lasts."""
+        with self._display_lock:
+            if epoch == self._display_epoch:
+                publish()
 
     def _release(self, reason: str) -> None:
         self._scheduler.set_active(False, reason)
@@ -400,8 +432,7 @@ class SegmentationNode(LifecycleNode):
             self.destroy_subscription(self._command_sub)
             self._command_sub = None
         self._scheduler.set_continuous(None)  # unconfigured forgets continuous mode, as a restart does
-        if self._three_d is not None:
-            self._three_d.clear_display()  # while the publishers exist (a deactivate may have done it)
+        self._clear_display()  # while the publishers exist (a deactivate may have done it)
         for pub in self._pubs.values():
             self.destroy_publisher(pub)
         self._pubs = {}
@@ -476,7 +507,7 @@ class SegmentationNode(LifecycleNode):
         self._frames.add_camera_info(msg, time.monotonic())
 
     def _on_command(self, msg: String) -> None:
-        if not msg.data.strip():
+        if is_blank(msg.data):  # also a lone BOM or zero-width space: the planner's "stop"
             if self._scheduler.set_continuous(None):
                 self.get_logger().info("continuous mode stopped (empty command)")
             return
@@ -543,6 +574,10 @@ class SegmentationNode(LifecycleNode):
 
     def _refusal(self) -> str | None:
         """Why no request can be served now (not configured), or None."""
+        if self._shut_down:
+            return "node was shut down (lifecycle state finalized); restart its process to use it again"
+        if self._loading:
+            return f"node is configuring (loading segmenter '{self._loading}'); try again once it is active"
         if self._segmenter is None:
             why = f" (configure failed: {self._configure_error})" if self._configure_error else ""
             return f"node is not configured{why}; configure and activate it first"
@@ -565,6 +600,7 @@ class SegmentationNode(LifecycleNode):
         t_start = time.monotonic()
         header = frame.image.header
         segmenter = self._segmenter
+        epoch = self._display_epoch
         result = new_result(job.command, job.request_id, SegmentationResult.OK, "", header,
                             segmenter.name if segmenter else "")
         result.input_age_ms = float((t_start - frame.arrival) * 1e3)
@@ -573,7 +609,7 @@ class SegmentationNode(LifecycleNode):
         try:
             if segmenter is None:
                 raise SegmenterError("segmenter was released (node cleaned up)")
-            self._process(job, frame, segmenter, result, t_start)
+            self._process(job, frame, segmenter, result, t_start, epoch)
         except (InputError, SegmenterError) as exc:
             result.status, result.message = SegmentationResult.ERROR, str(exc)
         except Exception as exc:  # a model bug must not kill the node
@@ -581,19 +617,21 @@ class SegmentationNode(LifecycleNode):
             self.get_logger().error(f"{_log_id(job.request_id)}: {result.message}\n{traceback.format_exc()}")
         if result.status == SegmentationResult.ERROR:
             result.objects = []
-            if self._three_d is not None:
-                self._three_d.publish(result, None, header)  # RViz shows no objects of an earlier result
-            self._publish_detections(result)  # nor do the detection topics
-        if job.answered:  # the watchdog already answered the request with a timeout ERROR
-            result.message = safe_text("; ".join(m for m in (
-                "late: this request had already been answered with a timeout ERROR", result.message) if m))
+            three_d = self._three_d
+            if three_d is not None:  # RViz shows no objects of an earlier result
+                self._show(epoch, lambda: three_d.publish(result, None, header))
+            self._show(epoch, lambda: self._publish_detections(result))  # nor do the detection topics
+        if job.answered:  # the watchdog or a stop already answered it with an ERROR
+            late = ("late: this request had already been answered with a timeout ERROR" if not job.continuous else
+                    "late: this run had already been answered with an ERROR (the node stopped while it ran)")
+            result.message = safe_text("; ".join(m for m in (late, result.message) if m))
         result.total_ms = float((time.monotonic() - job.received) * 1e3)
         self._publish_result(result)
         self._log_result(result)
         return result
 
     def _process(self, job: Job, frame: Frame, segmenter: Segmenter, result: SegmentationResult,
-                 t_start: float) -> None:
+                 t_start: float, epoch: int) -> None:
         header = frame.image.header
         max_pixels = int(self.p("max_image_pixels"))
         rgb = conversions.image_to_rgb(frame.image, max_pixels)
@@ -635,11 +673,16 @@ class SegmentationNode(LifecycleNode):
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
         if result.objects and self.p("tracking"):
             self._track(result)
-        if three_d is not None:
-            three_d.publish(result, cloud, header)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
-        self._publish_images(rgb, instances, ids, [o.track_id or o.id for o in result.objects], header)
-        self._publish_detections(result)
+        colour_keys = [o.track_id or o.id for o in result.objects]
+
+        def display() -> None:
+            if three_d is not None:
+                three_d.publish(result, cloud, header)
+            self._publish_images(rgb, instances, ids, colour_keys, header)
+            self._publish_detections(result)
+
+        self._show(epoch, display)
 
     def _select(self, instances: Any, h: int, w: int, warnings: list[str]) -> tuple[list[Instance], list[float]]:
         """Checks the segmenter's objects, then the score threshold and the best max_objects.
@@ -822,8 +865,11 @@ class SegmentationNode(LifecycleNode):
                                   hardware_id=self.p("model") or "tiny")
         active = bool(self._subs)
         image_age = None if arrivals["image"] is None else now - arrivals["image"]
+        loading = self._loading
         if override is not None:
             status.level, status.message = override
+        elif segmenter is None and loading:
+            status.level, status.message = DiagnosticStatus.WARN, f"loading segmenter '{loading}'"
         elif segmenter is None and self._configure_error:
             status.level = DiagnosticStatus.ERROR
             status.message = truncate(f"configure failed: {self._configure_error}", 500)

@@ -73,6 +73,7 @@ class Scheduler:
         self._stopping = False
         self._busy_job: Job | None = None
         self._busy_since = 0.0
+        self._chore_since: float | None = None  # when the running chore (a warm-up) began
         self._cv = threading.Condition()
         self._answer_lock = threading.Lock()  # makes "answer once" atomic across threads
         self._thread: threading.Thread | None = None
@@ -223,16 +224,23 @@ class Scheduler:
 
     def _run_chore(self, chore: Callable[[], None]) -> None:
         # a failed warm-up must not stop serving; the chore logs its own failure
-        with contextlib.suppress(Exception):
-            chore()
+        with self._cv:
+            self._chore_since = self._clock()  # a request timing out meanwhile is told so
+        try:
+            with contextlib.suppress(Exception):
+                chore()
+        finally:
+            with self._cv:
+                self._chore_since = None
 
     def _watch(self, gen: int) -> None:
         """Answers requests whose deadline passes while the inference thread is busy."""
         while True:
             with self._cv:
                 busy = self._busy_job
-                if gen != self._generation or (self._stopping and (busy is None or busy.answered)):
-                    return  # stopping: on until the running request is answered
+                if gen != self._generation or (self._stopping and (busy is None or busy.answered
+                                                                    or busy.reply is None)):
+                    return  # stopping: on until the running request is answered (continuous: no one waits)
                 now = self._clock()
                 expired = self._take_expired(now)
                 overdue = None
@@ -293,7 +301,11 @@ class Scheduler:
         waited = now - job.received
         busy = self._busy_job
         frame = self.frames.latest(now)
-        if busy is not None and frame is not None and frame.age(now) <= self.max_input_age_s:
+        fresh = frame is not None and frame.age(now) <= self.max_input_age_s
+        if busy is None and self._chore_since is not None and fresh:
+            return (f"timed out after {waited:.2f} s in the queue: the model was warming up for a new "
+                    f"frame size (for {now - self._chore_since:.2f} s)")
+        if busy is not None and fresh:
             return (f"timed out after {waited:.2f} s in the queue: the model was busy with "
                     f"'{busy.request_id}' (running for {now - self._busy_since:.2f} s)")
         return (f"timed out after {waited:.2f} s waiting for a synchronized frame no older than "
@@ -308,8 +320,9 @@ class Scheduler:
             return True
 
     def _answer_failure(self, job: Job, reason: str) -> None:
-        if job.reply is not None and not self._claim(job):
-            return  # already answered: no second ERROR on ~/result either
+        if not self._claim(job):
+            return  # already answered: no second ERROR on ~/result either (a continuous run too:
+            # stopped with an ERROR, its late result is marked so)
         try:
             result = self._fail(job, reason)
         except Exception:  # never lose the answer because building it failed

@@ -204,3 +204,14 @@ class ColorBlobSegmenterDouble(Segmenter):
 
     def close(self) -> None:
         self.closed = True
+
+
+class SlowLoadingSegmenterDouble(ColorBlobSegmenterDouble):
+    """The colour-blob double whose loading takes ``LOAD_S`` seconds, as a real checkpoint's does."""
+
+    LOAD_S = 2.0
+
+    @classmethod
+    def from_options(cls, options: SegmenterOptions, progress=None) -> SlowLoadingSegmenterDouble:
+        time.sleep(cls.LOAD_S)
+        return cls(options)
