@@ -31,7 +31,7 @@ from vision_msgs.msg import Detection2DArray, Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from qwen3vl_seg_ros.msg import SegmentationResult
-from qwen3vl_seg_ros.ros.node import SegmentationNode
+from qwen3vl_seg_ros.ros.node import SERVICE_QOS, SegmentationNode
 from qwen3vl_seg_ros.ros.spinner import BackgroundSpinner
 from qwen3vl_seg_ros.srv import Segment
 
@@ -125,7 +125,9 @@ class Client:
                                       reliable)
         self.node.create_subscription(Detection3DArray, f"{node_fqn}/detections_3d",
                                       self._keep(self.detections_3d), reliable)
-        self.segment_client = self.node.create_client(Segment, f"{node_fqn}/segment")
+        # deep, as docs/reliability.md tells clients with many calls in flight: a burst of answers
+        # (a deactivate answers every queued call at once) overran rclpy's default depth of 10
+        self.segment_client = self.node.create_client(Segment, f"{node_fqn}/segment", qos_profile=SERVICE_QOS)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self.spin_errors: list[BaseException] = []
