@@ -44,11 +44,22 @@ if [ "$(cat "$VENV/.deps-stamp" 2>/dev/null)" != "$pip_stamp" ]; then
     # The ROS wheels re-exec the interpreter to set LD_LIBRARY_PATH; not needed while installing.
     export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
     pip_install --upgrade pip setuptools wheel \
-        && pip_install -r requirements/ros.txt -r requirements/base.txt -r requirements/dev.txt \
+        || { echo "[setup] could not upgrade pip (see above)" >&2; exit 1; }
+    # PyPI's torch for Linux is the CUDA build (several GB of NVIDIA libraries). Without a local
+    # wheel store (PIP_FIND_LINKS) the CPU build comes from PyTorch's own index first; where that
+    # index cannot be reached, PyPI's build is used after all (it runs on a CPU too).
+    # TORCH_INDEX_URL= (empty) skips it.
+    torch_pin="$(grep -E '^torch==' requirements/base.txt || true)"
+    torch_index="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+    if [ -n "$torch_pin" ] && [ -z "${PIP_FIND_LINKS:-}" ] && [ -n "$torch_index" ]; then
+        pip_install --retries 1 --timeout 30 --index-url "$torch_index" "$torch_pin" \
+            || log "PyTorch's CPU index did not serve $torch_pin: torch comes from PyPI (with CUDA libraries)"
+    fi
+    pip_install -r requirements/ros.txt -r requirements/base.txt -r requirements/dev.txt \
         && "$VENV/bin/python" -c "import torch, transformers, cv2" \
         || { echo "[setup] dependency installation failed (see above); nothing marked as installed" >&2; exit 1; }
     echo "$pip_stamp" > "$VENV/.deps-stamp"
-    rm -f "$ROSDIR/.build-stamp"
+    rm -f "$ROSDIR/.build-stamp" "$VENV/.cmake-patched"  # reinstalled wheels bring their exports back
 else
     log "Python dependencies up to date"
 fi
@@ -62,10 +73,11 @@ if [ ! -f "$VENV/.cmake-patched" ]; then
     log "rewriting the ROS wheels' CMake exports for this interpreter"
     PYINC="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
     NPINC="$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())')"
-    grep -rlZ "/opt/python/cp311-cp311" "$VENV/share" --include='*.cmake' 2>/dev/null \
-        | xargs -0 -r sed -i \
-            -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$NPINC#g" \
-            -e "s#/opt/python/cp311-cp311/include/python3.11#$PYINC#g"
+    # (any CPython the wheels were built for; nothing to rewrite is no error)
+    { grep -rlZ "/opt/python/cp3" "$VENV/share" --include='*.cmake' 2>/dev/null || true; } \
+        | xargs -0 -r sed -i -E \
+            -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#$NPINC#g" \
+            -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$PYINC#g"
     touch "$VENV/.cmake-patched"
 fi
 
@@ -118,7 +130,8 @@ if [ ! -f "$VENV/.editable-stamp" ] || [ "$(cat "$VENV/.editable-stamp")" != "$p
 fi
 # Generated Python messages live in .ros/install; a .pth file puts them on sys.path after the
 # source tree (qwen3vl_seg_ros/__init__.py extends its __path__ to find msg/ and srv/ there).
-echo "$ROSDIR/install/lib/python3.11/site-packages" > "$SITE/zz_qwen3vl_seg_ros_interfaces.pth"
+PYVER="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+echo "$ROSDIR/install/lib/python$PYVER/site-packages" > "$SITE/zz_qwen3vl_seg_ros_interfaces.pth"
 
 # --- 5. env.sh ------------------------------------------------------------------------------
 cat > "$ROOT/env.sh" <<EOF

@@ -167,10 +167,14 @@ def test_package_xml_is_format_3_and_names_what_we_import():
     assert root.attrib["format"] == "3" and root.findtext("name") == "qwen3vl_seg_ros"
     deps = {e.text for e in root if e.tag.endswith("depend")}
     for needed in ("rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs",
-                   "lifecycle_msgs", "rosidl_default_generators", "rosidl_default_runtime", "tf2_ros", "cv_bridge",
+                   "lifecycle_msgs", "rosidl_default_generators", "rosidl_default_runtime", "tf2_ros_py", "cv_bridge",
                    "python3-pil", "python3-matplotlib", "python3-opencv", "python3-scipy", "ament_index_python",
                    "rcl_interfaces"):
         assert needed in deps, needed
+    assert "tf2_ros" not in deps  # the C++ package: rosdep would not bring the Python module we import
+    # `colcon test` runs the suite: the pytest test is registered, and its CMake helper declared
+    assert "ament_cmake_pytest" in {e.text for e in root if e.tag == "test_depend"}
+    assert "ament_add_pytest_test(" in (ROOT / "CMakeLists.txt").read_text()
     # pip-only packages live in requirements/robot.txt: rosdep lacks some keys (it stops on an
     # unknown key) and its -pip rules would put PyPI's CPU torch over a robot's CUDA build
     assert not [d for d in deps if d.endswith("-pip") or d == "python3-pycocotools"]
