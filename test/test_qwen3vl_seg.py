@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, format_answer, parse_answer
-from qwen3vl_seg_ros.masks import mask_box  # numpy reference for the segmenter's torch mask_boxes
+from qwen3vl_seg_ros.masks import mask_box  # numpy reference for the segmenter's mask_parts
 from qwen3vl_seg_ros.model import loading
 from qwen3vl_seg_ros.model.generation import GenerationOutput, Generator
 from qwen3vl_seg_ros.model.mask_decoder import upsample_logits
-from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, mask_boxes, query_tokens, token_text
+from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg, box_score, decode_masks, mask_parts, query_tokens, token_text
 from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint, build_tokenizer
 from qwen3vl_seg_ros.segmenter import SegmenterOptions, load_segmenter_class
 from qwen3vl_seg_ros.types import InputError, SegmenterError
@@ -97,8 +97,9 @@ def test_mask_boxes_and_empty_masks_keep_their_box() -> None:
     masks[0, 1:4, 2:5] = True
     masks[2, 5, 7] = True
     fallback = torch.tensor([[0.0, 0.0, 8.0, 6.0], [1.5, 1.5, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]])
-    got = mask_boxes(torch.from_numpy(masks), fallback)
+    got, kept = mask_parts(torch.from_numpy(masks), fallback)
     assert got.tolist() == [[2, 1, 5, 4], [1.5, 1.5, 3.0, 4.0], [7, 5, 8, 6]]
+    assert np.array_equal(kept.numpy(), masks)  # one part each: the masks stay as they were
 
 
 def test_a_refined_box_leaves_out_specks_on_another_object() -> None:
@@ -109,7 +110,76 @@ def test_a_refined_box_leaves_out_specks_on_another_object() -> None:
     masks[0, 30:32, 50:52] = True  # a speck on another target
     masks[1, 25:35, 40:55] = True  # a mask that found its object away from a shifted box
     fallback = torch.tensor([[4.0, 9.0, 16.0, 21.0], [0.0, 0.0, 10.0, 10.0]])
-    assert mask_boxes(torch.from_numpy(masks), fallback).tolist() == [[5, 10, 15, 20], [40, 25, 55, 35]]
+    boxes, kept = mask_parts(torch.from_numpy(masks), fallback)
+    assert boxes.tolist() == [[5, 10, 15, 20], [40, 25, 55, 35]]
+    # the mask drops the speck its box left out: mask and box agree (the node grows a box to
+    # cover its mask, and measured 12x15 px boxes grown to 67x98 px)
+    assert kept[0].sum() == 100 and not kept[0, 30:32, 50:52].any() and kept[1].sum() == 150
+
+
+def test_parts_all_away_from_the_box_give_the_nearest_not_their_union() -> None:
+    """A shifted box with no part inside: the box of all parts spanned two objects (and once
+    emptied the next pass's mask); the part nearest to the given box is the object's."""
+    masks = np.zeros((1, 60, 90), bool)
+    masks[0, 5:15, 5:15] = True  # far from the box
+    masks[0, 40:50, 60:70] = True  # just below-left of it
+    boxes, kept = mask_parts(torch.from_numpy(masks), torch.tensor([[71.0, 30.0, 85.0, 39.0]]))
+    assert boxes.tolist() == [[60, 40, 70, 50]] and kept[0].sum() == 100
+
+
+H_DEC, W_DEC = 64, 96  # an image the decoder takes as it is (max side 256): mask cells of 4 px
+
+
+def planned_decoder_double(plan: list[list], iou: float = 0.9, seen: list | None = None):
+    """Test double of the mask decoder: pass k marks, for object n, the mask cells in
+    ``plan[k][n]`` (a list of (y0, y1, x0, x1) cell ranges, or None for an empty mask)."""
+    from qwen3vl_seg_ros.model.mask_decoder import DecoderOutput
+
+    calls = [0]
+
+    def run(image, vision, queries, boxes):
+        if seen is not None:
+            seen.append(boxes.clone())
+        step = plan[min(calls[0], len(plan) - 1)]
+        calls[0] += 1
+        logits = torch.full((len(boxes), H_DEC // 4, W_DEC // 4), -5.0)
+        for n, cells in enumerate(step):
+            for y0, y1, x0, x1 in cells or []:
+                logits[n, y0:y1, x0:x1] = 5.0
+        return DecoderOutput((logits, logits), torch.full((len(boxes),), iou))
+    return run
+
+
+def decode_with(run, boxes, passes):
+    rgb = np.zeros((H_DEC, W_DEC, 3), np.uint8)
+    return decode_masks(run, rgb, None, torch.zeros(len(boxes), 4), np.asarray(boxes, np.float32), 256, passes)
+
+
+def test_an_empty_mask_scores_zero() -> None:
+    """Its IoU with any object is 0; the IoU head's guess (up to 0.87 measured) let an object
+    with no pixels pass score_threshold."""
+    masks, scores, _ = decode_with(planned_decoder_double([[None, [(2, 4, 2, 4)]]]),
+                                   [[0, 0, 40, 40], [0, 0, 40, 40]], 0)
+    assert not masks[0].any() and masks[1].any() and scores == pytest.approx([0.0, 0.9])
+
+
+def test_a_pass_that_empties_a_mask_keeps_the_pass_before() -> None:
+    first, _, _ = decode_with(planned_decoder_double([[[(2, 5, 2, 5)]]]), [[0, 0, 40, 40]], 0)
+    masks, scores, boxes = decode_with(planned_decoder_double([[[(2, 5, 2, 5)]], [None]]), [[0, 0, 40, 40]], 1)
+    assert np.array_equal(masks[0], first[0]) and boxes[0].tolist() == mask_box(first[0]).tolist()
+    assert scores == pytest.approx([0.9])
+
+
+def test_a_box_under_one_mask_cell_is_grown_for_the_decoder_only() -> None:
+    """Under one cell the box prior is flat and the box's place is lost (masks measured on other
+    objects); the decoder gets it grown to one cell about its centre, the caller the model's box."""
+    seen: list = []
+    _, _, boxes = decode_with(planned_decoder_double([[None, None]], seen=seen),
+                              [[50.0, 30.0, 50.5, 30.4], [10, 10, 30, 20]], 0)
+    given = seen[0] * torch.tensor([W_DEC, H_DEC, W_DEC, H_DEC])
+    torch.testing.assert_close(given[0], torch.tensor([48.25, 28.2, 52.25, 32.2]))
+    assert given[1].tolist() == [10, 10, 30, 20]  # a cell or more: unchanged
+    assert boxes[0] == pytest.approx([50.0, 30.0, 50.5, 30.4])
 
 
 @pytest.mark.parametrize("passes", [0, 1, 3])

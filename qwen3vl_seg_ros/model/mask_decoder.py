@@ -28,6 +28,8 @@ from qwen3vl_seg_ros.model.vision_capture import VisionFeatures
 
 #: The decoder image's sides are multiples of this (the CNN stem's deepest stride).
 DECODER_SIDE_MULTIPLE = 8
+#: Masks (and the box prior) come at this stride of the decoder image: one mask cell is 4 pixels.
+MASK_STRIDE = 4
 
 
 @dataclass

@@ -47,6 +47,7 @@ from qwen3vl_seg_ros.model.loading import (
     resolve_model_folder,
 )
 from qwen3vl_seg_ros.model.mask_decoder import (
+    MASK_STRIDE,
     BoxGuidedMaskDecoder,
     DecoderOutput,
     decoder_image_uint8,
@@ -442,9 +443,9 @@ class Qwen3VLSeg(Segmenter):
         vision = grounding.capture.features(grounding.grid_thw)
         masks, scores, boxes = self._decoder_masks(rgb, vision, queries, parsed.boxes,
                                                    self.options.box_refine_passes)
-        for obj, mask in zip(parsed.objects, masks):
+        for k, (obj, mask) in enumerate(zip(parsed.objects, masks)):
             if not mask.any():
-                output.warnings.append(f"the decoder's mask for object '{obj.label}' is empty")
+                output.warnings.append(f"the decoder's mask for object {k} ('{obj.label}') is empty; it scores 0")
         return [MaskEstimate(m, score, "decoder", box) for m, score, box in zip(masks, scores, boxes)]
 
     def _queries(self, tt: TokenText, token_ids: list[int], parsed: ParsedAnswer,
@@ -469,22 +470,48 @@ def decode_masks(run_decoder: Callable[..., DecoderOutput], rgb: np.ndarray, vis
     their IoU-head scores and their boxes (``bench/bench_decoder.py`` times this same function).
 
     With ``refine_passes`` > 0 the decoder runs again that many times, each on the boxes of its
-    previous masks, and each object's box becomes its final mask's box: a grounding model's box
-    can be loose or shifted, and the mask has seen the pixels. An empty mask keeps the box it was
-    given. With 0 the boxes are returned as given.
+    previous masks (:func:`mask_parts`), and each object's box and mask become its final mask's
+    chosen parts: a grounding model's box can be loose or shifted, and the mask has seen the
+    pixels. A pass that empties a mask keeps the pass before it. With 0 the boxes are returned as
+    given. An empty final mask scores 0: its IoU with any object is 0, and its IoU head's guess
+    (measured up to 0.87) let it pass ``score_threshold`` with no pixels.
     """
     device = queries.device
     height, width = rgb.shape[:2]
     image = _decoder_image(rgb, max_image_side).to(device)
     scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+    cell = (MASK_STRIDE * width / image.shape[-1], MASK_STRIDE * height / image.shape[-2])
     box_px = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=device)
+    previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for _ in range(1 + max(0, refine_passes)):
-        out = run_decoder(image, vision, queries, box_px / scale)
+        out = run_decoder(image, vision, queries, at_least_one_cell(box_px, cell) / scale)
         mask_t = upsample_logits(out.final_logits, height, width) > 0
+        iou = out.iou.float().clamp(0, 1)
+        if previous is not None:
+            emptied = ~mask_t.flatten(1).any(1)
+            mask_t = torch.where(emptied[:, None, None], previous[0], mask_t)
+            iou = torch.where(emptied, previous[1], iou)
+            box_px = torch.where(emptied[:, None], previous[2], box_px)
         if refine_passes > 0:
-            box_px = mask_boxes(mask_t, box_px)
-    scores = [float(v) for v in out.iou.float().clamp(0, 1).cpu()]
-    return mask_t.cpu().numpy(), scores, box_px.cpu().numpy()
+            previous = (mask_t, iou, box_px)
+            box_px, mask_t = mask_parts(mask_t, box_px)
+    masks = mask_t.cpu().numpy()
+    scores = [float(v) if m.any() else 0.0 for v, m in zip(iou.cpu(), masks)]
+    return masks, scores, box_px.cpu().numpy()
+
+
+def at_least_one_cell(box_px: torch.Tensor, cell: tuple[float, float]) -> torch.Tensor:
+    """Boxes narrower or lower than one mask cell, grown about their centre to one cell.
+
+    Why: under one cell the decoder's box prior is its floor value everywhere, so the box's place
+    is lost and the mask lands on whatever the query matches (another object, measured). Only
+    the decoder sees the grown box; boxes of a cell or more are passed unchanged, bit for bit.
+    """
+    size = box_px[:, 2:] - box_px[:, :2]
+    minimum = box_px.new_tensor(cell)
+    small = (size < minimum).any(dim=1, keepdim=True)
+    centre, half = (box_px[:, :2] + box_px[:, 2:]) / 2, torch.maximum(size, minimum) / 2
+    return torch.where(small, torch.cat([centre - half, centre + half], dim=1), box_px)
 
 
 def _valid_mask_head(head: str) -> str:
@@ -498,28 +525,46 @@ def _decoder_in_use(decoder: BoxGuidedMaskDecoder | None, mask_head: str) -> boo
     return decoder is not None and mask_head in ("auto", "decoder")
 
 
-def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool masks -> (N, 4) float xyxy boxes in pixel edges: each the box of its mask's
-    connected components that overlap ``fallback`` (the box that pass was given), or of the whole
-    mask when none does (a shifted box); an empty mask keeps ``fallback``.
+def mask_parts(masks: torch.Tensor, given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) bool masks and the (N, 4) boxes their pass was given -> each mask's chosen
+    connected components and their box (xyxy, pixel edges). Chosen: the parts that overlap the
+    given box; when none does (a shifted box), the part(s) nearest to it. An empty mask keeps its
+    given box.
 
-    Why components: with several targets the decoder's frame gate opens the image at the other
-    targets too, and 17 % of masks carried specks of 1-3 px on them; the box of every pixel then
-    spanned two objects and the next pass spoiled the mask (exact boxes: mask IoU 0.965 -> 0.843,
-    a fifth of the boxes below IoU 0.5; with components 0.965 and none).
+    Why parts: with several targets the decoder's frame gate opens the image at the other targets
+    too, and 17 % of masks carried specks of 1-3 px on them; the box of every pixel then spanned
+    two objects and the next pass spoiled the mask (exact boxes: mask IoU 0.965 -> 0.843, a fifth
+    of the boxes below IoU 0.5; with parts 0.965 and none). The mask keeps only the chosen parts,
+    so that it and its box agree (the node grows a box to cover its mask).
     """
-    boxes = fallback.detach().cpu().numpy().astype(np.float64)
-    for k, mask in enumerate(masks.cpu().numpy()):
+    boxes = given.detach().cpu().numpy().astype(np.float64)
+    chosen_masks = masks.cpu().numpy().copy()
+    for k, mask in enumerate(chosen_masks):
         if not mask.any():
             continue
-        count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-        x1, y1 = (max(0, int(np.floor(v))) for v in boxes[k, :2])
-        x2, y2 = (int(np.ceil(v)) for v in boxes[k, 2:])
-        inside = np.unique(labels[y1:max(y1, y2), x1:max(x1, x2)])
-        inside = inside[inside > 0]
-        # one part, every part inside, or none inside (a shifted box): the whole mask
-        boxes[k] = mask_box(np.isin(labels, inside) if 0 < inside.size < count - 1 else mask)
-    return torch.as_tensor(boxes, dtype=fallback.dtype, device=fallback.device)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        if count > 2:  # several parts: keep those the box holds, else the nearest
+            x1, y1 = (max(0, int(np.floor(v))) for v in boxes[k, :2])
+            x2, y2 = (int(np.ceil(v)) for v in boxes[k, 2:])
+            inside = np.unique(labels[y1:max(y1, y2), x1:max(x1, x2)])
+            inside = inside[inside > 0]
+            if inside.size == 0:
+                gap = _box_gaps(stats[1:, :4], boxes[k])
+                inside = np.flatnonzero(gap == gap.min()) + 1
+            if inside.size < count - 1:
+                mask = np.isin(labels, inside)
+                chosen_masks[k] = mask
+        boxes[k] = mask_box(mask)
+    return (torch.as_tensor(boxes, dtype=given.dtype, device=given.device),
+            torch.as_tensor(chosen_masks, device=masks.device))
+
+
+def _box_gaps(xywh: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Chebyshev gap in pixels between each component's box (x, y, w, h) and ``box`` (xyxy)."""
+    x, y, w, h = xywh.T
+    dx = np.maximum(0, np.maximum(box[0] - (x + w), x - box[2]))
+    dy = np.maximum(0, np.maximum(box[1] - (y + h), y - box[3]))
+    return np.maximum(dx, dy)
 
 
 def _ms(since: float) -> float:
