@@ -16,7 +16,11 @@ a track unseen for ``max_age_s`` is forgotten. Ids are not reused while the trac
 until they pass the message field's range (uint32, years at any real rate): then they start
 again at 1, skipping live ones.
 Labels are not compared: the model's label for one object can change from frame to frame, its
-place does not. This module does not import rclpy.
+place does not. Colour is: a pair whose mean colours (CIELAB, :func:`mean_colours`) differ by more
+than a gate is never matched, so that a red cup found 4 cm from where a blue one was tracked does
+not take its id (position alone gave it, and the blue one a new id at its next sighting).
+Neighbours of one colour and size closer than the distance gate stay ambiguous: keep that gate
+below half the spacing of such objects. This module does not import rclpy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -58,6 +63,7 @@ class Observation:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
     centroid: tuple[float, float, float] | None = None  # metres, in ``frame_id``
     frame_id: str = ""
+    colour: tuple[float, float, float] | None = None  # mean CIELAB (L 0-100) of the object's pixels
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class TrackerSettings:
     iou_threshold: float = 0.3  # smallest 2D box IoU of a match
     max_distance_m: float = 0.05  # largest 3D centroid distance of a match
     max_age_s: float = 2.0  # a track unseen this long is forgotten
+    max_colour_distance: float = 40.0  # largest CIELAB distance of mean colours of a match (0: off)
 
 
 @dataclass
@@ -100,7 +107,36 @@ def match_cost(tracks: Sequence[Observation], observations: Sequence[Observation
         within = np.isfinite(dist) & (dist <= gate)
         cost_3d = np.where(within, np.nan_to_num(dist, nan=0.0) / gate, _BLOCKED)
         cost = np.where(use_3d, cost_3d, cost)
+    if settings.max_colour_distance > 0:
+        cost = np.where(_colours_apart(tracks, observations, settings.max_colour_distance), _BLOCKED, cost)
     return cost
+
+
+def _colours_apart(tracks: Sequence[Observation], observations: Sequence[Observation], gate: float) -> np.ndarray:
+    """``(tracks, observations)``: both have a colour, further apart than ``gate`` (CIELAB)."""
+    def table(items: Sequence[Observation]) -> np.ndarray:
+        return np.array([o.colour if o.colour is not None else (np.nan,) * 3 for o in items], float).reshape(-1, 3)
+    distance = np.linalg.norm(table(tracks)[:, None, :] - table(observations)[None, :, :], axis=-1)
+    return np.nan_to_num(distance, nan=0.0) > gate  # a missing colour blocks nothing
+
+
+def mean_colours(rgb: np.ndarray, masks: Sequence[np.ndarray | None],
+                 boxes: Sequence[Sequence[float]]) -> list[tuple[float, float, float]]:
+    """Mean CIELAB colour (L 0-100) of each object's mask pixels (its box's where the mask is
+    missing or empty): the mean RGB, then converted, so the cost is one pass over the pixels."""
+    if not len(masks):
+        return []
+    means = np.zeros((len(masks), 3), np.float32)
+    h, w = rgb.shape[:2]
+    for k, (mask, box) in enumerate(zip(masks, boxes)):
+        if mask is not None and mask.any():
+            means[k] = rgb[mask].mean(axis=0)
+        else:
+            x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+            x1, y1 = min(w, max(x0 + 1, int(np.ceil(box[2])))), min(h, max(y0 + 1, int(np.ceil(box[3]))))
+            means[k] = rgb[y0:y1, x0:x1].reshape(-1, 3).mean(axis=0)
+    lab = cv2.cvtColor((means / 255.0)[None], cv2.COLOR_RGB2Lab)[0]
+    return [tuple(float(v) for v in row) for row in lab]
 
 
 def assign(cost: np.ndarray) -> list[tuple[int, int]]:
@@ -125,7 +161,7 @@ def keep_3d(old: Observation, new: Observation) -> Observation:
     depth (or whose TF fell back to the camera frame) must not demote a track fixed in the world
     to box matching, which a moving camera breaks at the next result."""
     if (new.centroid is None or not new.frame_id) and old.centroid is not None and old.frame_id:
-        return Observation(new.box, old.centroid, old.frame_id)
+        return Observation(new.box, old.centroid, old.frame_id, new.colour)
     return new
 
 
@@ -156,9 +192,9 @@ class ObjectTracker:
                     ids[col] = self._new_id(live)
                     live.add(ids[col])
                     tracks.append(_Track(ids[col], obs, now))
-            if len(tracks) > MAX_TRACKS:
+            if len(tracks) > max(MAX_TRACKS, len(observations)):  # never the tracks of this result
                 tracks.sort(key=lambda t: t.last_seen, reverse=True)
-                del tracks[MAX_TRACKS:]
+                del tracks[max(MAX_TRACKS, len(observations)):]
             return ids
 
     def _new_id(self, live: set[int]) -> int:

@@ -300,6 +300,20 @@ def test_track_ids_follow_objects_across_results_and_commands(system):
         np.testing.assert_allclose([marker.r, marker.g, marker.b], expected / 255.0, atol=1e-6)
 
 
+def test_a_new_object_next_to_a_tracked_one_does_not_take_its_id(system):
+    """A red blob tracked, then a one-shot for a never-seen blue one 4 cm from it: by position
+    alone blue took red's id, and red got a new one when both were found."""
+    node, client = system
+    node.node._tracker.clear()
+    scene = Scene(rects={"red": (30, 40, 42, 60, 0.3), "blue": (44, 40, 56, 60, 0.3)})
+    fresh(system, scene)
+    (red,) = client.call("red").result.objects
+    (blue,) = client.call("blue").result.objects
+    assert blue.track_id != red.track_id
+    both = {o.label: o.track_id for o in client.call("red and blue").result.objects}
+    assert both == {"red blob": red.track_id, "blue blob": blue.track_id}
+
+
 def test_tracking_off_gives_track_id_zero(system):
     from rclpy.parameter import Parameter
 

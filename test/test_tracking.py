@@ -168,3 +168,48 @@ def test_ids_start_again_at_one_after_the_uint32_range_skipping_live_ones():
     tracker._next_id = tracking.MAX_TRACK_ID
     last, wrapped = tracker.update([box(0, 0), box(100, 0), box(200, 0)], now=0.1, settings=SETTINGS)[1:]
     assert one == 1 and last == tracking.MAX_TRACK_ID and wrapped == 2  # 1 is live: skipped
+
+
+RED, BLUE = (53.2, 80.1, 67.2), (32.3, 79.2, -107.9)  # CIELAB of pure red and blue
+
+
+def test_a_new_object_of_another_colour_next_to_a_tracked_one_gets_a_new_id():
+    """Position alone gave a blue cup found 3 cm from a tracked red one (not in this result) the
+    red one's id, and the red one a new id at its next sighting."""
+    tracker = ObjectTracker()
+    red = Observation((0, 0, 20, 20), (0.30, 0.0, 1.0), "world", RED)
+    blue = Observation((4, 0, 24, 20), (0.33, 0.0, 1.0), "world", BLUE)
+    assert tracker.update([red], now=0.0, settings=SETTINGS) == [1]
+    assert tracker.update([blue], now=0.1, settings=SETTINGS) == [2]
+    assert tracker.update([red, blue], now=0.2, settings=SETTINGS) == [1, 2]
+    # a shade of the same colour (other light) still matches; 0 turns the gate off
+    shade = Observation((0, 0, 20, 20), (0.30, 0.0, 1.0), "world", (48.0, 74.0, 60.0))
+    assert tracker.update([shade], now=0.3, settings=SETTINGS) == [1]
+    off = TrackerSettings(max_colour_distance=0.0)
+    assert ObjectTracker().update([red], 0.0, off) == ObjectTracker().update([red], 0.0, off)
+    t = ObjectTracker()
+    t.update([red], 0.0, off)
+    assert t.update([blue], 0.1, off) == [1]  # without colours, position alone decides
+
+
+def test_mean_colours_read_the_mask_and_fall_back_to_the_box():
+    rgb = np.zeros((10, 20, 3), np.uint8)
+    rgb[:, :10] = (255, 0, 0)
+    rgb[:, 10:] = (0, 0, 255)
+    left = np.zeros((10, 20), bool)
+    left[2:8, 1:9] = True
+    colours = tracking.mean_colours(rgb, [left, None, np.zeros((10, 20), bool)],
+                                    [(0, 0, 20, 10), (12, 0, 20, 10), (11.5, 2, 18, 9)])
+    np.testing.assert_allclose(colours[0], RED, atol=0.5)
+    np.testing.assert_allclose(colours[1], BLUE, atol=0.5)  # no mask: its box
+    np.testing.assert_allclose(colours[2], BLUE, atol=0.5)  # an empty mask: its box
+    assert tracking.mean_colours(rgb, [], []) == []
+
+
+def test_a_result_larger_than_the_track_limit_keeps_its_ids(monkeypatch: pytest.MonkeyPatch):
+    """Pruning dropped tracks seen in that very update: past the limit, ids changed every result."""
+    monkeypatch.setattr(tracking, "MAX_TRACKS", 5)
+    tracker = ObjectTracker()
+    objects = [box(30 * k, 0) for k in range(8)]
+    first = tracker.update(objects, now=0.0, settings=SETTINGS)
+    assert tracker.update(objects, now=0.1, settings=SETTINGS) == first == list(range(1, 9))

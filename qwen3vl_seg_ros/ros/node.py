@@ -77,7 +77,7 @@ from qwen3vl_seg_ros.ros.tf import clean_frame
 from qwen3vl_seg_ros.ros.three_d import ThreeDStage
 from qwen3vl_seg_ros.segmenter import Segmenter, SegmenterOptions, create_segmenter
 from qwen3vl_seg_ros.srv import Segment
-from qwen3vl_seg_ros.tracking import ObjectTracker, Observation, TrackerSettings
+from qwen3vl_seg_ros.tracking import ObjectTracker, Observation, TrackerSettings, mean_colours
 from qwen3vl_seg_ros.types import InputError, Instance, SegmentationOutput, SegmenterError
 
 NODE_NAME = "qwen3vl_seg"
@@ -672,7 +672,7 @@ class SegmentationNode(LifecycleNode):
             result.geometry_frame_id, cloud = three_d.fill(result, instances, rgb, inputs, header, warnings)
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
         if result.objects and self.p("tracking"):
-            self._track(result)
+            self._track(result, mean_colours(rgb, [i.mask for i in instances], [i.box for i in instances]))
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         colour_keys = [o.track_id or o.id for o in result.objects]
 
@@ -716,12 +716,13 @@ class SegmentationNode(LifecycleNode):
             kept = kept[:limit]
         return kept, below
 
-    def _track(self, result: SegmentationResult) -> None:
+    def _track(self, result: SegmentationResult, colours: list[tuple[float, float, float]]) -> None:
         """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
-        observations = track_observations(result, str(self.p("target_frame")))
+        observations = track_observations(result, str(self.p("target_frame")), colours)
         settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),
                                    max_distance_m=float(self.p("track_max_distance_m")),
-                                   max_age_s=float(self.p("track_max_age_s")))
+                                   max_age_s=float(self.p("track_max_age_s")),
+                                   max_colour_distance=float(self.p("track_max_colour_distance")))
         for obj, track_id in zip(result.objects, self._tracker.update(observations, time.monotonic(), settings)):
             obj.track_id = track_id
 
@@ -925,17 +926,21 @@ class SegmentationNode(LifecycleNode):
         time.sleep(0.1)  # the executor sends a response just after the service coroutine returns
 
 
-def track_observations(result: SegmentationResult, target_frame: str = "") -> list[Observation]:
-    """What the tracker sees of each object: its box, and its centroid in the geometry frame where
-    it has 3D. With a target_frame set, a centroid left in the camera frame (TF unavailable for
-    this result) is not given: the tracker keeps the track's world centroid instead."""
+def track_observations(result: SegmentationResult, target_frame: str = "",
+                       colours: list[tuple[float, float, float]] | None = None) -> list[Observation]:
+    """What the tracker sees of each object: its box, its mean colour (``colours``, one per
+    object, from :func:`~qwen3vl_seg_ros.tracking.mean_colours`), and its centroid in the geometry
+    frame where it has 3D. With a target_frame set, a centroid left in the camera frame (TF
+    unavailable for this result) is not given: the tracker keeps the track's world centroid instead."""
     frame = result.geometry_frame_id
     target = clean_frame(target_frame)
     usable = bool(frame) and (not target or frame == target)
+    colours = colours if colours is not None else [None] * len(result.objects)
     return [Observation(
         box=(o.box.x_offset, o.box.y_offset, o.box.x_offset + o.box.width, o.box.y_offset + o.box.height),
         centroid=(o.centroid.x, o.centroid.y, o.centroid.z) if o.has_3d and usable else None,
-        frame_id=frame if o.has_3d and usable else "") for o in result.objects]
+        frame_id=frame if o.has_3d and usable else "", colour=colour)
+        for o, colour in zip(result.objects, colours)]
 
 
 def main(args: list[str] | None = None) -> int:

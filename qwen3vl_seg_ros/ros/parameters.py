@@ -130,6 +130,10 @@ PARAMETERS: tuple[Param, ...] = (
           "Smallest 2D box IoU between two results of one track; used when 3D is missing.",
           RUNTIME, 0.0, 1.0),
     Param("track_max_age_s", 2.0, "A track not seen for this long is forgotten (s).", RUNTIME, 0.0, 3600.0),
+    Param("track_max_colour_distance", 40.0,
+          "Largest difference of an object's mean colour between two results of its track (CIELAB distance; "
+          "red to blue is about 170, a shade under other light about 10). Keeps a new object next to a "
+          "tracked one of another colour from taking its id. 0: colour not compared.", RUNTIME, 0.0, 500.0),
     # --- 3D (runtime) ---
     Param("target_frame", "",
           "Frame for 3D outputs ('' = the camera's optical frame). Looked up in TF at the image's stamp.",
