@@ -177,11 +177,18 @@ def test_deactivate_and_cleanup_clear_the_objects_on_display():
         assert wait_for(lambda: client.snapshot(client.markers), 5)
         time.sleep(0.3)
         n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
+        assert client.snapshot(client.detections)[-1].detections  # vision_msgs consumers see the object
+        n_2d, n_3d = len(client.snapshot(client.detections)), len(client.snapshot(client.detections_3d))
         assert transition() == SUCCESS
         assert wait_for(lambda: len(client.snapshot(client.markers)) == n_markers + 1, 5)
         assert [m.action for m in client.snapshot(client.markers)[-1].markers] == [Marker.DELETEALL] * 3
         assert wait_for(lambda: len(client.snapshot(client.clouds)) == n_clouds + 1, 5)
         assert client.snapshot(client.clouds)[-1].width == 0
+        # and the detection topics, which a consumer also reads as "what is there now"
+        assert wait_for(lambda: len(client.snapshot(client.detections)) == n_2d + 1
+                        and len(client.snapshot(client.detections_3d)) == n_3d + 1, 5)
+        assert not client.snapshot(client.detections)[-1].detections
+        assert not client.snapshot(client.detections_3d)[-1].detections
 
     try:
         shown_then_cleared_by(node.node.trigger_deactivate)

@@ -5,7 +5,7 @@ Why: trackers, RViz's vision_msgs displays, behaviour trees and grasp pipelines 
 more (masks, clouds, timings) but only our clients can read it. Each object becomes one
 detection with one hypothesis (its label and score); a detection's ``id`` is the object's
 ``track_id`` (vision_msgs: "detections of the same object in different messages should have the
-same id"), or its result ``id`` when tracking is off. 3D detections exist only for objects with
+same id"), or empty when tracking is off (:func:`detection_id`). 3D detections exist only for objects with
 3D, in the result's ``geometry_frame_id``: the oriented box, and the centroid as the
 hypothesis's pose.
 

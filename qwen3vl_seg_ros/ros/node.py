@@ -173,6 +173,7 @@ class SegmentationNode(LifecycleNode):
         # ~/result, but not on the display topics (deactivate cleared them; they stay clear).
         self._display_lock = threading.Lock()
         self._display_epoch = 0
+        self._detections_shown: tuple[str, str] | None = None  # frames of the last non-empty arrays
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
@@ -413,6 +414,7 @@ class SegmentationNode(LifecycleNode):
             self._display_epoch += 1
             if self._three_d is not None:
                 self._three_d.clear_display()
+            self._clear_detections()  # vision_msgs consumers keep the last array as "what is there"
 
     def _show(self, epoch: int, publish: Callable[[], None]) -> None:
         """Runs ``publish`` (display topics) only while the display epoch a job began in lasts."""
@@ -829,6 +831,16 @@ class SegmentationNode(LifecycleNode):
         if self.p("publish_detections") and "detections" in self._pubs:
             self._send("detections", detections.detections_2d(result))
             self._send("detections_3d", detections.detections_3d(result))
+            self._detections_shown = (result.header.frame_id, result.geometry_frame_id) if result.objects else None
+
+    def _clear_detections(self) -> None:
+        """Empty detection arrays where the last ones held objects (in their frames, stamped now)."""
+        if self._detections_shown is None:
+            return
+        empty = SegmentationResult()
+        empty.header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._detections_shown[0])
+        empty.geometry_frame_id = self._detections_shown[1]
+        self._publish_detections(empty)
 
     def publish_cloud(self, msg: PointCloud2) -> None:
         if self.p("publish_cloud"):
