@@ -26,15 +26,17 @@ def colours_for(keys: Sequence[int]) -> np.ndarray:
 
 
 def label_image(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    """0 for background, k for object k (1-based, in the order given); later objects win overlaps.
+    """0 for background, k for object k (1-based, in the order given); an overlap goes to the
+    earlier object (the node lists objects best score first, so to the better one; each object's
+    own mask in the result keeps every pixel).
 
     uint8 while the ids fit, uint16 beyond 255 objects.
     """
     dtype = np.uint8 if len(masks) <= 255 else np.uint16
     labels = np.zeros((height, width), dtype=dtype)
-    for k, mask in enumerate(masks, start=1):
-        if mask is not None:
-            labels[mask] = k
+    for k in range(len(masks), 0, -1):  # the earliest painted last: it wins
+        if masks[k - 1] is not None:
+            labels[masks[k - 1]] = k
     return labels
 
 

@@ -36,7 +36,8 @@ def test_the_whole_label_stays_inside_the_image(box: tuple[int, int, int, int]) 
 def test_masks_are_tinted_and_label_image_numbers_objects() -> None:
     a, b = _instance((10, 10, 40, 40)), _instance((30, 30, 60, 60), "mug", 0.3)
     labels = label_image([a.mask, b.mask], H, W)
-    assert labels[20, 20] == 1 and labels[35, 35] == 2 and labels[100, 100] == 0  # later objects win
+    assert labels[20, 20] == 1 and labels[50, 50] == 2 and labels[100, 100] == 0
+    assert labels[35, 35] == 1  # an overlap goes to the earlier (better-scored) object
     rgb = np.full((H, W, 3), 90, np.uint8)
     out = draw_overlay(rgb, [a, b], alpha=0.5)
     assert not np.array_equal(out[50, 50], rgb[50, 50])  # tinted inside a mask
