@@ -171,7 +171,11 @@ def test_topic_and_service_callbacks_never_touch_files_or_imports():
     factory_users = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
                      and any(isinstance(n, ast.Attribute) and n.attr == "_segmenter_factory"
                              and isinstance(n.ctx, ast.Load) for n in ast.walk(fn))}
-    assert factory_users == {"on_configure"}
+    assert factory_users == {"_configure"}  # the lifecycle's configure step, and only it:
+    configure_callers = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+                         and any(isinstance(n, ast.Attribute) and n.attr == "_configure"
+                                 and isinstance(n.ctx, ast.Load) for n in ast.walk(fn))}
+    assert configure_callers == {"on_configure"}
 
 
 def test_parameters_naming_files_or_code_are_startup_only():
