@@ -336,3 +336,15 @@ def test_cuda_graphs_match_eager() -> None:
         torch.testing.assert_close(replay.final_logits, eager.final_logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(replay.iou, eager.iou, rtol=1e-4, atol=1e-4)
     assert len(graphed._graphs) == 3  # buckets 1, 4 and 8
+
+
+def test_upsampled_masks_in_chunks_equal_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask stage upsamples a few objects at a time (its memory bound); the masks are the same."""
+    from qwen3vl_seg_ros.model import mask_decoder
+
+    logits = torch.randn(7, 12, 16)
+    whole = upsample_logits(logits, 45, 60) > 0
+    monkeypatch.setattr(mask_decoder, "UPSAMPLE_CHUNK_ELEMENTS", 2 * 45 * 60)  # two objects a chunk
+    chunked = mask_decoder.upsampled_masks(logits, 45, 60)
+    assert chunked.dtype == torch.bool and torch.equal(chunked, whole)
+    assert mask_decoder.upsampled_masks(logits[:0], 45, 60).shape == (0, 45, 60)

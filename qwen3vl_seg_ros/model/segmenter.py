@@ -51,7 +51,7 @@ from qwen3vl_seg_ros.model.mask_decoder import (
     BoxGuidedMaskDecoder,
     DecoderOutput,
     decoder_image_uint8,
-    upsample_logits,
+    upsampled_masks,
 )
 from qwen3vl_seg_ros.model.score_calibration import (
     CALIBRATION_FILE,
@@ -485,7 +485,7 @@ def decode_masks(run_decoder: Callable[..., DecoderOutput], rgb: np.ndarray, vis
     previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for _ in range(1 + max(0, refine_passes)):
         out = run_decoder(image, vision, queries, at_least_one_cell(box_px, cell) / scale)
-        mask_t = upsample_logits(out.final_logits, height, width) > 0
+        mask_t = upsampled_masks(out.final_logits, height, width)
         iou = out.iou.float().clamp(0, 1)
         if previous is not None:
             emptied = ~mask_t.flatten(1).any(1)
