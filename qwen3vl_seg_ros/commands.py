@@ -16,12 +16,17 @@ from qwen3vl_seg_ros.types import InputError
 _WHITESPACE = re.compile(r"\s+")
 
 
+#: Unicode categories replaced by a space: control, format (zero-width, BOM, bidi), surrogate,
+#: private use and unassigned characters.
+_INVISIBLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn"))
+
+
 def _clean(text: str) -> tuple[str, int]:
     """The text with control and format characters as spaces, whitespace collapsed; how many were replaced."""
     cleaned_chars = []
     removed = 0
     for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and not ch.isspace():
+        if unicodedata.category(ch) in _INVISIBLE and not ch.isspace():
             cleaned_chars.append(" ")
             removed += 1
         else:
@@ -31,8 +36,10 @@ def _clean(text: str) -> tuple[str, int]:
 
 def is_blank(text: str) -> bool:
     """Whether nothing of ``text`` is left once cleaned (spaces, a BOM, zero-width marks): a
-    planner's "stop" may carry such characters, read from a file or typed in a terminal."""
-    return not text.strip() or not _clean(text)[0]
+    planner's "stop" may carry such characters, read from a file or typed in a terminal. It stops
+    at the first visible character, so a huge command costs nothing here (its length is checked
+    next)."""
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 def clean_command(text: str, max_length: int) -> tuple[str, list[str]]:

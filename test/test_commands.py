@@ -44,3 +44,17 @@ def test_markup_tokens_are_removed_and_plain_added_words_kept() -> None:
                                                           "(<think>, <|seg|>)"]
     assert strip_markup_tokens("the mug < 3 cm", pattern) == ("the mug < 3 cm", [])
     assert markup_pattern([]) is None and strip_markup_tokens("a <|x|>", None) == ("a <|x|>", [])
+
+
+def test_is_blank_agrees_with_what_cleaning_leaves() -> None:
+    """The topic's "stop" test stops at the first visible character; it must agree with
+    clean_command on what counts as nothing."""
+    import random
+
+    from qwen3vl_seg_ros.commands import _clean, is_blank
+
+    alphabet = [" ", "\t", "\n", "\u3000", "\ufeff", "\u200b", "\x1b", "\x00", "\u202e", "a", "\u00e9", "\U0001f600"]
+    rng = random.Random(5)
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        assert is_blank(text) == (not _clean(text)[0]), repr(text)

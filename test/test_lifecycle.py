@@ -382,3 +382,57 @@ def test_diagnostics_and_the_service_speak_during_a_slow_configure():
         client.close()
         harness.close()
         context.try_shutdown()
+
+
+def test_a_job_picked_just_before_deactivate_shows_nothing_after_it():
+    """The scheduler picked a job, then deactivate cleared the display before the job reached its
+    first line: the job must still show nothing (held here between the pick and the run, as
+    preemption would)."""
+    import threading
+
+    from visualization_msgs.msg import Marker
+
+    with served("lifecycle_pick_race") as (harness, client):
+        node = harness.node
+        run_job = node._scheduler._run
+        picked, go = threading.Event(), threading.Event()
+
+        def held_after_the_pick(job, frame):
+            picked.set()
+            go.wait(5)
+            return run_job(job, frame)
+
+        node._scheduler._run = held_after_the_pick
+        with client.streaming(Scene(), rate_hz=10):
+            future = client.call_async("red", timeout_s=10.0)
+            assert picked.wait(10)
+            assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+            time.sleep(0.3)
+            n_markers, n_detections = len(client.snapshot(client.markers)), len(client.snapshot(client.detections))
+            go.set()
+            assert wait_for(future.done, 10)
+        time.sleep(0.5)
+        assert future.result().result.status == SegmentationResult.OK  # the caller gets its answer
+        assert not client.snapshot(client.markers)[n_markers:], "an inactive node put objects back on display"
+        assert not client.snapshot(client.detections)[n_detections:]
+        assert all(m.action == Marker.DELETEALL for a in client.snapshot(client.markers) for m in a.markers)
+
+
+def test_a_request_answered_by_a_cleanup_is_not_called_a_timeout_when_late():
+    with served("lifecycle_late_wording") as (harness, client):
+        node = harness.node
+        with client.streaming(Scene(), rate_hz=10):
+            future = client.call_async("red sleep:3", timeout_s=30.0)
+            assert wait_for(lambda: node._scheduler._busy_job is not None, 10)
+            request_id = node._scheduler._busy_job.request_id
+            node.trigger_deactivate()
+            node.trigger_cleanup()
+            assert wait_for(future.done, 10)
+            assert "cleaned up" in future.result().result.message
+            node.trigger_configure()  # ~/result exists again when the model returns
+            node.trigger_activate()
+            assert wait_for(lambda: len([r for r in client.snapshot(client.results)
+                                         if r.request_id == request_id]) >= 2, 10)
+        late = [r for r in client.snapshot(client.results) if r.request_id == request_id][-1]
+        assert late.message.startswith("late: this request had already been answered with an ERROR (node was "
+                                       "cleaned up"), late.message

@@ -182,6 +182,11 @@ def test_a_new_object_of_another_colour_next_to_a_tracked_one_gets_a_new_id():
     assert tracker.update([red], now=0.0, settings=SETTINGS) == [1]
     assert tracker.update([blue], now=0.1, settings=SETTINGS) == [2]
     assert tracker.update([red, blue], now=0.2, settings=SETTINGS) == [1, 2]
+    # a result without 3D for the red one keeps its world centroid, and its colour still guards it
+    red_2d = Observation((0, 0, 20, 20), None, "", RED)
+    assert tracker.update([red_2d], now=0.25, settings=SETTINGS) == [1]
+    assert tracker.update([Observation((4, 0, 24, 20), (0.31, 0.0, 1.0), "world", BLUE)], now=0.26,
+                          settings=SETTINGS) == [2]
     # a shade of the same colour (other light) still matches; 0 turns the gate off
     shade = Observation((0, 0, 20, 20), (0.30, 0.0, 1.0), "world", (48.0, 74.0, 60.0))
     assert tracker.update([shade], now=0.3, settings=SETTINGS) == [1]

@@ -121,6 +121,15 @@ def _log_id(request_id: str) -> str:
     return truncate(request_id, ECHO_CHARS)
 
 
+def _late_note(job: Job) -> str:
+    """The prefix of a result whose request was already answered with an ERROR (its deadline, or a
+    stop while the model ran): the caller has moved on, and this result comes after."""
+    what = "request" if not job.continuous else "run"
+    if job.failure.startswith("timed out"):
+        return f"late: this {what} had already been answered with a timeout ERROR"
+    return f"late: this {what} had already been answered with an ERROR ({truncate(job.failure, 200)})"
+
+
 def _stamp_seconds(header: Header) -> float:
     return header.stamp.sec + header.stamp.nanosec * 1e-9
 
@@ -168,11 +177,11 @@ class SegmentationNode(LifecycleNode):
                                              clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._loading = ""  # the segmenter being loaded by configure, "" otherwise
         self._shut_down = False  # the lifecycle shutdown transition ran (Finalized: no way back)
-        # RViz and the detection topics show the objects of the current lifecycle "session" only: a
-        # job still in the model when the node is deactivated or cleaned up publishes its answer on
-        # ~/result, but not on the display topics (deactivate cleared them; they stay clear).
+        # RViz and the detection topics show the objects of the current active stretch only
+        # (Scheduler.session): a job still in the model when the node is deactivated or cleaned up
+        # publishes its answer on ~/result, but not on the display topics (deactivate cleared
+        # them; they stay clear). The lock orders a job's display against the clear.
         self._display_lock = threading.Lock()
-        self._display_epoch = 0
         self._detections_shown: tuple[str, str] | None = None  # frames of the last non-empty arrays
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
@@ -408,18 +417,17 @@ class SegmentationNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _clear_display(self) -> None:
-        """Clears RViz's objects and ends the display epoch, so that a job still running cannot
-        put its objects back (see ``_display_epoch``)."""
+        """Clears RViz's objects and the detection topics (after ``Scheduler.set_active(False)``
+        began a new session, so that a job still running cannot put its objects back)."""
         with self._display_lock:
-            self._display_epoch += 1
             if self._three_d is not None:
                 self._three_d.clear_display()
             self._clear_detections()  # vision_msgs consumers keep the last array as "what is there"
 
-    def _show(self, epoch: int, publish: Callable[[], None]) -> None:
-        """Runs ``publish`` (display topics) only while the display epoch a job began in lasts."""
+    def _show(self, job: Job, publish: Callable[[], None]) -> None:
+        """Runs ``publish`` (display topics) only while the active stretch the job was picked in lasts."""
         with self._display_lock:
-            if epoch == self._display_epoch:
+            if job.session == self._scheduler.session:
                 publish()
 
     def _release(self, reason: str) -> None:
@@ -602,7 +610,6 @@ class SegmentationNode(LifecycleNode):
         t_start = time.monotonic()
         header = frame.image.header
         segmenter = self._segmenter
-        epoch = self._display_epoch
         result = new_result(job.command, job.request_id, SegmentationResult.OK, "", header,
                             segmenter.name if segmenter else "")
         result.input_age_ms = float((t_start - frame.arrival) * 1e3)
@@ -611,7 +618,7 @@ class SegmentationNode(LifecycleNode):
         try:
             if segmenter is None:
                 raise SegmenterError("segmenter was released (node cleaned up)")
-            self._process(job, frame, segmenter, result, t_start, epoch)
+            self._process(job, frame, segmenter, result, t_start)
         except (InputError, SegmenterError) as exc:
             result.status, result.message = SegmentationResult.ERROR, str(exc)
         except Exception as exc:  # a model bug must not kill the node
@@ -621,19 +628,17 @@ class SegmentationNode(LifecycleNode):
             result.objects = []
             three_d = self._three_d
             if three_d is not None:  # RViz shows no objects of an earlier result
-                self._show(epoch, lambda: three_d.publish(result, None, header))
-            self._show(epoch, lambda: self._publish_detections(result))  # nor do the detection topics
+                self._show(job, lambda: three_d.publish(result, None, header))
+            self._show(job, lambda: self._publish_detections(result))  # nor do the detection topics
         if job.answered:  # the watchdog or a stop already answered it with an ERROR
-            late = ("late: this request had already been answered with a timeout ERROR" if not job.continuous else
-                    "late: this run had already been answered with an ERROR (the node stopped while it ran)")
-            result.message = safe_text("; ".join(m for m in (late, result.message) if m))
+            result.message = safe_text("; ".join(m for m in (_late_note(job), result.message) if m))
         result.total_ms = float((time.monotonic() - job.received) * 1e3)
         self._publish_result(result)
         self._log_result(result)
         return result
 
     def _process(self, job: Job, frame: Frame, segmenter: Segmenter, result: SegmentationResult,
-                 t_start: float, epoch: int) -> None:
+                 t_start: float) -> None:
         header = frame.image.header
         max_pixels = int(self.p("max_image_pixels"))
         rgb = conversions.image_to_rgb(frame.image, max_pixels)
@@ -674,7 +679,9 @@ class SegmentationNode(LifecycleNode):
             result.geometry_frame_id, cloud = three_d.fill(result, instances, rgb, inputs, header, warnings)
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
         if result.objects and self.p("tracking"):
-            self._track(result, mean_colours(rgb, [i.mask for i in instances], [i.box for i in instances]))
+            colours = (mean_colours(rgb, [i.mask for i in instances], [i.box for i in instances])
+                       if float(self.p("track_max_colour_distance")) > 0 else None)
+            self._track(result, colours)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         colour_keys = [o.track_id or o.id for o in result.objects]
 
@@ -684,7 +691,7 @@ class SegmentationNode(LifecycleNode):
             self._publish_images(rgb, instances, ids, colour_keys, header)
             self._publish_detections(result)
 
-        self._show(epoch, display)
+        self._show(job, display)
 
     def _select(self, instances: Any, h: int, w: int, warnings: list[str]) -> tuple[list[Instance], list[float]]:
         """Checks the segmenter's objects, then the score threshold and the best max_objects.
@@ -718,7 +725,7 @@ class SegmentationNode(LifecycleNode):
             kept = kept[:limit]
         return kept, below
 
-    def _track(self, result: SegmentationResult, colours: list[tuple[float, float, float]]) -> None:
+    def _track(self, result: SegmentationResult, colours: list[tuple[float, float, float]] | None) -> None:
         """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
         observations = track_observations(result, str(self.p("target_frame")), colours)
         settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),

@@ -45,6 +45,8 @@ class Job:
     continuous: bool = False
     reply: Callable[[Any], None] | None = None  # receives the result (one-shot only)
     answered: bool = field(default=False, repr=False)
+    failure: str = field(default="", repr=False)  # the ERROR it was answered with, if any
+    session: int = field(default=0, repr=False)  # the scheduler's session when it was picked
 
 
 RunFn = Callable[[Job, Frame], Any]  # runs a job, returns the result it published
@@ -74,6 +76,9 @@ class Scheduler:
         self._busy_job: Job | None = None
         self._busy_since = 0.0
         self._chore_since: float | None = None  # when the running chore (a warm-up) began
+        # An active stretch (activate to deactivate): a job picked in an older one shows nothing
+        # on the display topics when it returns (deactivate cleared them, and they stay clear).
+        self._session = 0
         self._cv = threading.Condition()
         self._answer_lock = threading.Lock()  # makes "answer once" atomic across threads
         self._thread: threading.Thread | None = None
@@ -104,8 +109,9 @@ class Scheduler:
         """Stops the threads after the running job; pending requests get an ERROR answer.
 
         A running job that does not finish within ``timeout`` is answered with ``reason`` too
-        (its thread ends when the model returns). The deadline watchdog goes on until then, so
-        the running request is still answered at its own deadline while this waits.
+        (its thread ends when the model returns); a continuous run is claimed the same way, so
+        its late result says so. The deadline watchdog goes on until then, so a running
+        request is still answered at its own deadline while this waits.
         """
         with self._cv:
             self._stopping = True
@@ -131,6 +137,8 @@ class Scheduler:
     def set_active(self, active: bool, reason: str = "") -> None:
         """Inactive: nothing runs, queued one-shot requests are answered with ``reason``."""
         with self._cv:
+            if self._active and not active:
+                self._session += 1
             self._active = active
             self._cv.notify_all()
         if not active:
@@ -170,6 +178,11 @@ class Scheduler:
     def continuous_command(self) -> str | None:
         return self._continuous
 
+    @property
+    def session(self) -> int:
+        """The current active stretch (see ``Job.session``); it changes when the node deactivates."""
+        return self._session
+
     def notify_frame(self) -> None:
         with self._cv:
             self._cv.notify_all()
@@ -199,6 +212,7 @@ class Scheduler:
                     continue
                 if picked is not None:
                     self._busy_job, self._busy_since = picked[0], self._clock()
+                    picked[0].session = self._session
                     self._cv.notify_all()  # the watchdog now watches this job's deadline
             for job, reason in expired:
                 self._answer_failure(job, reason)
@@ -323,6 +337,7 @@ class Scheduler:
         if not self._claim(job):
             return  # already answered: no second ERROR on ~/result either (a continuous run too:
             # stopped with an ERROR, its late result is marked so)
+        job.failure = reason
         try:
             result = self._fail(job, reason)
         except Exception:  # never lose the answer because building it failed
