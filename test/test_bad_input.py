@@ -410,6 +410,27 @@ def test_100_kb_command_on_the_topic_is_refused_with_an_error_result(system):
     assert system.node._scheduler.continuous_command is None
 
 
+def test_a_refused_command_republished_is_answered_once(system):
+    """K14: a planner re-publishes its goal at a fixed rate; a refused one gets one ERROR, not
+    one per message. Another refused command, or the same after a valid one, is answered again."""
+    def refusals() -> int:
+        return len([r for r in system.client.snapshot(system.client.results)
+                    if r.request_id == "continuous-rejected" and "2000 characters" in r.message])
+
+    before = refusals()
+    for _ in range(5):
+        system.client.send_command("x" * 2000)
+        time.sleep(0.05)
+    assert wait_for(lambda: refusals() == before + 1, 5)
+    system.client.send_command("blue")
+    assert wait_for(lambda: system.node._scheduler.continuous_command == "blue", 5)
+    system.client.send_command("x" * 2000)
+    assert wait_for(lambda: refusals() == before + 2, 5)
+    time.sleep(0.5)  # nothing more comes
+    assert refusals() == before + 2
+    system.client.send_command("")
+
+
 def test_unicode_and_emoji_are_kept(system):
     """K05."""
     publish(system)

@@ -183,6 +183,7 @@ class SegmentationNode(LifecycleNode):
         # them; they stay clear). The lock orders a job's display against the clear.
         self._display_lock = threading.Lock()
         self._detections_shown: tuple[str, str] | None = None  # frames of the last non-empty arrays
+        self._last_refused: str | None = None  # the last command refused on the topic (answered once)
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
@@ -518,15 +519,21 @@ class SegmentationNode(LifecycleNode):
 
     def _on_command(self, msg: String) -> None:
         if is_blank(msg.data):  # also a lone BOM or zero-width space: the planner's "stop"
+            self._last_refused = None
             if self._scheduler.set_continuous(None):
                 self.get_logger().info("continuous mode stopped (empty command)")
             return
         try:
             command, warnings = clean_command(msg.data, int(self.p("max_command_length")))
         except InputError as exc:
-            self._error_result(Job(truncate(msg.data, ECHO_CHARS), "continuous-rejected", time.monotonic(),
-                                   continuous=True), f"command refused: {exc}")
+            # planners re-publish their goal at a fixed rate: one ERROR per refused command, not
+            # one per message (10 a second on ~/result and in the log)
+            if msg.data != self._last_refused:
+                self._last_refused = msg.data
+                self._error_result(Job(truncate(msg.data, ECHO_CHARS), "continuous-rejected", time.monotonic(),
+                                       continuous=True), f"command refused: {exc}")
             return
+        self._last_refused = None
         if not self._scheduler.set_continuous(command):
             return  # planners re-publish their goal: the same command changes nothing, nor logs
         for warning in warnings:
