@@ -21,6 +21,10 @@ t0=$(date +%s)
 
 # --- 1. virtual environment and Python dependencies --------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
+    # the ROS wheels and the pins of requirements/ are for these two
+    "$PY" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))' 2>/dev/null || {
+        echo "[setup] needs Python 3.11 or 3.12; '$PY' is $("$PY" --version 2>&1). Install one (on Ubuntu:" \
+             "python3.12-venv) or point PYTHON at it: PYTHON=python3.12 $0" >&2; exit 1; }
     log "creating virtual environment $VENV"
     "$PY" -m venv "$VENV"
 fi

@@ -1,10 +1,12 @@
 """The lifecycle node ``qwen3vl_seg``: topics, service, parameters and the inference thread.
 
 Lifecycle:
-  configure   load the segmenter (model, decoder) and warm it up; create publishers, TF
-  activate    subscribe to image / depth / camera_info / command; start serving
-  deactivate  stop serving (queued requests get an ERROR answer); keep the model loaded
-  cleanup     release the segmenter (and its GPU memory)
+  configure   load the segmenter (model, decoder) and warm it up; create publishers, TF; subscribe
+              to command (so a stop sent while inactive holds)
+  activate    subscribe to image / depth / camera_info; start serving
+  deactivate  stop serving (queued requests get an ERROR answer); clear the objects on display
+              (cloud, markers, detections); keep the model loaded
+  cleanup     release the segmenter (and its GPU memory); forget continuous mode
 
 Threads: the executor's callbacks only store messages and queue work; the scheduler's thread
 runs inference and publishes. ``~/segment`` is an async service callback that waits on a future
