@@ -279,10 +279,17 @@ def test_deactivate_mid_run_leaves_no_objects_on_display():
         with client.streaming(Scene(), rate_hz=20):
             client.send_command("red sleep:0.6")
             assert wait_for(lambda: len(client.snapshot(client.markers)) >= 1, 10)  # first run shown
-            assert wait_for(lambda: node._scheduler._busy_job is not None
-                            and node._scheduler._busy_job.request_id != "continuous-1", 10)
+            seen: dict = {}
+
+            def second_run_in_the_model() -> bool:
+                job = node._scheduler._busy_job  # read once: the inference thread clears it
+                if job is not None and job.request_id != "continuous-1":
+                    seen["job"] = job
+                return "job" in seen
+
+            assert wait_for(second_run_in_the_model, 10)
             assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
-            running = node._scheduler._busy_job
+            running = seen["job"]
             assert wait_for(lambda: any(r.request_id == running.request_id
                                         for r in client.snapshot(client.results)), 10)  # it finished
         time.sleep(0.5)  # what the run would have published has arrived by now
