@@ -507,7 +507,7 @@ def test_too_many_pending_requests_are_refused_at_once(system):
     try:
         time.sleep(0.4)  # every frame is now too old
         futures = [system.client.call_async("red", timeout_s=1.5, request_id=f"K12-{k}") for k in range(2)]
-        time.sleep(0.2)
+        assert wait_for(lambda: system.node._scheduler.pending_count() == 2, 5)
         refused = ask(system, "red", "K12-refused", timeout_s=1.5)
         assert not any(f.done() for f in futures)  # the queued ones still wait
         expect(system, refused, ERROR, "too many pending requests (2); try again later")
@@ -844,7 +844,7 @@ def test_request_queued_behind_a_slow_one_times_out_on_time(system):
     """F07."""
     publish(system)
     slow = system.client.call_async("red sleep:2.0", timeout_s=10.0, request_id="F07-slow")
-    time.sleep(0.2)
+    assert wait_for(lambda: (job := system.node._scheduler._busy_job) is not None and job.request_id == "F07-slow", 5)
     queued = ask(system, "red", "F07", timeout_s=0.5)
     assert not slow.done()  # answered while the slow one still runs
     expect(system, queued, ERROR, "timed out after", "in the queue: the model was busy with 'F07-slow'")

@@ -277,6 +277,8 @@ def test_deactivate_mid_run_leaves_no_objects_on_display():
         node = harness.node
         node.set_parameters([Parameter("max_rate_hz", value=0.0)])
         with client.streaming(Scene(), rate_hz=20):
+            # the first run must see depth and camera_info, or it is 2D and shows no markers
+            client.publish_frame(Scene(), wait_node=node)
             client.send_command("red sleep:0.6")
             assert wait_for(lambda: len(client.snapshot(client.markers)) >= 1, 10)  # first run shown
             seen: dict = {}

@@ -89,9 +89,11 @@ def test_a_result_without_3d_clears_the_objects_on_display(system):
     node, client = system
     scene = Scene()
     publish(system, scene, scene.depth_m())
+    n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
     assert client.call("red").result.status == SegmentationResult.OK
-    assert wait_for(lambda: len(client.snapshot(client.markers)) > 0, 5)
-    time.sleep(0.3)
+    assert wait_for(lambda: len(client.snapshot(client.markers)) > n_markers
+                    and len(client.snapshot(client.clouds)) > n_clouds, 5)  # this call's objects shown
+    time.sleep(0.1)
     n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
     assert client.call("green").result.status == SegmentationResult.NO_MATCH  # no green blob in the scene
     assert wait_for(lambda: len(client.snapshot(client.markers)) == n_markers + 1, 5)

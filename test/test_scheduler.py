@@ -153,7 +153,8 @@ def test_continuous_mode_does_not_rerun_an_unchanged_frame():
     try:
         frames.add_image("img", 0.0, time.monotonic())
         sched.set_continuous("x")
-        time.sleep(0.3)
+        assert wait_for(lambda: rec.runs, 5)
+        time.sleep(0.3)  # nothing more comes
         assert len(rec.runs) == 1
     finally:
         sched.stop()
