@@ -849,3 +849,19 @@ def test_request_queued_behind_a_slow_one_times_out_on_time(system):
     assert not slow.done()  # answered while the slow one still runs
     expect(system, queued, ERROR, "timed out after", "in the queue: the model was busy with 'F07-slow'")
     assert wait_for(slow.done, 10) and slow.result().result.status == OK
+
+
+def test_results_slower_than_the_track_age_say_why_ids_change(system):
+    """A slow model or planner (results further apart than track_max_age_s) gives every object a
+    new track id: the log says so and what to raise, once a minute."""
+    publish(system)
+    system.set_params(track_max_age_s=0.2)
+    try:
+        first = ask(system, "red", "T01-a").objects[0].track_id
+        time.sleep(0.4)
+        second = ask(system, "red", "T01-b").objects[0].track_id
+        assert second != first
+        system.log.wait_line("tracking:", "more than track_max_age_s=0.2", "raise track_max_age_s",
+                             min_level=System.WARN)
+    finally:
+        system.set_params(track_max_age_s=2.0)

@@ -186,6 +186,7 @@ class SegmentationNode(LifecycleNode):
         self._display_lock = threading.Lock()
         self._detections_shown: tuple[str, str] | None = None  # frames of the last non-empty arrays
         self._last_refused: str | None = None  # the last command refused on the topic (answered once)
+        self._last_tracked_at = -math.inf  # when the tracker last saw a result with objects
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
@@ -737,12 +738,25 @@ class SegmentationNode(LifecycleNode):
     def _track(self, result: SegmentationResult, colours: list[tuple[float, float, float]] | None) -> None:
         """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
         observations = track_observations(result, str(self.p("target_frame")), colours)
+        self._say_if_tracks_expire(float(self.p("track_max_age_s")))
         settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),
                                    max_distance_m=float(self.p("track_max_distance_m")),
                                    max_age_s=float(self.p("track_max_age_s")),
                                    max_colour_distance=float(self.p("track_max_colour_distance")))
         for obj, track_id in zip(result.objects, self._tracker.update(observations, time.monotonic(), settings)):
             obj.track_id = track_id
+
+    def _say_if_tracks_expire(self, max_age_s: float) -> None:
+        """Results further apart than track_max_age_s give every object a new id: say so (once a
+        minute), since a slow model (a CPU, a Jetson) or a slow planner otherwise sees ids churn
+        with no reason given."""
+        now = time.monotonic()
+        gap, self._last_tracked_at = now - self._last_tracked_at, now
+        if gap > max_age_s and self._tracker.live_tracks() > 0:
+            self.get_logger().warning(
+                f"tracking: {gap:.1f} s since the last result with objects, more than track_max_age_s="
+                f"{max_age_s:g}: its objects get new track ids; raise track_max_age_s above the time "
+                f"between results", throttle_duration_sec=60.0)
 
     @staticmethod
     def _check_instance(k: int, inst: Any, h: int, w: int, problems: dict[str, list[int]]) -> Instance | None:
