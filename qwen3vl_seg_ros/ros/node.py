@@ -187,6 +187,7 @@ class SegmentationNode(LifecycleNode):
         self._detections_shown: tuple[str, str] | None = None  # frames of the last non-empty arrays
         self._last_refused: str | None = None  # the last command refused on the topic (answered once)
         self._last_tracked_at = -math.inf  # when the tracker last saw a result with objects
+        self._tracks_warned_at = -math.inf  # when the log last said results come too slowly for tracks
         self._stats_lock = threading.Lock()
         self._inflight = 0  # ~/segment calls not yet answered (drained on a graceful shutdown)
         self._stats = {"ok": 0, "no_match": 0, "error": 0, "images": 0, "depths": 0,
@@ -752,11 +753,12 @@ class SegmentationNode(LifecycleNode):
         with no reason given."""
         now = time.monotonic()
         gap, self._last_tracked_at = now - self._last_tracked_at, now
-        if gap > max_age_s and self._tracker.live_tracks() > 0:
+        if gap > max_age_s and self._tracker.live_tracks() > 0 and now - self._tracks_warned_at >= 60.0:
+            self._tracks_warned_at = now
             self.get_logger().warning(
                 f"tracking: {gap:.1f} s since the last result with objects, more than track_max_age_s="
                 f"{max_age_s:g}: its objects get new track ids; raise track_max_age_s above the time "
-                f"between results", throttle_duration_sec=60.0)
+                f"between results")
 
     @staticmethod
     def _check_instance(k: int, inst: Any, h: int, w: int, problems: dict[str, list[int]]) -> Instance | None:
