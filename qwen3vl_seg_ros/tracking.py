@@ -196,9 +196,10 @@ class ObjectTracker:
                     ids[col] = self._new_id(live)
                     live.add(ids[col])
                     tracks.append(_Track(ids[col], obs, now))
-            if len(tracks) > max(MAX_TRACKS, len(observations)):  # never the tracks of this result
+            limit = max(MAX_TRACKS, len(observations))  # never the tracks of this result
+            if len(tracks) > limit:
                 tracks.sort(key=lambda t: t.last_seen, reverse=True)
-                del tracks[max(MAX_TRACKS, len(observations)):]
+                del tracks[limit:]
             return ids
 
     def _new_id(self, live: set[int]) -> int:

@@ -690,9 +690,7 @@ class SegmentationNode(LifecycleNode):
             result.geometry_frame_id, cloud = three_d.fill(result, instances, rgb, inputs, header, warnings)
             result.geometry_ms = float((time.monotonic() - t_geo) * 1e3)
         if result.objects and self.p("tracking"):
-            colours = (mean_colours(rgb, [i.mask for i in instances], [i.box for i in instances])
-                       if float(self.p("track_max_colour_distance")) > 0 else None)
-            self._track(result, colours)
+            self._track(result, rgb, instances)
         result.message = safe_text("; ".join(dict.fromkeys(warnings)))
         colour_keys = [o.track_id or o.id for o in result.objects]
 
@@ -736,14 +734,17 @@ class SegmentationNode(LifecycleNode):
             kept = kept[:limit]
         return kept, below
 
-    def _track(self, result: SegmentationResult, colours: list[tuple[float, float, float]] | None) -> None:
-        """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object."""
-        observations = track_observations(result, str(self.p("target_frame")), colours)
-        self._say_if_tracks_expire(float(self.p("track_max_age_s")))
+    def _track(self, result: SegmentationResult, rgb: np.ndarray, instances: list[Instance]) -> None:
+        """Fills each object's track_id (qwen3vl_seg_ros.tracking): one id per physical object.
+        ``instances`` are the result's objects, in its order (their masks give the colours)."""
         settings = TrackerSettings(iou_threshold=float(self.p("track_iou_threshold")),
                                    max_distance_m=float(self.p("track_max_distance_m")),
                                    max_age_s=float(self.p("track_max_age_s")),
                                    max_colour_distance=float(self.p("track_max_colour_distance")))
+        colours = (mean_colours(rgb, [i.mask for i in instances], [i.box for i in instances])
+                   if settings.max_colour_distance > 0 else None)
+        observations = track_observations(result, str(self.p("target_frame")), colours)
+        self._say_if_tracks_expire(settings.max_age_s)
         for obj, track_id in zip(result.objects, self._tracker.update(observations, time.monotonic(), settings)):
             obj.track_id = track_id
 
@@ -897,7 +898,7 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------------------------------
     # diagnostics
     # ------------------------------------------------------------------------------------------
-    def _publish_diagnostics(self, override: tuple[int, str] | None = None) -> None:
+    def _publish_diagnostics(self) -> None:
         pub = self._diag_pub
         now = time.monotonic()
         arrivals = self._frames.last_arrivals()
@@ -911,9 +912,7 @@ class SegmentationNode(LifecycleNode):
         active = bool(self._subs)
         image_age = None if arrivals["image"] is None else now - arrivals["image"]
         loading = self._loading
-        if override is not None:
-            status.level, status.message = override
-        elif segmenter is None and loading:
+        if segmenter is None and loading:
             status.level, status.message = DiagnosticStatus.WARN, f"loading segmenter '{loading}'"
         elif segmenter is None and self._configure_error:
             status.level = DiagnosticStatus.ERROR
