@@ -6,16 +6,18 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
+import pool_tasks
 import pytest
 import torch
 
 from qwen3vl_seg_ros.grounding import format_answer, parse_answer
 from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
 from qwen3vl_seg_ros.training.dataset import DataConfig, synthetic_examples
-from qwen3vl_seg_ros.training.evaluate import EvalSettings, main, run_evaluation
+from qwen3vl_seg_ros.training.evaluate import EvalSettings, main, run_evaluation, run_in_processes
 
 torch.set_num_threads(1)
 
@@ -131,15 +133,32 @@ def test_workers_give_the_same_numbers_and_the_time_limit_stops(box_model: Path,
         assert two["methods"][method] == one["methods"][method]
     cut = run_evaluation(settings(box_model, scenes=50, heads=(), time_limit_s=0.5), log=lambda m: None)
     assert not cut["complete"] and cut["tasks_done"] < 50
+    cut = run_evaluation(settings(box_model, scenes=50, heads=(), time_limit_s=0.5, workers=2), log=lambda m: None)
+    assert not cut["complete"] and cut["tasks_done"] < 50
 
 
-def test_a_model_that_does_not_load_ends_the_run_with_workers_too(tmp_path: Path) -> None:
-    """With 2 workers, a failing worker start made the process pool start new ones forever."""
-    done = subprocess.run([sys.executable, "-m", "qwen3vl_seg_ros.evaluate", "--model", str(tmp_path / "none"),
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_a_model_that_does_not_load_ends_the_run_with_workers_too(tmp_path: Path, folder: str) -> None:
+    """With 2 workers, a failing worker start made the process pool start new ones forever. A
+    missing folder is refused before any worker starts; an empty one fails in the workers."""
+    if folder == "empty":
+        (tmp_path / folder).mkdir()
+    done = subprocess.run([sys.executable, "-m", "qwen3vl_seg_ros.evaluate", "--model", str(tmp_path / folder),
                            "--scenes", "2", "--workers", "2", "--heads", "box", "--width", str(W), "--height", str(H)],
                           capture_output=True, text=True, timeout=240, cwd=REPO, env=dict(os.environ))
     assert done.returncode == 1, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("evaluate: "), done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate: ") and str(tmp_path / folder) in last, done.stderr[-2000:]
+    assert ("tasks on 2 process(es)" in done.stdout) == (folder == "empty"), done.stdout[-2000:]
+
+
+def test_worker_processes_return_every_result_and_a_dead_worker_ends_the_run() -> None:
+    """multiprocessing.Pool waited for ever for the task of a worker that died (a kill, a crash)."""
+    assert sorted(run_in_processes(pool_tasks.square_or_fail, [0, 1, 3], 2, pool_tasks.no_setup, (), None)) == [0, 1, 9]
+    with pytest.raises(BrokenProcessPool):
+        list(run_in_processes(pool_tasks.square_or_die, [0, 1, 2, 3], 2, pool_tasks.no_setup, (), None))
+    with pytest.raises(ValueError, match="task 2 is bad"):
+        list(run_in_processes(pool_tasks.square_or_fail, [0, 1, 2, 3], 2, pool_tasks.no_setup, (), None))
 
 
 @pytest.mark.parametrize("args, message", [

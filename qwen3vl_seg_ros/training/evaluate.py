@@ -31,6 +31,9 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,18 +232,32 @@ def _iterate(settings: EvalSettings, tasks: list[tuple[str, int]], deadline: flo
                 return
             yield _evaluate_task(task)
         return
+    yield from run_in_processes(_evaluate_task, tasks, workers, _init_worker, (settings,), deadline)
+
+
+def run_in_processes(work: Callable[[Any], Any], tasks: Sequence[Any], workers: int,
+                     initializer: Callable[..., None], initargs: tuple[Any, ...],
+                     deadline: float | None) -> Iterator[Any]:
+    """``work(task)`` for every task in ``workers`` spawned processes, results as they finish.
+
+    Why concurrent.futures and not multiprocessing.Pool: Pool.terminate() SIGTERMs workers that
+    may hold a queue's lock and can then hang for ever (CPython issues 78178 and 96995; one
+    evaluation with a failing worker hung in CI), and a worker that dies (killed for memory,
+    crashed) loses its task so that Pool waits for ever. Here no worker is killed: a task's error
+    or the deadline cancels the tasks not started and waits for the running ones (one task each),
+    and a dead worker raises :class:`BrokenProcessPool`.
+    """
     ctx = mp.get_context("spawn")  # the parent may hold CUDA and many threads; spawn is clean
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
-        results = pool.imap_unordered(_evaluate_task, tasks, chunksize=1)
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                yield results.next(timeout=timeout)
-            except StopIteration:
-                return
-            except mp.TimeoutError:
-                pool.terminate()
-                return
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs) as pool:
+        futures = [pool.submit(work, task) for task in tasks]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            for future in as_completed(futures, timeout=timeout):
+                yield future.result()
+        except FuturesTimeout:
+            return
+        finally:  # also when the consumer stops early or a task raised
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +389,9 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
     from tqdm import tqdm
 
     log = log or (lambda m: print(m, flush=True))
+    from qwen3vl_seg_ros.model.loading import resolve_model_folder
+
+    resolve_model_folder(settings.model)  # a missing folder: SegmenterError before any process starts
     # resolved once here, so that the workers and the report see the size that was used
     width, height = eval_frame_size(settings.model, settings.width, settings.height)
     settings = replace(settings, width=width, height=height)
@@ -608,6 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_evaluation(settings)
     except (SegmenterError, ValueError, OSError) as exc:  # a model that does not load, a bad file
         print(f"evaluate: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except BrokenProcessPool as exc:
+        print(f"evaluate: a worker process died (killed for memory? try fewer --workers): {exc}",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 
