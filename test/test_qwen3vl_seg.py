@@ -127,6 +127,23 @@ def test_parts_all_away_from_the_box_give_the_nearest_not_their_union() -> None:
     assert boxes.tolist() == [[60, 40, 70, 50]] and kept[0].sum() == 100
 
 
+
+def test_parts_are_chosen_in_frame_coordinates_wherever_the_mask_lies() -> None:
+    """mask_parts labels the parts in the crop of each mask's extent (speed): the given box and
+    the parts' boxes must be compared in one frame. Each mask here has a part whose place in the
+    crop's coordinates would match the box instead of the right one."""
+    masks = np.zeros((2, 110, 110), bool)
+    masks[0, 20:22, 40:42] = True  # a speck that starts the extent at (40, 20)
+    masks[0, 30:40, 40:50] = True  # the object, under the box
+    masks[0, 50:60, 80:90] = True  # another, under the box in crop coordinates
+    masks[1, 30:32, 30:32] = True  # a speck that starts the extent at (30, 30)
+    masks[1, 60:70, 72:80] = True  # nearest to the box, which holds no part
+    masks[1, 92:100, 92:100] = True  # over the box in crop coordinates
+    given = torch.tensor([[39.0, 29.0, 51.0, 41.0], [60.0, 60.0, 70.0, 70.0]])
+    boxes, kept = mask_parts(torch.from_numpy(masks), given)
+    assert boxes.tolist() == [[40, 30, 50, 40], [72, 60, 80, 70]]
+    assert kept[0].sum() == 100 and kept[0, 30:40, 40:50].all() and kept[1].sum() == 80
+
 H_DEC, W_DEC = 64, 96  # an image the decoder takes as it is (max side 256): mask cells of 4 px
 
 
