@@ -353,12 +353,12 @@ def test_after_shutdown_the_refusal_says_so():
 
 def test_diagnostics_and_the_service_speak_during_a_slow_configure():
     """Configure through the lifecycle service (nav2's lifecycle manager, `ros2 lifecycle set`)
-    with a model that loads for 2 s: /diagnostics keeps coming and says "loading", and a command
-    sent meanwhile is told the node is configuring."""
+    with a model that loads for 2 s: /diagnostics keeps coming and says "loading", a command
+    sent meanwhile is told the node is configuring, and `ros2 lifecycle get` says so too."""
     import threading
 
-    from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
 
     from ros_harness import must_call_service
 
@@ -381,10 +381,21 @@ def test_diagnostics_and_the_service_speak_during_a_slow_configure():
         assert wait_for(lambda: any(t >= t0 for t, _ in seen), 5)  # configure began: the load is on
         time.sleep(0.3)
         refusal = client.call("red", timeout_s=1.0).result.message
+        # the lifecycle services answer during the load (they waited for its end): the state is
+        # "configuring", and a transition asked for meanwhile is refused, not queued
+        node_fqn = f"/{namespace}/qwen3vl_seg"
+        state = must_call_service(client.node, GetState, f"{node_fqn}/get_state", GetState.Request(),
+                                  answer_wait_s=1.5).current_state
+        activate = must_call_service(client.node, ChangeState, f"{node_fqn}/change_state", ChangeState.Request(
+            transition=Transition(id=Transition.TRANSITION_ACTIVATE)), answer_wait_s=1.5)
         configure.join(20)
         t1 = time.monotonic()
         assert answer["response"].success
         assert "configuring" in refusal and "loading segmenter" in refusal, refusal
+        assert (state.id, state.label) == (State.TRANSITION_STATE_CONFIGURING, "configuring"), state
+        assert not activate.success
+        after = must_call_service(client.node, GetState, f"{node_fqn}/get_state", GetState.Request()).current_state
+        assert after.label == "inactive"  # the refused activate left no trace
         loading = [t for t, m in seen if t0 <= t <= t1 and m.startswith("loading segmenter")]
         assert len(loading) >= 3, seen  # ~10 at 0.2 s over 2 s; before the fix, one
     finally:

@@ -41,7 +41,8 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import InvalidHandle, ParameterException
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle import LifecycleNode, LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
+from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (
     HistoryPolicy,
@@ -150,7 +151,12 @@ class SegmentationNode(LifecycleNode):
 
     def __init__(self, node_name: str = NODE_NAME, segmenter_factory: SegmenterFactory | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(node_name, **kwargs)
+        # What LifecycleNode.__init__ does, but with the lifecycle services in a group of their
+        # own: in the node's default group, a configure that loads a model for a minute held
+        # `ros2 lifecycle get` (and any other transition) unanswered for that minute. A transition
+        # asked for during another is refused by the state machine ("configuring" has none).
+        Node.__init__(self, node_name, **kwargs)
+        LifecycleNodeMixin.__init__(self, callback_group=ReentrantCallbackGroup())
         self._segmenter_factory = segmenter_factory or create_segmenter
         self._declare_parameters()
         self._segmenter: Segmenter | None = None
