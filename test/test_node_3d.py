@@ -108,6 +108,41 @@ def test_a_result_without_3d_clears_the_objects_on_display(system):
     assert len(client.snapshot(client.markers)) == n_markers + 1 and len(client.snapshot(client.clouds)) == n_clouds + 1
 
 
+
+def test_an_output_switched_off_clears_what_it_shows_at_once(system):
+    """`ros2 param set ... publish_markers false` (and the cloud and detections) left the last
+    objects on display for good (markers last until replaced, a planner keeps the last arrays):
+    each output that shows objects clears them when switched off, then stays silent."""
+    node, client = system
+    scene = Scene()
+    publish(system, scene, scene.depth_m())
+    outputs = (client.clouds, client.markers, client.detections, client.detections_3d)
+
+    def counts() -> list[int]:
+        return [len(client.snapshot(out)) for out in outputs]
+
+    before = counts()
+    assert client.call("red").result.status == SegmentationResult.OK
+    assert wait_for(lambda: all(a > b for a, b in zip(counts(), before)), 5)
+    time.sleep(0.1)
+    shown = counts()
+    try:
+        set_params(node, publish_cloud=False, publish_markers=False, publish_detections=False)
+        assert wait_for(lambda: counts() == [n + 1 for n in shown], 5), (counts(), shown)
+        assert [m.action for m in client.snapshot(client.markers)[-1].markers] == [Marker.DELETEALL] * 3
+        empty = client.snapshot(client.clouds)[-1]
+        assert empty.width * empty.height == 0 and empty.header.frame_id == "camera_optical"
+        assert not client.snapshot(client.detections)[-1].detections
+        assert not client.snapshot(client.detections_3d)[-1].detections
+        assert client.call("red").result.status == SegmentationResult.OK  # off: nothing more
+        time.sleep(0.3)
+        assert counts() == [n + 1 for n in shown]
+    finally:
+        set_params(node, publish_cloud=True, publish_markers=True, publish_detections=True)
+    assert client.call("red").result.status == SegmentationResult.OK  # on again: shown again
+    assert wait_for(lambda: all(a > b + 1 for a, b in zip(counts(), shown)), 5)
+    assert len(client.snapshot(client.detections)[-1].detections) == 1
+
 def test_depth_at_half_resolution_scales_intrinsics(system):
     node, client = system
     scene = Scene()

@@ -87,6 +87,8 @@ NODE_NAME = "qwen3vl_seg"
 
 #: Frame sizes the node warms the segmenter up for (the configure-time one included).
 MAX_WARM_SIZES = 8
+#: Parameters that switch a display output whose objects must be cleared when it is switched off.
+DISPLAY_SWITCHES = ("publish_cloud", "publish_markers", "publish_detections")
 
 #: Longest object label put into a result; longer ones are cut (a label is a name, not a text).
 MAX_LABEL_CHARS = 200
@@ -213,6 +215,8 @@ class SegmentationNode(LifecycleNode):
         if hasattr(self, "add_pre_set_parameters_callback"):  # rclpy >= 3.7 (Iron); Humble lacks it
             self.add_pre_set_parameters_callback(self._widen_integers)
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        if hasattr(self, "add_post_set_parameters_callback"):  # rclpy >= 3.7 (Iron)
+            self.add_post_set_parameters_callback(self._after_set_parameters)
 
     # ------------------------------------------------------------------------------------------
     # parameters
@@ -866,11 +870,15 @@ class SegmentationNode(LifecycleNode):
             self._send("overlay", conversions.array_to_image(bgr, "bgr8", header))
 
     def _publish_detections(self, result: SegmentationResult) -> None:
-        """The result as vision_msgs detections (empty arrays for NO_MATCH and ERROR: no objects now)."""
-        if self.p("publish_detections") and "detections" in self._pubs:
-            self._send("detections", detections.detections_2d(result))
-            self._send("detections_3d", detections.detections_3d(result))
-            self._detections_shown = (result.header.frame_id, result.geometry_frame_id) if result.objects else None
+        """The result as vision_msgs detections (empty arrays for NO_MATCH and ERROR: no objects
+        now). Switched off (``publish_detections``), the topics get empty arrays once instead, if
+        they held objects: a consumer keeps the last array as what is there."""
+        if not self.p("publish_detections"):
+            self._clear_detections()
+            return
+        self._send("detections", detections.detections_2d(result))
+        self._send("detections_3d", detections.detections_3d(result))
+        self._detections_shown = (result.header.frame_id, result.geometry_frame_id) if result.objects else None
 
     def _clear_detections(self) -> None:
         """Empty detection arrays where the last ones held objects (in their frames, stamped now)."""
@@ -879,15 +887,23 @@ class SegmentationNode(LifecycleNode):
         empty = SegmentationResult()
         empty.header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._detections_shown[0])
         empty.geometry_frame_id = self._detections_shown[1]
-        self._publish_detections(empty)
+        self._send("detections", detections.detections_2d(empty))
+        self._send("detections_3d", detections.detections_3d(empty))
+        self._detections_shown = None
 
-    def publish_cloud(self, msg: PointCloud2) -> None:
-        if self.p("publish_cloud"):
-            self._send("cloud", msg)
+    def _after_set_parameters(self, params: list[Parameter]) -> None:
+        """A display output switched off at runtime clears what it shows now, not at the next
+        result (which may never come while no command is running)."""
+        if any(p.name in DISPLAY_SWITCHES and p.value is False for p in params):
+            with self._display_lock:
+                if self._three_d is not None:
+                    self._three_d.clear_switched_off()
+                if not self.p("publish_detections"):
+                    self._clear_detections()
 
-    def publish_markers(self, msg: MarkerArray) -> None:
-        if self.p("publish_markers"):
-            self._send("markers", msg)
+    def publish_output(self, name: str, msg: PointCloud2 | MarkerArray) -> None:
+        """Publishes on ``~/cloud`` or ``~/markers`` (for the 3D stage, which decides what and when)."""
+        self._send(name, msg)
 
     def _log_result(self, result: SegmentationResult) -> None:
         status = {0: "OK", 1: "NO_MATCH", 2: "ERROR"}.get(result.status, str(result.status))

@@ -96,11 +96,14 @@ PARAMETERS: tuple[Param, ...] = (
           RUNTIME, 0.0, 60.0),
     Param("publish_overlay", True, "Publish ~/overlay (bgr8 image with masks, boxes, labels, scores).", RUNTIME),
     Param("publish_mask", True, "Publish ~/mask (label image: 0 background, k for object k).", RUNTIME),
-    Param("publish_cloud", True, "Publish ~/cloud (all objects' points, with rgb and instance id).", RUNTIME),
-    Param("publish_markers", True, "Publish ~/markers (oriented boxes, labels, centroids for RViz).", RUNTIME),
+    Param("publish_cloud", True, "Publish ~/cloud (all objects' points, with rgb and instance id); switched off, "
+          "it first clears the objects it shows (an empty cloud).", RUNTIME),
+    Param("publish_markers", True, "Publish ~/markers (oriented boxes, labels, centroids for RViz); switched off, "
+          "it first clears the objects it shows (DELETEALL).", RUNTIME),
     Param("publish_detections", True,
           "Publish ~/detections and ~/detections_3d (vision_msgs Detection2DArray / Detection3DArray; "
-          "needs vision_msgs installed).", RUNTIME),
+          "needs vision_msgs installed); switched off, they first clear the objects they show (empty arrays).",
+          RUNTIME),
     Param("diagnostics_period_s", 1.0, "Period of /diagnostics status messages (s).", CONFIGURE, 0.1, 60.0),
     # --- commands (runtime) ---
     Param("score_threshold", 0.2, "Objects with a lower score are dropped.", RUNTIME, 0.0, 1.0),

@@ -66,13 +66,15 @@ class ThreeDInputs:
 # than tf2's default 10 s, after which a moving robot's older transforms are gone and every
 # result falls back to the camera frame.
 TF_CACHE_S = 60.0
+#: The 3D display outputs, each switched by its ``publish_<output>`` parameter.
+OUTPUTS = ("cloud", "markers")
 
 
 class ThreeDStage:
     def __init__(self, node: SegmentationNode) -> None:
         self._node = node
         self._tf = TransformLookup(node, cache_time_s=TF_CACHE_S)
-        self._shown_frame = ""  # the frame of the cloud and markers on display, "" when none
+        self._shown: dict[str, str] = {}  # output ("cloud", "markers") -> frame of the objects it shows
 
     def close(self) -> None:
         self._tf.close()
@@ -174,24 +176,34 @@ class ThreeDStage:
     def publish(self, result: SegmentationResult | None, cloud: Any, image_header: Header) -> None:
         """~/cloud and ~/markers of a filled result (markers show each object's track id).
 
-        A result without a cloud (NO_MATCH, ERROR, no 3D) clears what an earlier one put on
-        display, once: an empty cloud and the DELETEALLs alone, in that frame. Else, with markers that
-        last until replaced, RViz would go on showing objects the last answer no longer holds.
+        An output with nothing new to show (a result without a cloud: NO_MATCH, ERROR, no 3D; or
+        switched off by ``publish_cloud``/``publish_markers``) clears what it shows, once: an empty
+        cloud or the DELETEALLs alone, in that frame. Else, with markers that last until replaced,
+        RViz (and a planner reading the cloud) would go on seeing objects that are gone.
         """
-        lifetime = float(self._node.p("marker_lifetime_s"))
-        if cloud is None:
-            if self._shown_frame:
-                header = Header(stamp=image_header.stamp, frame_id=self._shown_frame)
-                self._node.publish_cloud(cloud_to_msg(concat_clouds([]), header))
-                self._node.publish_markers(build_markers([], header, lifetime_s=lifetime,
-                                                         namespace=self._node.get_name()))
-                self._shown_frame = ""
+        for output in OUTPUTS:
+            if cloud is not None and self._node.p(f"publish_{output}"):
+                self._node.publish_output(output, cloud if output == "cloud" else build_markers(
+                    result.objects, cloud.header, lifetime_s=float(self._node.p("marker_lifetime_s")),
+                    namespace=self._node.get_name()))  # the node's name: two nodes never clear each other's
+                self._shown[output] = cloud.header.frame_id
+            else:
+                self._clear(output, image_header.stamp)
+
+    def clear_switched_off(self) -> None:
+        """Clears at once what an output switched off at runtime shows (``ros2 param set ...
+        publish_markers false``), rather than at the next result."""
+        for output in OUTPUTS:
+            if not self._node.p(f"publish_{output}"):
+                self._clear(output, self._node.get_clock().now().to_msg())
+
+    def _clear(self, output: str, stamp: Any) -> None:
+        if output not in self._shown:
             return
-        self._node.publish_cloud(cloud)
-        # the node's name as namespace: two nodes' markers on one topic never clear each other's
-        self._node.publish_markers(build_markers(result.objects, cloud.header, lifetime_s=lifetime,
-                                                 namespace=self._node.get_name()))
-        self._shown_frame = cloud.header.frame_id
+        header = Header(stamp=stamp, frame_id=self._shown.pop(output))
+        self._node.publish_output(output, cloud_to_msg(concat_clouds([]), header) if output == "cloud" else
+                                  build_markers([], header, lifetime_s=float(self._node.p("marker_lifetime_s")),
+                                                namespace=self._node.get_name()))
 
     def clear_display(self) -> None:
         """Clears the objects on display, if any, when the node stops reporting (deactivate,
