@@ -93,7 +93,7 @@ def match_cost(tracks: Sequence[Observation], observations: Sequence[Observation
     boxes_t = np.array([t.box for t in tracks], dtype=float).reshape(-1, 4)
     boxes_o = np.array([o.box for o in observations], dtype=float).reshape(-1, 4)
     iou = box_iou_matrix(boxes_t, boxes_o)
-    cost = np.where(iou >= settings.iou_threshold, 1.0 - iou, _BLOCKED)
+    cost = np.where((iou >= settings.iou_threshold) & (iou > 0), 1.0 - iou, _BLOCKED)  # 0: any overlap, not any box
     has_3d_t = np.array([t.centroid is not None and bool(t.frame_id) for t in tracks], bool)
     has_3d_o = np.array([o.centroid is not None and bool(o.frame_id) for o in observations], bool)
     frames_t = np.array([t.frame_id for t in tracks], dtype=object)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from rclpy.duration import Duration
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
@@ -864,5 +865,16 @@ def test_results_slower_than_the_track_age_say_why_ids_change(system):
         assert second != first
         system.log.wait_line("tracking:", "more than track_max_age_s=0.2", "raise track_max_age_s",
                              min_level=System.WARN)
+        # time spent inactive is no slow result: no such advice after a deactivate and activate
+        system.node._tracks_warned_at = -math.inf
+        assert system.node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        time.sleep(0.4)
+        assert system.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        system.client.wait_connected()
+        publish(system)
+        warned = len([line for line in system.log.lines(System.WARN) if line.startswith("tracking:")])
+        ask(system, "red", "T01-c")
+        time.sleep(0.3)
+        assert len([line for line in system.log.lines(System.WARN) if line.startswith("tracking:")]) == warned
     finally:
         system.set_params(track_max_age_s=2.0)

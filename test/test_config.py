@@ -71,6 +71,9 @@ def test_node_declares_exactly_the_table():
         assert not refused.successful and "one of mad, mode, none" in refused.reason
         assert node.set_parameters([Parameter("score_threshold", value=0.7)])[0].successful
         assert node.p("score_threshold") == 0.7
+        # 0 made every request time out, pairing of depth impossible, every 3D match blocked
+        for name in ("max_input_age_s", "depth_timeout_s", "track_max_distance_m"):
+            assert not node.set_parameters([Parameter(name, value=0.0)])[0].successful, name
     finally:
         harness.close()
         context.try_shutdown()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args",
            "--params-file", str(ROOT / "config" / "params.yaml"),
-           "-p", f"segmenter:={DOUBLE}", "-p", "max_input_age_s:=2.0"]
+           "-p", f"segmenter:={DOUBLE}", "-p", "max_input_age_s:=2.0", "-p", "score_treshold:=0.6"]
     log_path = tmp_path / "node.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -43,6 +43,7 @@ def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
         context.try_shutdown()
     text = log_path.read_text()
     assert "ready: waiting for images and commands" in text, text
+    assert "no such parameter, ignored: score_treshold" in text, text  # a misspelt name is said, not dropped
     assert "threads still running" not in text, text  # every thread joined: no hard exit needed
 
 
@@ -61,12 +62,19 @@ def test_whole_numbers_for_decimal_parameters_are_accepted():
         context.try_shutdown()
 
 
-def test_a_parameter_of_the_wrong_type_ends_start_up_with_a_clear_message():
-    cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args",
-           "-p", f"segmenter:={DOUBLE}", "-p", "max_rate_hz:=fast"]
+@pytest.mark.parametrize("values, named", [
+    (["max_rate_hz:=fast"], "max_rate_hz"),
+    # checked at start-up as a runtime set checks them: these started and behaved otherwise
+    (["image_qos:=Reliable"], "image_qos must be one of sensor_data, reliable, best_effort"),
+    (["min_depth_m:=5.0", "max_depth_m:=1.0"], "min_depth_m (5) must be below max_depth_m (1)"),
+])
+def test_a_bad_parameter_value_ends_start_up_with_a_clear_message(values: list[str], named: str):
+    cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args", "-p", f"segmenter:={DOUBLE}"]
+    for value in values:
+        cmd += ["-p", value]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert done.returncode == 2, done.stderr
-    assert "bad parameter" in done.stderr and "max_rate_hz" in done.stderr, done.stderr
+    assert "bad parameter" in done.stderr and named in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
 
 

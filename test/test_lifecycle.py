@@ -359,7 +359,9 @@ def test_diagnostics_and_the_service_speak_during_a_slow_configure():
 
     from lifecycle_msgs.msg import State, Transition
     from lifecycle_msgs.srv import ChangeState, GetState
+    from rclpy.parameter import Parameter
 
+    from reliability_helpers import RosoutRecorder
     from ros_harness import must_call_service
 
     namespace = "lifecycle_slow_load"
@@ -367,6 +369,7 @@ def test_diagnostics_and_the_service_speak_during_a_slow_configure():
     harness = NodeHarness(context, {"segmenter": "doubles.color_blob_segmenter:SlowLoadingSegmenterDouble",
                                     "diagnostics_period_s": 0.2}, autostart=False)
     client = Client(context, node_fqn=f"/{namespace}/qwen3vl_seg")
+    log = RosoutRecorder(client, f"{namespace}.qwen3vl_seg")
     seen: list[tuple[float, str]] = []
     client.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen.extend(
         (time.monotonic(), s.message) for s in m.status if s.name.startswith(namespace)), 10)
@@ -381,6 +384,10 @@ def test_diagnostics_and_the_service_speak_during_a_slow_configure():
         assert wait_for(lambda: any(t >= t0 for t, _ in seen), 5)  # configure began: the load is on
         time.sleep(0.3)
         refusal = client.call("red", timeout_s=1.0).result.message
+        # a configure-time parameter set during the load: accepted, and said to wait for the next
+        # configure (the load has read the old value; the set was silent)
+        assert harness.node.set_parameters([Parameter("box_refine_passes", value=2)])[0].successful
+        log.wait_line("box_refine_passes takes effect at the next configure")
         # the lifecycle services answer during the load (they waited for its end): the state is
         # "configuring", and a transition asked for meanwhile is refused, not queued
         node_fqn = f"/{namespace}/qwen3vl_seg"

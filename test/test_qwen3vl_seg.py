@@ -535,3 +535,21 @@ def test_auto_dtype_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch: pytest
     assert loading.resolve_dtype("auto", torch.device("cuda:1")) == expected
     assert asked == [torch.device("cuda:1")]
     assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_num_threads_0_puts_back_the_thread_count_an_earlier_segmenter_changed() -> None:
+    """The thread count is the process's: a node configured with 1 thread, cleaned up and
+    configured with 0 ("PyTorch's default") stayed at 1."""
+    from qwen3vl_seg_ros.model.segmenter import apply_thread_count
+
+    before = torch.get_num_threads()
+    other = 2 if before != 2 else 3
+    try:
+        apply_thread_count(other)
+        assert torch.get_num_threads() == other
+        apply_thread_count(0)
+        assert torch.get_num_threads() == before
+        apply_thread_count(0)  # nothing to put back: left alone
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -45,6 +45,16 @@ def test_an_object_beyond_the_2d_gate_is_a_new_track():
     assert new != old
 
 
+
+def test_an_iou_threshold_of_0_means_any_overlap_not_any_box():
+    """With track_iou_threshold 0 (IoU >= 0), boxes 300 px apart kept one id."""
+    settings = TrackerSettings(iou_threshold=0.0, max_distance_m=0.05, max_age_s=2.0)
+    tracker = ObjectTracker()
+    (old,) = tracker.update([box(0, 0)], now=0.0, settings=settings)
+    (far,) = tracker.update([box(300, 0)], now=0.1, settings=settings)
+    (touching,) = tracker.update([box(310, 10)], now=0.2, settings=settings)  # IoU 100/700
+    assert far != old and touching == far
+
 def test_3d_match_survives_camera_motion_in_a_fixed_frame():
     """Boxes far apart in the image (the camera turned), centroids 1 cm apart in 'world'."""
     tracker = ObjectTracker()

@@ -71,6 +71,8 @@ MAX_ASPECT_RATIO = 200  # the Qwen3-VL image processor refuses images at or beyo
 #: An answer that runs on (a repetition loop under a large max_new_tokens) would otherwise get a
 #: full-resolution mask each before any cut: 500 boxes at 1920x1080 took 32 s and 6 GB on CPU.
 MAX_MASKED_OBJECTS = 100
+#: PyTorch's thread count before a segmenter first set its own (``num_threads: 0`` puts it back).
+_THREADS_BEFORE: list[int] = []
 
 
 def _say(progress: ProgressFn | None, message: str) -> None:
@@ -218,10 +220,7 @@ class Qwen3VLSeg(Segmenter):
     @classmethod
     def from_options(cls, options: SegmenterOptions, progress: ProgressFn | None = None) -> Qwen3VLSeg:
         _valid_mask_head(options.mask_head)
-        if options.num_threads > 0:
-            # On a robot's shared CPU, more threads than free cores make every call slower
-            # (OpenMP workers spin waiting for each other), not faster.
-            torch.set_num_threads(options.num_threads)
+        apply_thread_count(options.num_threads)
         folder = resolve_model_folder(options.model, options.local_files_only)
         check_qwen3vl_folder(folder)
         device = resolve_device(options.device)
@@ -498,6 +497,19 @@ def decode_masks(run_decoder: Callable[..., DecoderOutput], rgb: np.ndarray, vis
     masks = mask_t.cpu().numpy()
     scores = [float(v) if m.any() else 0.0 for v, m in zip(iou.cpu(), masks)]
     return masks, scores, box_px.cpu().numpy()
+
+
+def apply_thread_count(num_threads: int) -> None:
+    """``num_threads`` > 0: PyTorch's CPU threads. On a robot's shared CPU, more threads than free
+    cores make every call slower (OpenMP workers spin waiting for each other), not faster.
+    0: the count from before the first segmenter set one. The setting is the process's, so a
+    node configured with 1 thread, cleaned up and configured with 0 stayed at 1."""
+    if num_threads > 0:
+        if not _THREADS_BEFORE:
+            _THREADS_BEFORE.append(torch.get_num_threads())
+        torch.set_num_threads(num_threads)
+    elif _THREADS_BEFORE:
+        torch.set_num_threads(_THREADS_BEFORE.pop())
 
 
 def at_least_one_cell(box_px: torch.Tensor, cell: tuple[float, float]) -> torch.Tensor:

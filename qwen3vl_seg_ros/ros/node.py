@@ -39,7 +39,7 @@ from rcl_interfaces.msg import (
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.exceptions import InvalidHandle, ParameterException
+from rclpy.exceptions import InvalidHandle, InvalidParameterValueException, ParameterException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
@@ -225,6 +225,29 @@ class SegmentationNode(LifecycleNode):
         self._widen_integer_overrides()
         for param in PARAMETERS:
             self.declare_parameter(param.name, param.default, self._descriptor(param))
+        self._check_declared_values()
+        self._say_unknown_overrides()
+
+    def _check_declared_values(self) -> None:
+        """The start-up values (params file, -p, launch arguments) through the checks a runtime
+        set gets: the set callback is not called for them, and ``image_qos: Reliable`` gave a
+        best-effort subscription while the log said reliable; min_depth_m above max_depth_m gave
+        2D-only results blamed on the depth unit. Raised as rclpy does for an out-of-range value."""
+        values = {param.name: self.p(param.name) for param in PARAMETERS}
+        problem = self._values_problem(values, at_start=True)
+        if problem:
+            name = next((n for n in values if problem.startswith(n)), "parameters")
+            raise InvalidParameterValueException(name, values.get(name, ""), problem)
+
+    def _say_unknown_overrides(self) -> None:
+        """A misspelt name in a params file (score_treshold) is dropped by rclpy without a word,
+        leaving the default in force: warned (not refused: a ``/**`` file may serve other nodes)."""
+        known = set(BY_NAME) | {"autostart", "use_sim_time", "start_type_description_service"}
+        unknown = sorted(name for name in self._parameter_overrides
+                         if name not in known and not name.startswith("qos_overrides."))
+        if unknown:
+            self.get_logger().warning(f"no such parameter, ignored: {', '.join(unknown)} "
+                                      f"(the parameters: config/params.yaml or --help)")
 
     def _widen_integer_overrides(self) -> None:
         """``max_rate_hz: 10`` in a params file (or ``-p max_input_age_s:=2``) is an integer to
@@ -261,14 +284,8 @@ class SegmentationNode(LifecycleNode):
         return self.get_parameter(name).value
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
-        for param in params:
-            spec = BY_NAME.get(param.name)
-            if spec is not None and spec.choices and param.value not in spec.choices:
-                return SetParametersResult(
-                    successful=False,
-                    reason=f"{param.name} must be one of {', '.join(spec.choices)}, not '{param.value}'")
         new = {param.name: param.value for param in params}
-        problem = self._geometry_problem(new)
+        problem = self._values_problem(new)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
         # Applied here from the accepted values themselves: rclpy stores them only after this
@@ -277,15 +294,25 @@ class SegmentationNode(LifecycleNode):
         self._say_when_they_apply(new)
         return SetParametersResult(successful=True)
 
-    def _geometry_problem(self, new: dict[str, Any]) -> str:
+    def _values_problem(self, new: dict[str, Any], at_start: bool = False) -> str:
+        """Why values cannot be taken (a choice not among those allowed, 3D values that cannot
+        work together), or ""; each range alone is checked by rclpy from the descriptors."""
+        for name, value in new.items():
+            spec = BY_NAME.get(name)
+            if spec is not None and spec.choices and value not in spec.choices:
+                return f"{name} must be one of {', '.join(spec.choices)}, not '{value}'"
+        return self._geometry_problem(new, at_start)
+
+    def _geometry_problem(self, new: dict[str, Any], at_start: bool = False) -> str:
         """Why new 3D parameters cannot work together, or "". Each range alone allows them, but
         min_depth_m at or above max_depth_m made every result an ERROR, and a gap or voxel below
         a micrometre overflows the bin arithmetic."""
         value = {name: float(new[name]) if name in new else float(self.p(name))
                  for name in ("min_depth_m", "max_depth_m")}
         if ("min_depth_m" in new or "max_depth_m" in new) and value["min_depth_m"] >= value["max_depth_m"]:
-            return (f"min_depth_m ({value['min_depth_m']:g}) must be below max_depth_m ({value['max_depth_m']:g}); "
-                    f"set the other end first (ros2 param set checks one parameter at a time)")
+            advice = "" if at_start else "; set the other end first (ros2 param set checks one parameter at a time)"
+            return (f"min_depth_m ({value['min_depth_m']:g}) must be below max_depth_m "
+                    f"({value['max_depth_m']:g}){advice}")
         for name in ("cluster_gap_m", "voxel_size_m"):
             if name in new and 0.0 < float(new[name]) < MIN_LENGTH_M:
                 return f"{name} must be 0 (off) or at least {MIN_LENGTH_M:g} m, not {float(new[name]):g}"
@@ -294,7 +321,8 @@ class SegmentationNode(LifecycleNode):
     def _say_when_they_apply(self, new: dict[str, Any]) -> None:
         """A configure- or activate-time parameter set on a node past that step is accepted but
         changes nothing yet; rclpy drops the reason of a successful set, so the log says it."""
-        configured, active = self._segmenter is not None, bool(self._subs)
+        # a configure still loading has read its parameters already
+        configured, active = self._segmenter is not None or bool(self._loading), bool(self._subs)
         for name in new:
             spec = BY_NAME.get(name)
             if spec is None:
@@ -395,6 +423,7 @@ class SegmentationNode(LifecycleNode):
         group = self._sensor_group
         self._frames.use_depth = bool(self.p("use_depth"))
         self._frames.clear(queue_size=int(self.p("sync_queue_size")))
+        self._last_tracked_at = -math.inf  # time spent inactive is no slow result (tracking warning)
         # Accept requests before the inputs appear on the graph: a client that waits for our
         # subscriptions (as planners and tests do) must never meet a "not active" refusal.
         self._scheduler.set_active(True)
@@ -764,7 +793,8 @@ class SegmentationNode(LifecycleNode):
         with no reason given."""
         now = time.monotonic()
         gap, self._last_tracked_at = now - self._last_tracked_at, now
-        if gap > max_age_s and self._tracker.live_tracks() > 0 and now - self._tracks_warned_at >= 60.0:
+        if (math.isfinite(gap) and gap > max_age_s and self._tracker.live_tracks() > 0
+                and now - self._tracks_warned_at >= 60.0):
             self._tracks_warned_at = now
             self.get_logger().warning(
                 f"tracking: {gap:.1f} s since the last result with objects, more than track_max_age_s="

@@ -93,7 +93,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("sync_queue_size", 10, "Recent colour/depth messages kept for pairing.", ACTIVATE, 1, 1000),
     Param("depth_timeout_s", 1.0,
           "Without depth for this long, frames are served colour-only (2D results) instead of waiting.",
-          RUNTIME, 0.0, 60.0),
+          RUNTIME, 0.01, 60.0),
     Param("publish_overlay", True, "Publish ~/overlay (bgr8 image with masks, boxes, labels, scores).", RUNTIME),
     Param("publish_mask", True, "Publish ~/mask (label image: 0 background, k for object k).", RUNTIME),
     Param("publish_cloud", True, "Publish ~/cloud (all objects' points, with rgb and instance id); switched off, "
@@ -113,7 +113,7 @@ PARAMETERS: tuple[Param, ...] = (
           RUNTIME, 0.0, 1000.0),
     Param("max_input_age_s", 0.5,
           "Frames older than this (since arrival) are never used; one-shot requests wait for a newer one.",
-          RUNTIME, 0.0, 3600.0),
+          RUNTIME, 0.01, 3600.0),
     Param("default_timeout_s", 5.0, "Timeout of a ~/segment request whose timeout_s is 0.", RUNTIME, 0.01, 3600.0),
     Param("max_pending_requests", 16,
           "One-shot requests queued at most; more are refused at once (an ERROR answer each). The "
@@ -128,9 +128,9 @@ PARAMETERS: tuple[Param, ...] = (
           "while some result holds it at least every track_max_age_s.", RUNTIME),
     Param("track_max_distance_m", 0.05,
           "Largest move of an object's 3D centroid between two results of its track (m); used when both "
-          "have 3D in the same frame (a fixed target_frame survives camera motion).", RUNTIME, 0.0, 100.0),
+          "have 3D in the same frame (a fixed target_frame survives camera motion).", RUNTIME, 0.001, 100.0),
     Param("track_iou_threshold", 0.3,
-          "Smallest 2D box IoU between two results of one track; used when 3D is missing.",
+          "Smallest 2D box IoU between two results of one track; used when 3D is missing (0: any overlap).",
           RUNTIME, 0.0, 1.0),
     Param("track_max_age_s", 2.0, "A track not seen for this long is forgotten (s).", RUNTIME, 0.0, 3600.0),
     Param("track_max_colour_distance", 40.0,
