@@ -741,17 +741,19 @@ def test_depth_bounds_that_cannot_work_together_are_refused(system):
     assert system.node.p("min_depth_m") < system.node.p("max_depth_m") and system.node.p("cluster_gap_m") > 0
 
 
-def test_geometry_parameters_from_a_params_file_that_cannot_work_keep_the_2d_result():
-    """P03: a params file is not checked by a set callback; the result is still OK in 2D."""
-    s = System("bad_input_geometry", {"min_depth_m": 5.0, "max_depth_m": 2.0})
+def test_geometry_parameters_from_a_params_file_that_cannot_work_end_start_up():
+    """P03: a params file is not checked by the set callback; its values are checked after
+    declaring (they were served, every result 2D-only and blamed on the depth unit)."""
+    from rclpy.exceptions import ParameterException
+
+    from ros_harness import NodeHarness, new_context
+
+    context = new_context("bad_input_geometry")
     try:
-        publish(s)
-        result = ask(s, "red", "P03")
-        assert result.status == OK, result.message
-        obj = only_object(result)
-        assert not obj.has_3d and "need 0 <= min_depth_m < max_depth_m" in obj.status_3d
+        with pytest.raises(ParameterException, match=r"min_depth_m \(5\) must be below max_depth_m \(2\)"):
+            NodeHarness(context, {"min_depth_m": 5.0, "max_depth_m": 2.0}, autostart=False)
     finally:
-        s.close()
+        context.try_shutdown()
 
 
 def test_a_continuous_command_published_again_is_logged_once(system):
