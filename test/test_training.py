@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -663,6 +664,41 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
+def test_a_stop_logs_the_window_it_cut_short_and_a_resumed_run_logs_the_same_windows(tmp_path: Path) -> None:
+    """With log_every 3, a stop at step 5 dropped steps 4-5 from the log, and the resumed run's
+    windows no longer lined up with the uninterrupted run's."""
+    cfg = config_from_dict(tiny_config(run={**tiny_config()["run"], "log_every": 3},
+                                       stages=[{"name": "full", "steps": 8, "lr": 3e-3, "warmup_steps": 1}]))
+    Trainer(cfg, tmp_path / "straight", log=lambda m: None).run()
+    Trainer(cfg, tmp_path / "parts", log=lambda m: None, stop_at_step=5).run()
+    Trainer(cfg, tmp_path / "parts", resume=True, log=lambda m: None).run()
+
+    def steps(run: str) -> list[int]:
+        return [json.loads(line)["step"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+
+    assert steps("straight") == [3, 6, 8]
+    assert steps("parts") == [3, 5, 6, 8]  # the cut window (4-5), then 6 alone: the windows end where they did
+    records = [json.loads(line) for line in (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()]
+    assert all(b["train_s"] >= a["train_s"] for a, b in itertools.pairwise(records))  # over the resume too
+
+
+def test_an_evaluation_asked_to_stop_ends_with_what_it_has(tmp_path: Path) -> None:
+    """Ctrl-C or a SIGTERM during the trainer's final evaluation: it ran to its time limit (150 s
+    by default, past a batch system's grace time) while the log said "after this step"."""
+    from qwen3vl_seg_ros.model.tiny import build_tiny_checkpoint
+    from qwen3vl_seg_ros.training.evaluate import EvalSettings, run_evaluation
+
+    model = build_tiny_checkpoint(tmp_path / "model", answer=())
+    asked: list[int] = []
+    report = run_evaluation(EvalSettings(model=str(model), scenes=5, width=W, height=H, heads=(), examples=0),
+                            log=lambda m: None, should_stop=lambda: bool(asked.append(1)) or len(asked) >= 2)
+    assert not report["complete"] and report["tasks_done"] == 2
+    trainer = Trainer(config_from_dict(tiny_config()), tmp_path / "run", log=lambda m: None)
+    assert trainer.stop_plan() == "after this step with a checkpoint"
+    trainer.evaluating = True
+    assert trainer.stop_plan().startswith("the evaluation with the samples it has")
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """8 steps straight == 2 steps + resume (mid-LoRA) + 4 steps + resume (mid stage 2) + 2 steps."""
     stages = [{"name": "lora", "steps": 4, "lr": 3e-3, "warmup_steps": 1, "llm": "lora", "vision_lr_scale": 0.01,
@@ -757,6 +793,31 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path: Path, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_what_the_machine_lacks_or_the_model_does_not_have_is_said_before_any_step(tmp_path: Path, capsys) -> None:
+    """A missing COCO file, a device or base folder this machine lacks: one line at load. A LoRA
+    pattern that matches no layer of the loaded model: one line before the first step (it was a
+    peft traceback once the stages before it had trained)."""
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config()))
+    cases = [(["--set", "data.source=coco", "--set", "data.coco_json=/nonexistent.json"],
+              "data.coco_json: no such file: /nonexistent.json"),
+             (["--set", "model.base=/nonexistent"], "model folder '/nonexistent' does not exist")]
+    if not torch.cuda.is_available():
+        cases.append((["--set", "run.device=cuda"], "CUDA is not available here"))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train_main([str(path), "--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    stages = [dict(FULL_THEN_LORA[0]), {**FULL_THEN_LORA[1], "lora": {"r": 4, "target_modules": ".*q_projj"}}]
+    assert train_main([str(path), "--out", str(tmp_path / "run"), "--no-eval", "--set", f"stages={stages}"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'lora': lora.target_modules '.*q_projj' matches no linear layer of the model" in err, err
+    assert not (tmp_path / "run" / "checkpoint").exists()  # stopped before the first step
 
 
 FULL_THEN_LORA = [{"name": "full", "steps": 2, "lr": 3e-3, "warmup_steps": 1},
@@ -953,9 +1014,11 @@ def test_training_on_a_coco_style_file(tmp_path: Path) -> None:
     assert labels and all(len(lab.split()) == 2 for lab in labels)  # "colour shape" from the attributes
 
 
-def test_every_training_config_loads() -> None:
+def test_every_training_config_loads(tmp_path: Path) -> None:
     """A round's file is its record: one that no longer parses cannot be re-run or continued."""
-    needs = {"train_qwen3vl_lora.yaml": ["data.coco_json=/data/refs.json"]}  # the user's data
+    refs = tmp_path / "refs.json"
+    refs.write_text("{}")
+    needs = {"train_qwen3vl_lora.yaml": [f"data.coco_json={refs}"]}  # the user's data
     files = sorted((REPO / "config").glob("train_*.yaml"))
     assert len(files) > 20
     for path in files:
@@ -1038,6 +1101,21 @@ def test_configurations(tmp_path: Path) -> None:
     ("data.micro_batch=-2", "data: micro_batch must be a number >= 0"),
     ("loss.dice=-1", "loss: dice must be a number >= 0"),
     ("eval.enabled='no'", r"eval\.enabled: expected true or false, got 'no'"),
+    # a review found each of these passing the load: a NaN model exported with exit 0, a whole run
+    # trained before its evaluation failed, or a traceback once the model was loading
+    ("stages.0.lr=.nan", "lr a number > 0"),
+    ("stages.0.lr=.inf", "lr a number > 0"),
+    ("stages.0.lora={target_modules: '('}", r"lora\.target_modules '\(': missing \)"),
+    ("data.micro_batch=3", "optim.batch_size 8 is not a multiple of data.micro_batch 3"),
+    ("run.device=gpu", "run.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("run.device=5", r"run\.device: expected a text, got 5"),
+    ("run.seed=1e30", r"run\.seed must be below 2\*\*63"),
+    ("eval.split=vall", "eval.split must be one of"),
+    ("eval.device=gpu", "eval.device must be auto, cpu, cuda or cuda:N"),
+    ("model.sizes={text_layer: 2}", r"model\.sizes: unknown keys \['text_layer'\]"),
+    ("model.decoder=tiny", "model.decoder must be a mapping"),
+    ("model.decoder={dimm: 3}", r"model\.decoder: unknown keys \['dimm'\]"),
+    ("model.decoder={size: huge}", "model.decoder.size must be one of"),
 ])
 def test_a_bad_value_is_refused_when_the_configuration_loads(override: str, message: str) -> None:
     """Each was accepted before: some trained silently wrong (a negative learning-rate scale is

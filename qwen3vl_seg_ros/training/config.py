@@ -23,6 +23,7 @@ from qwen3vl_seg_ros.training.losses import LossWeights
 from qwen3vl_seg_ros.training.model_builder import LoraSettings, ModelConfig
 
 LLM_MODES = ("full", "lora", "frozen")
+EVAL_SPLITS = ("val", "test", "train")
 
 
 @dataclass
@@ -66,8 +67,14 @@ class StageConfig:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
                 raise ValueError(f"stage {self.name!r}: lr_scales[{pattern!r}] must be a number >= 0, got {scale!r}")
             self.lr_scales[pattern] = float(scale)
-        if self.steps < 0 or self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(f"stage {self.name!r}: steps and warmup_steps must be >= 0 and lr > 0")
+        if self.steps < 0 or self.warmup_steps < 0 or not 0 < self.lr < math.inf:  # nan trained a NaN model
+            raise ValueError(f"stage {self.name!r}: steps and warmup_steps must be >= 0 and lr a number > 0")
+        if self.lora is not None:
+            try:
+                re.compile(self.lora.target_modules)
+            except re.error as err:
+                raise ValueError(f"stage {self.name!r}: lora.target_modules "
+                                 f"{self.lora.target_modules!r}: {err}") from None
         # a negative scale trains by gradient ascent, a negative min_lr_ratio ends the cosine below
         # zero: the run finishes without an error and its model is just worse
         _check(self, f"stage {self.name!r}", vision_lr_scale=">= 0", decoder_lr_scale=">= 0",
@@ -130,8 +137,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"run.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        _check_device(self.device, "run.device")
         _check(self, "run", seed=">= 0", log_every=">= 1", train_time_s=">= 0", checkpoint_every_s=">= 0",
                decoder_chunk=">= 0", torch_threads=">= 0")
+        if self.seed >= 2**63:  # torch.manual_seed's limit (an overflow traceback at setup)
+            raise ValueError(f"run.seed must be below 2**63, got {self.seed!r}")
 
 
 @dataclass
@@ -148,6 +158,9 @@ class EvalConfig:
     reserve_s: float = 180.0  # with a time budget, training stops this long before it for the evaluation
 
     def __post_init__(self) -> None:
+        if self.split not in EVAL_SPLITS:  # else found only after the whole run had trained
+            raise ValueError(f"eval.split must be one of {EVAL_SPLITS}, got {self.split!r}")
+        _check_device(self.device, "eval.device")
         _check(self, "eval", scenes=">= 0", queries_per_scene=">= 1", workers=">= 0", time_limit_s=">= 0",
                reserve_s=">= 0")
 
@@ -174,6 +187,12 @@ class TrainConfig:
 
 _RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1,
           "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def _check_device(name: str, where: str) -> None:
+    """The form of a device name (whether this machine has it is checked before the run starts)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"{where} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _check(section: Any, where: str, **rules: str) -> None:
@@ -219,6 +238,8 @@ def _number(value: Any, type_name: str, where: str) -> Any:
     """
     if type_name == "bool" and not isinstance(value, bool):
         raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if type_name == "str" and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a text, got {value!r}")
     if type_name in ("float", "int") and isinstance(value, bool):
         raise ValueError(f"{where}: expected a number, got {value!r}")
     if type_name not in ("float", "int") or not isinstance(value, (str, float)):
@@ -269,10 +290,16 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     data_cfg = _build(DataConfig, data.get("data"), "data")
     _check(data_cfg, "data", width=">= 1", height=">= 1", queries_per_scene=">= 1", num_workers=">= 0",
            prefetch_factor=">= 0", micro_batch=">= 0")
+    if data_cfg.source == "coco" and not Path(data_cfg.coco_json).is_file():
+        raise ValueError(f"data.coco_json: no such file: {data_cfg.coco_json}")
+    optim = _build(OptimConfig, data.get("optim"), "optim")
+    micro = data_cfg.micro_batch or optim.batch_size
+    if optim.batch_size % micro:
+        raise ValueError(f"optim.batch_size {optim.batch_size} is not a multiple of data.micro_batch {micro}")
     return TrainConfig(
         model=_build(ModelConfig, data.get("model"), "model"),
         data=data_cfg,
-        optim=_build(OptimConfig, data.get("optim"), "optim"),
+        optim=optim,
         loss=loss,
         stages=stages,
         run=_build(RunConfig, data.get("run"), "run"),

@@ -384,8 +384,12 @@ def timing_statistics(records: list[dict[str, Any]]) -> dict[str, Any]:
             "median_ms_by_predicted_objects": {k: float(np.median(v)) for k, v in sorted(by_objects.items())}}
 
 
-def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluates, writes ``report.json`` and ``report.png`` into ``settings.out`` (when set), returns the report."""
+def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Evaluates, writes ``report.json`` and ``report.png`` into ``settings.out`` (when set), returns the report.
+
+    ``should_stop`` (asked after each task) ends it early with what it has, as the time limit does
+    (the trainer's final evaluation, when Ctrl-C or a SIGTERM comes during it)."""
     from tqdm import tqdm
 
     log = log or (lambda m: print(m, flush=True))
@@ -403,6 +407,8 @@ def run_evaluation(settings: EvalSettings, log: Callable[[str], None] | None = N
     for chunk in _iterate(settings, tasks, deadline, log):
         records.extend(chunk)
         bar.update(1)
+        if should_stop is not None and should_stop():
+            break
     bar.close()
     done_tasks = len({tuple(r["task"]) for r in records})
     records.sort(key=lambda r: (r["task"][1], r["query"]))

@@ -17,7 +17,7 @@ import math
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.export_dtype not in _DTYPES:
             raise ValueError(f"model.export_dtype must be one of {sorted(_DTYPES)}, got {self.export_dtype!r}")
+        self._check_sizes()
         self.decoder = dict(self.decoder)
         self.decoder.setdefault("size", "tiny")
         if self.grow_text_layers < 0:
@@ -62,6 +63,23 @@ class ModelConfig:
         self.image_pixels = [int(v) for v in self.image_pixels]
         if self.image_pixels and (len(self.image_pixels) != 2 or not 0 < self.image_pixels[0] <= self.image_pixels[1]):
             raise ValueError(f"model.image_pixels must be [min, max] with 0 < min <= max, got {self.image_pixels}")
+
+    def _check_sizes(self) -> None:
+        """``sizes`` and ``decoder`` keys by name: a typo there failed as a traceback once the
+        model was being built (or, for ``decoder: tiny``, named no key at all)."""
+        from qwen3vl_seg_ros.model.configuration import DECODER_SIZES
+        from qwen3vl_seg_ros.model.tiny import TINY_SIZES
+
+        for name, value, known in (("sizes", self.sizes, set(TINY_SIZES)),
+                                   ("decoder", self.decoder, {"size"} | {f.name for f in fields(MaskDecoderConfig)})):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"model.{name} must be a mapping of its keys, got {value!r}")
+            unknown = sorted(set(value) - known, key=str)
+            if unknown:
+                raise ValueError(f"model.{name}: unknown keys {unknown}; known: {sorted(known)}")
+        size = self.decoder.get("size", "tiny")
+        if size not in DECODER_SIZES:
+            raise ValueError(f"model.decoder.size must be one of {sorted(DECODER_SIZES)}, got {size!r}")
 
     @property
     def from_scratch(self) -> bool:
@@ -294,6 +312,13 @@ def vision_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def language_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if ".visual." not in f".{n}."]
+
+
+def lora_targets(model: nn.Module, pattern: str) -> list[str]:
+    """The linear layers a LoRA ``target_modules`` pattern selects, as peft selects them (a
+    string: the whole module name must match)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and re.fullmatch(pattern, name)]
 
 
 def apply_lora(model: nn.Module, lora: LoraSettings, trainable_tokens: Sequence[int] = ()) -> nn.Module:

@@ -79,6 +79,7 @@ from qwen3vl_seg_ros.training.losses import (
     pointer_loss,
 )
 from qwen3vl_seg_ros.training.model_builder import (
+    LLM_LORA_TARGETS,
     LoraSettings,
     apply_lora,
     export_model,
@@ -87,12 +88,14 @@ from qwen3vl_seg_ros.training.model_builder import (
     init_vision_positions,
     is_lora,
     load_base,
+    lora_targets,
     merge_lora,
     number_token_ids,
     parameter_groups,
     prepare_base,
     set_trainable,
 )
+from qwen3vl_seg_ros.types import SegmenterError
 
 
 def check_run_folder(run_dir: Path, resume: bool) -> None:
@@ -324,6 +327,7 @@ class Trainer:
         self.state = TrainState()
         self.stopped_early = False
         self.stop_reason = ""  # set by request_stop (a signal): stop at the next step boundary
+        self.evaluating = False  # the final evaluation runs (a stop then ends it)
 
     def request_stop(self, reason: str) -> None:
         """Asks the run to stop after the step in progress, with a checkpoint and an export (what
@@ -331,6 +335,13 @@ class Trainer:
         between steps, so no step is cut in half (an optimizer update interrupted midway would
         leave weights that no checkpoint should hold)."""
         self.stop_reason = reason
+
+    def stop_plan(self) -> str:
+        """What a stop asked for now does: after the step with a checkpoint, or, once the model
+        is exported, the final evaluation ends with the samples it has."""
+        if self.evaluating:
+            return "the evaluation with the samples it has (the model is exported)"
+        return "after this step with a checkpoint"
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -352,6 +363,15 @@ class Trainer:
             return None
         reserve = self.cfg.eval.reserve_s if self.final_eval else 0.0
         return self.t0 + self.time_budget_s - reserve - 15.0  # 15 s for the last checkpoint and export
+
+    def _check_lora_targets(self) -> None:
+        """Every LoRA stage's pattern against the loaded model, now: a typo in a later stage's
+        was found by peft only once the stages before it had trained (hours, on a real model)."""
+        for stage in self.cfg.stages:
+            lora = stage.lora if stage.llm == "lora" else None
+            if lora is not None and not lora_targets(self.model, lora.target_modules):
+                raise SetupError(f"stage {stage.name!r}: lora.target_modules {stage.lora.target_modules!r} matches "
+                                 f"no linear layer of the model (the default: {LLM_LORA_TARGETS!r})")
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -382,6 +402,7 @@ class Trainer:
         self.base_info = self._base_lineage()
         torch.manual_seed(cfg.run.seed + 1)  # decoder init, independent of how the base was made
         self.model, self.processor, self.decoder, self.tokenizer_changed = load_base(cfg.model, self.base_folder)
+        self._check_lora_targets()
         self.tokenizer = self.processor.tokenizer
         if cfg.loss.lookup > 0 or cfg.loss.choice > 0 or cfg.loss.choice_first > 0:
             # they read attention probabilities: eager attention only
@@ -397,9 +418,7 @@ class Trainer:
         self.attribute_ids = [torch.tensor(attribute_word_ids(self.tokenizer, g), device=self.device) for g in groups]
         self.collator = Collator(self.processor, self.decoder.config.max_image_side, cfg.data.box_jitter, groups,
                                  label_first=cfg.data.answer_format in LABEL_FIRST_FORMATS)
-        micro = cfg.data.micro_batch or cfg.optim.batch_size
-        if cfg.optim.batch_size % micro:
-            raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not a multiple of data.micro_batch {micro}")
+        micro = cfg.data.micro_batch or cfg.optim.batch_size  # a multiple: checked when the configuration loads
         self.micro_batch = micro
         self.items_per_step = cfg.optim.batch_size // micro
         self.peft_model: nn.Module | None = None
@@ -752,9 +771,31 @@ class Trainer:
                 optimizer = self._enter_stage(index, load_weights=self.state.stage_step > 0)
                 sums: dict[str, float] = {}
                 count, wait, t_log, n_log = 0, 0.0, time.monotonic(), 0
+                factor = 0.0
+
+                def write_window(now: float, stage_name: str, lr: float) -> float:
+                    """One train_log.jsonl line for the steps since the last; returns their mean time."""
+                    nonlocal sums, count, wait, t_log, n_log
+                    elapsed = now - t_log
+                    means = {k: round(float(v) / count, 5) for k, v in sums.items()}
+                    self.state.train_seconds += elapsed
+                    record = {"step": self.state.step, "stage": stage_name, "lr": lr,
+                              "samples_per_s": round(n_log / max(elapsed, 1e-9), 1),
+                              "data_wait": round(wait / max(elapsed, 1e-9), 3),
+                              "elapsed_s": round(now - self.t0, 1), "train_s": round(self.state.train_seconds, 1),
+                              **means}
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.write(self._format(record), file=sys.stdout)
+                    sys.stdout.flush()
+                    mean = elapsed / count
+                    sums, count, wait, t_log, n_log = {}, 0, 0.0, now, 0
+                    return mean
                 while self.state.stage_step < self.stage_steps(index):
                     if self._must_stop(deadline, step_time):
                         self.stopped_early = True
+                        if count:  # the window the stop cut short: its steps get their line too
+                            write_window(time.monotonic(), stage.name, stage.lr * factor)
                         break
                     t_start = time.monotonic()
                     batch = self._next_batch(iterator)
@@ -788,20 +829,11 @@ class Trainer:
                         if len(plan_window) == 61:
                             self._plan((plan_window[60] - plan_window[20]) / 40)
                             bar.total = self.total_steps()
-                    if count % cfg.run.log_every == 0 or self.state.stage_step == self.stage_steps(index):
-                        elapsed = now - t_log
-                        means = {k: round(float(v) / count, 5) for k, v in sums.items()}
-                        step_time = elapsed / count
-                        self.state.train_seconds += elapsed
-                        record = {"step": self.state.step, "stage": stage.name, "lr": stage.lr * factor,
-                                  "samples_per_s": round(n_log / max(elapsed, 1e-9), 1),
-                                  "data_wait": round(wait / max(elapsed, 1e-9), 3),
-                                  "elapsed_s": round(now - self.t0, 1), **means}
-                        with log_path.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        bar.write(self._format(record), file=sys.stdout)
-                        sys.stdout.flush()
-                        sums, count, wait, t_log, n_log = {}, 0, 0.0, now, 0
+                    # windows end at multiples of log_every in the stage, so that a resumed run
+                    # logs the same steps together as an uninterrupted one
+                    if (self.state.stage_step % cfg.run.log_every == 0
+                            or self.state.stage_step == self.stage_steps(index)):
+                        step_time = write_window(now, stage.name, stage.lr * factor)
                     if step_time is None and self.state.stage_step >= 2:
                         step_time = (now - t_start) * 2  # a first guess until the first log line
                     if now - last_ckpt > cfg.run.checkpoint_every_s:
@@ -907,11 +939,14 @@ class Trainer:
         self.decoder.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        self.evaluating = True
         try:
-            report = run_evaluation(settings, log=self.log)
+            report = run_evaluation(settings, log=self.log, should_stop=lambda: bool(self.stop_reason))
         except Exception as exc:  # the model is exported already: report, do not lose the run
             self.log(f"[train] the final evaluation failed: {type(exc).__name__}: {exc}")
             return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.evaluating = False
         overall = report["methods"].get("decoder", {}).get("overall", {})
         return {k: overall.get(k) for k in ("giou", "ciou", "box_acc@0.5", "no_target_acc", "num_samples")}
 
@@ -951,7 +986,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         check_run_folder(args.out, args.resume)
-    except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+        check_machine(config)
+    except (OSError, yaml.YAMLError, ValueError, TypeError, SegmenterError) as exc:
         parser.error(str(exc))  # usage and one line, exit 2: no traceback for a typo
     command = "python -m qwen3vl_seg_ros.train " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
     trainer = Trainer(config, args.out, resume=args.resume, time_budget_s=args.time_budget_s,
@@ -959,6 +995,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = install_stop_handlers(trainer)
     try:
         trainer.run()
+    except SetupError as exc:  # found once the model is loaded, before any step
+        print(f"train: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:  # main() may be called from a program with its own handlers
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -966,6 +1005,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 STOP_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+
+
+class SetupError(ValueError):
+    """A configuration that does not fit the loaded model, found before the first step."""
+
+
+def check_machine(config: TrainConfig) -> None:
+    """What the configuration asks of this machine, before any model is built: the devices (a
+    run.device of cuda on a CPU host failed as a traceback at setup) and a base model folder."""
+    from qwen3vl_seg_ros.model.loading import resolve_device, resolve_model_folder
+
+    resolve_device(config.run.device)
+    if config.eval.enabled:
+        resolve_device(config.eval.device)
+    if not config.model.from_scratch:
+        resolve_model_folder(config.model.base, config.model.local_files_only)
 
 
 def install_stop_handlers(trainer: Trainer) -> dict[int, Any]:
@@ -980,7 +1035,7 @@ def install_stop_handlers(trainer: Trainer) -> dict[int, Any]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             raise KeyboardInterrupt
-        trainer.log(f"[train] {name}: stopping after this step with a checkpoint (again to stop at once)")
+        trainer.log(f"[train] {name}: stopping {trainer.stop_plan()} (again to stop at once)")
         trainer.request_stop(name)
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS.values()}
