@@ -682,6 +682,24 @@ def test_a_stop_logs_the_window_it_cut_short_and_a_resumed_run_logs_the_same_win
     assert all(b["train_s"] >= a["train_s"] for a, b in itertools.pairwise(records))  # over the resume too
 
 
+def test_a_loss_that_becomes_nan_stops_the_run_before_anything_is_saved(tmp_path: Path) -> None:
+    """lr: nan (or a bf16 blow-up) trained on, then saved and exported NaN weights, exit 0."""
+    from qwen3vl_seg_ros.training.train import DivergedError
+
+    class NanAtStep2(Trainer):  # the losses as they are, but step 2's is NaN
+        def forward_losses(self, batch, sigma):
+            loss, stats = super().forward_losses(batch, sigma)
+            return (loss * float("nan"), stats) if self.state.step == 2 else (loss, stats)
+
+    cfg = config_from_dict(tiny_config(run={**tiny_config()["run"], "checkpoint_every_s": 0}))
+    with pytest.raises(DivergedError, match="NaN or inf at or before step 3"):
+        NanAtStep2(cfg, tmp_path, log=lambda m: None).run()
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
+    assert state["step"] == 2 and not (tmp_path / "model").exists()  # the last good checkpoint stays
+    weights = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_an_evaluation_asked_to_stop_ends_with_what_it_has(tmp_path: Path) -> None:
     """Ctrl-C or a SIGTERM during the trainer's final evaluation: it ran to its time limit (150 s
     by default, past a batch system's grace time) while the log said "after this step"."""

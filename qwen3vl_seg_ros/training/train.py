@@ -328,6 +328,7 @@ class Trainer:
         self.stopped_early = False
         self.stop_reason = ""  # set by request_stop (a signal): stop at the next step boundary
         self.evaluating = False  # the final evaluation runs (a stop then ends it)
+        self.finite: torch.Tensor | None = None  # every loss of this command so far was finite (on the device)
 
     def request_stop(self, reason: str) -> None:
         """Asks the run to stop after the step in progress, with a checkpoint and an export (what
@@ -335,6 +336,15 @@ class Trainer:
         between steps, so no step is cut in half (an optimizer update interrupted midway would
         leave weights that no checkpoint should hold)."""
         self.stop_reason = reason
+
+    def _check_finite(self) -> None:
+        """Refuses to save once a step's loss was NaN or inf: its update made the weights NaN, and
+        a run that went on saved and exported them with exit status 0. Checked where the run
+        synchronises anyway (log lines, checkpoints, export), not at every step."""
+        if self.finite is not None and not bool(self.finite):
+            raise DivergedError(
+                f"the loss was NaN or inf at or before step {self.state.step}: nothing after the last checkpoint "
+                f"is saved; lower the learning rate (or train in fp32) and --resume")
 
     def stop_plan(self) -> str:
         """What a stop asked for now does: after the step with a checkpoint, or, once the model
@@ -536,6 +546,7 @@ class Trainer:
 
     def save_checkpoint(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Resumable state, written to ``checkpoint.tmp`` and swapped in (never half-written)."""
+        self._check_finite()
         final = self.run_dir / "checkpoint"
         tmp = self.run_dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -575,6 +586,7 @@ class Trainer:
         """Writes ``model/``: the production-loadable folder (LoRA merged on a CPU copy if active)."""
         import copy
 
+        self._check_finite()
         model = self.model
         if is_lora(model):
             assert self.peft_model is not None
@@ -788,6 +800,7 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     bar.write(self._format(record), file=sys.stdout)
                     sys.stdout.flush()
+                    self._check_finite()
                     mean = elapsed / count
                     sums, count, wait, t_log, n_log = {}, 0, 0.0, now, 0
                     return mean
@@ -808,6 +821,8 @@ class Trainer:
                     for group in optimizer.param_groups:
                         group["lr"] = stage.lr * factor * group["lr_scale"]
                     loss, stats = self.forward_losses(batch, stage.sigma(self.state.stage_step, steps))
+                    finite = torch.isfinite(loss.detach())
+                    self.finite = finite if self.finite is None else self.finite & finite
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.optim.grad_clip > 0:
@@ -998,6 +1013,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as exc:  # found once the model is loaded, before any step
         print(f"train: {exc}", file=sys.stderr, flush=True)
         return 2
+    except DivergedError as exc:
+        print(f"train: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:  # main() may be called from a program with its own handlers
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -1009,6 +1027,10 @@ STOP_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 
 class SetupError(ValueError):
     """A configuration that does not fit the loaded model, found before the first step."""
+
+
+class DivergedError(RuntimeError):
+    """A loss became NaN or inf: the run stops without saving what followed."""
 
 
 def check_machine(config: TrainConfig) -> None:
