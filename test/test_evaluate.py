@@ -152,6 +152,22 @@ def test_a_model_that_does_not_load_ends_the_run_with_workers_too(tmp_path: Path
     assert ("tasks on 2 process(es)" in done.stdout) == (folder == "empty"), done.stdout[-2000:]
 
 
+def test_a_pool_worker_ignores_the_stop_signals_the_parent_decides(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the group: a worker re-raised KeyboardInterrupt into the
+    trainer through its task (no summary written) or died of it (the evaluation lost)."""
+    import signal
+
+    from qwen3vl_seg_ros.training.evaluate import _init_pool_worker
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _init_pool_worker(settings(tmp_path / "none"))  # the model need not load for this
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in before)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_worker_processes_return_every_result_and_a_dead_worker_ends_the_run() -> None:
     """multiprocessing.Pool waited for ever for the task of a worker that died (a kill, a crash)."""
     assert sorted(run_in_processes(pool_tasks.square_or_fail, [0, 1, 3], 2, pool_tasks.no_setup, (), None)) == [0, 1, 9]

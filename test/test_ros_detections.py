@@ -55,7 +55,12 @@ def test_only_objects_with_3d_are_3d_detections_in_the_geometry_frame() -> None:
 
 @pytest.mark.ros
 def test_without_vision_msgs_the_node_serves_everything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module as its failed import leaves it: AVAILABLE false and no vision_msgs names (with
+    the names left in place, a call that should not happen went unnoticed)."""
     monkeypatch.setattr(detections, "AVAILABLE", False)
+    for name in ("BoundingBox2D", "BoundingBox3D", "Detection2D", "Detection2DArray", "Detection3D",
+                 "Detection3DArray", "ObjectHypothesisWithPose"):
+        monkeypatch.delattr(detections, name)
     context = new_context("test_no_vision_msgs")
     node = NodeHarness(context)
     client = Client(context, node_fqn="/test_no_vision_msgs/qwen3vl_seg")
@@ -64,6 +69,7 @@ def test_without_vision_msgs_the_node_serves_everything_else(monkeypatch: pytest
         client.publish_frame(Scene(), wait_node=node.node)
         result = client.call("red").result
         assert result.status == SegmentationResult.OK, result.message
+        assert client.call("green").result.status == SegmentationResult.NO_MATCH  # no blob: empty arrays are not sent
         assert "detections" not in node.node._pubs
         assert client.node.count_publishers("/test_no_vision_msgs/qwen3vl_seg/detections") == 0
         assert client.node.count_publishers("/test_no_vision_msgs/qwen3vl_seg/result") == 1

@@ -826,13 +826,16 @@ def test_what_the_machine_lacks_or_the_model_does_not_have_is_said_before_any_st
              (["--set", "model.base=/nonexistent"], "model folder '/nonexistent' does not exist")]
     if not torch.cuda.is_available():
         cases.append((["--set", "run.device=cuda"], "CUDA is not available here"))
+        cases.append((["--set", "eval.enabled=true", "--set", "eval.device=cuda"], "CUDA is not available here"))
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             train_main([str(path), "--out", str(tmp_path / "run"), *args])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
     stages = [dict(FULL_THEN_LORA[0]), {**FULL_THEN_LORA[1], "lora": {"r": 4, "target_modules": ".*q_projj"}}]
-    assert train_main([str(path), "--out", str(tmp_path / "run"), "--no-eval", "--set", f"stages={stages}"]) == 2
+    # --no-eval: the evaluation's device is not asked for (it passed this check, and failed at the LoRA one)
+    assert train_main([str(path), "--out", str(tmp_path / "run"), "--no-eval", "--set", f"stages={stages}",
+                       "--set", "eval.enabled=true", "--set", "eval.device=cuda:9"]) == 2
     err = capsys.readouterr().err
     assert "stage 'lora': lora.target_modules '.*q_projj' matches no linear layer of the model" in err, err
     assert not (tmp_path / "run" / "checkpoint").exists()  # stopped before the first step
@@ -1146,8 +1149,11 @@ def test_values_that_worked_before_the_range_checks_still_load() -> None:
     """No limit (0) for the final evaluation, a fractional LoRA alpha, prefetch 0 (clamped to 1)."""
     cfg = load_config(REPO / "config" / "train_tiny_cpu_smoke.yaml",
                       ["eval.time_limit_s=0", "stages.0.lora={r: 4, alpha: 6.5}", "data.prefetch_factor=0",
-                       "stages.0.coord_sigma_until=0"])
+                       "stages.0.coord_sigma_until=0",
+                       # a blank key is its default; devices as resolve_device takes them ("" is auto)
+                       "data.coco_image_root=null", "run.device=cpu:0", "eval.device=''"])
     assert cfg.eval.time_limit_s == 0 and cfg.stages[0].lora.alpha == 6.5
+    assert cfg.data.coco_image_root == "" and cfg.run.device == "cpu:0" and cfg.eval.device == ""
 
 
 def test_a_stage_without_a_learning_rate_names_the_key() -> None:

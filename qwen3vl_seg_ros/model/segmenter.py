@@ -541,7 +541,7 @@ def mask_parts(masks: torch.Tensor, given: torch.Tensor) -> tuple[torch.Tensor, 
     """(N, H, W) bool masks and the (N, 4) boxes their pass was given -> each mask's chosen
     connected components and their box (xyxy, pixel edges). Chosen: the parts that overlap the
     given box; when none does (a shifted box), the part(s) nearest to it. An empty mask keeps its
-    given box.
+    given box. When no mask loses a part, ``masks`` itself is returned (not a copy).
 
     Why parts: with several targets the decoder's frame gate opens the image at the other targets
     too, and 17 % of masks carried specks of 1-3 px on them; the box of every pixel then spanned

@@ -41,8 +41,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import InvalidHandle, InvalidParameterValueException, ParameterException
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.lifecycle import LifecycleNode, LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import (
     HistoryPolicy,
@@ -153,12 +152,8 @@ class SegmentationNode(LifecycleNode):
 
     def __init__(self, node_name: str = NODE_NAME, segmenter_factory: SegmenterFactory | None = None,
                  **kwargs: Any) -> None:
-        # What LifecycleNode.__init__ does, but with the lifecycle services in a group of their
-        # own: in the node's default group, a configure that loads a model for a minute held
-        # `ros2 lifecycle get` (and any other transition) unanswered for that minute. A transition
-        # asked for during another is refused by the state machine ("configuring" has none).
-        Node.__init__(self, node_name, **kwargs)
-        LifecycleNodeMixin.__init__(self, callback_group=ReentrantCallbackGroup())
+        super().__init__(node_name, **kwargs)
+        self._answer_lifecycle_queries_during_transitions()
         self._segmenter_factory = segmenter_factory or create_segmenter
         self._declare_parameters()
         self._segmenter: Segmenter | None = None
@@ -180,8 +175,8 @@ class SegmentationNode(LifecycleNode):
         self._diag_pub = self.create_publisher(
             DiagnosticArray, "/diagnostics",
             QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
-        # Its own group: configure runs in the default group (with the lifecycle services), and a
-        # model load there took the diagnostics with it (silent for the whole load, then STALE).
+        # Its own group: configure runs in the default group (with change_state), and a model
+        # load there took the diagnostics with it (silent for the whole load, then STALE).
         self._diag_timer = self.create_timer(float(self.p("diagnostics_period_s")), self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup(),
                                              clock=Clock(clock_type=ClockType.STEADY_TIME))
@@ -217,6 +212,22 @@ class SegmentationNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         if hasattr(self, "add_post_set_parameters_callback"):  # rclpy >= 3.7 (Iron)
             self.add_post_set_parameters_callback(self._after_set_parameters)
+
+    def _answer_lifecycle_queries_during_transitions(self) -> None:
+        """Moves the read-only lifecycle services (get_state, available states and transitions,
+        the transition graph) to a reentrant group: in the default group with change_state, a
+        configure that loads a model for a minute held `ros2 lifecycle get` unanswered for that
+        minute. change_state stays there, so transitions still run one at a time (with every
+        lifecycle service reentrant, an internal transition such as transition_failure ran in the
+        middle of a configure and left the loaded node "unconfigured"). The services are rclpy's
+        own attributes; where a version names them otherwise, they stay where they are."""
+        group = ReentrantCallbackGroup()
+        for name in ("_service_get_state", "_service_get_available_states", "_service_get_available_transitions",
+                     "_service_get_transition_graph"):
+            service = getattr(self, name, None)
+            if service is not None and hasattr(service, "callback_group"):
+                service.callback_group = group
+                group.add_entity(service)
 
     # ------------------------------------------------------------------------------------------
     # parameters
@@ -906,6 +917,8 @@ class SegmentationNode(LifecycleNode):
         if not self.p("publish_detections"):
             self._clear_detections()
             return
+        if "detections" not in self._pubs:  # vision_msgs is not installed: its types do not exist
+            return
         self._send("detections", detections.detections_2d(result))
         self._send("detections_3d", detections.detections_3d(result))
         self._detections_shown = (result.header.frame_id, result.geometry_frame_id) if result.objects else None
@@ -926,8 +939,9 @@ class SegmentationNode(LifecycleNode):
         result (which may never come while no command is running)."""
         if any(p.name in DISPLAY_SWITCHES and p.value is False for p in params):
             with self._display_lock:
-                if self._three_d is not None:
-                    self._three_d.clear_switched_off()
+                three_d = self._three_d  # once: a cleanup may set it to None meanwhile
+                if three_d is not None:
+                    three_d.clear_switched_off()
                 if not self.p("publish_detections"):
                     self._clear_detections()
 

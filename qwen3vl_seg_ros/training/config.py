@@ -190,8 +190,9 @@ _RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v 
 
 
 def _check_device(name: str, where: str) -> None:
-    """The form of a device name (whether this machine has it is checked before the run starts)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+    """The form of a device name, as ``resolve_device`` takes it ("" is auto); whether this
+    machine has it is checked before the run starts."""
+    if not re.fullmatch(r"\s*(auto|cpu(:\d+)?|cuda(:\d+)?)?\s*", name):
         raise ValueError(f"{where} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
@@ -238,6 +239,8 @@ def _number(value: Any, type_name: str, where: str) -> Any:
     """
     if type_name == "bool" and not isinstance(value, bool):
         raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if type_name == "str" and value is None:
+        return ""  # a key left blank in YAML (coco_image_root:) means its default, "" (none)
     if type_name == "str" and not isinstance(value, str):
         raise ValueError(f"{where}: expected a text, got {value!r}")
     if type_name in ("float", "int") and isinstance(value, bool):

@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -133,6 +134,16 @@ def _init_worker(settings: EvalSettings) -> None:
         _WORKER["init_error"] = exc
 
 
+def _init_pool_worker(settings: EvalSettings) -> None:
+    """A spawned worker's start: it ignores Ctrl-C and SIGTERM, which a terminal or a batch system
+    sends to the whole process group. The parent decides (the trainer ends its evaluation with
+    what it has); a worker that died of them, or re-raised KeyboardInterrupt into the parent
+    through its task's result, lost the evaluation."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _init_worker(settings)
+
+
 def _examples(task: tuple[str, int]) -> list[Any]:
     from qwen3vl_seg_ros.training.dataset import DataConfig, coco_example, synthetic_examples
 
@@ -232,7 +243,7 @@ def _iterate(settings: EvalSettings, tasks: list[tuple[str, int]], deadline: flo
                 return
             yield _evaluate_task(task)
         return
-    yield from run_in_processes(_evaluate_task, tasks, workers, _init_worker, (settings,), deadline)
+    yield from run_in_processes(_evaluate_task, tasks, workers, _init_pool_worker, (settings,), deadline)
 
 
 def run_in_processes(work: Callable[[Any], Any], tasks: Sequence[Any], workers: int,

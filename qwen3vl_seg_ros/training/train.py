@@ -1001,7 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         check_run_folder(args.out, args.resume)
-        check_machine(config)
+        check_machine(config, evaluate=not args.no_eval)
     except (OSError, yaml.YAMLError, ValueError, TypeError, SegmenterError) as exc:
         parser.error(str(exc))  # usage and one line, exit 2: no traceback for a typo
     command = "python -m qwen3vl_seg_ros.train " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
@@ -1033,13 +1033,13 @@ class DivergedError(RuntimeError):
     """A loss became NaN or inf: the run stops without saving what followed."""
 
 
-def check_machine(config: TrainConfig) -> None:
+def check_machine(config: TrainConfig, evaluate: bool = True) -> None:
     """What the configuration asks of this machine, before any model is built: the devices (a
     run.device of cuda on a CPU host failed as a traceback at setup) and a base model folder."""
     from qwen3vl_seg_ros.model.loading import resolve_device, resolve_model_folder
 
     resolve_device(config.run.device)
-    if config.eval.enabled:
+    if evaluate and config.eval.enabled:
         resolve_device(config.eval.device)
     if not config.model.from_scratch:
         resolve_model_folder(config.model.base, config.model.local_files_only)
