@@ -1076,7 +1076,9 @@ def test_configurations(tmp_path: Path) -> None:
         load_config(REPO / "config" / "train_tiny.yaml", ["stages.0.lr=fast"])
     with pytest.raises(ValueError, match=r"run\.log_every: expected a whole number"):
         load_config(REPO / "config" / "train_tiny.yaml", ["run.log_every=2.5"])
-    real = load_config(REPO / "config" / "train_qwen3vl_lora.yaml", ["data.coco_json=/data/refs.json"])
+    refs = tmp_path / "refs.json"
+    refs.write_text("{}")
+    real = load_config(REPO / "config" / "train_qwen3vl_lora.yaml", [f"data.coco_json={refs}"])
     assert [s.llm for s in real.stages] == ["lora", "full"] and real.stages[0].lora.r == 32
     assert real.stages[0].vision_lr_scale == 0.01 and real.stages[1].vision_lr_scale == 0.0
     with pytest.raises(ValueError, match="coco_json"):
