@@ -168,9 +168,10 @@ BY_NAME: dict[str, Param] = {p.name: p for p in PARAMETERS}
 
 
 def _range(p: Param) -> str:
-    """" Range [min, max]." with whole numbers written out (``:g`` shows 67108864 as 6.71089e+07)."""
+    """" Range [min, max]." with whole numbers written out (``:g`` shows 67108864 as 6.71089e+07),
+    and a decimal parameter's ends as decimals ("[0, 5]" read as whole numbers only)."""
     def text(v: Any) -> str:
-        return str(v) if isinstance(v, int) else f"{v:g}"
+        return repr(float(v)) if isinstance(p.default, float) else str(int(v))
     return f" Range [{text(p.min)}, {text(p.max)}]."
 
 
@@ -180,7 +181,7 @@ def markdown_table() -> str:
     for p in PARAMETERS:
         rng = _range(p) if p.min is not None else ""
         choices = f" One of {', '.join(p.choices)}." if p.choices else ""
-        default = f"`{p.default!r}`" if not isinstance(p.default, str) else f"`\"{p.default}\"`"
+        default = f"`{_yaml_value(p.default)}`"  # as in params.yaml and -p (true, not True)
         applies = f"{p.applies}, read-only" if p.read_only else p.applies
         lines.append(f"| `{p.name}` | {default} | {applies} | {p.description}{rng}{choices} |")
     return "\n".join(lines)
