@@ -682,6 +682,34 @@ def test_a_stop_logs_the_window_it_cut_short_and_a_resumed_run_logs_the_same_win
     assert all(b["train_s"] >= a["train_s"] for a, b in itertools.pairwise(records))  # over the resume too
 
 
+def test_a_checkpoint_is_on_the_disk_before_it_takes_the_place_of_the_last(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap renamed folders whose files could still be in the page cache: after a power cut
+    the new checkpoint could hold empty files. Every file is flushed before the renames."""
+    from qwen3vl_seg_ros.training import train as train_module
+
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def rename(self: Path, target: Path) -> Path:
+        events.append(f"rename {self.name}")
+        return real_rename(self, target)
+
+    cfg = config_from_dict(tiny_config(stages=[{"name": "full", "steps": 1, "lr": 1e-3}]))
+    trainer = Trainer(cfg, tmp_path, log=lambda m: None)
+    trainer.setup()
+    monkeypatch.setattr(train_module.os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    trainer.save_checkpoint(None)
+    first_rename = next(i for i, e in enumerate(events) if e.startswith("rename"))
+    synced = {e.split(" ", 1)[1] for e in events[:first_rename] if e.startswith("fsync")}
+    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} <= synced, events
+
+
 def test_a_loss_that_becomes_nan_stops_the_run_before_anything_is_saved(tmp_path: Path) -> None:
     """lr: nan (or a bf16 blow-up) trained on, then saved and exported NaN weights, exit 0."""
     from qwen3vl_seg_ros.training.train import DivergedError

@@ -98,6 +98,25 @@ from qwen3vl_seg_ros.training.model_builder import (
 from qwen3vl_seg_ros.types import SegmenterError
 
 
+def sync_folder(folder: Path, files: bool = True) -> None:
+    """Flushes a folder's files (and the folder's own entries) to the disk.
+
+    Why: the swap of a checkpoint renames folders whose files may still sit in the page cache; a
+    power cut (a robot's battery, a pulled plug) then leaves the new name holding empty files,
+    and --resume fails on them. A killed process does not need this; a machine that stops does.
+    """
+    if files:
+        for path in folder.iterdir():
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def check_run_folder(run_dir: Path, resume: bool) -> None:
     """Refuses a run folder that does not fit ``resume`` (before any model is built).
 
@@ -560,11 +579,13 @@ class Trainer:
             info["optimizer"] = rest
         save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(info, indent=1, default=float) + "\n")
+        sync_folder(tmp)
         old = self.run_dir / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
+        sync_folder(self.run_dir, files=False)  # the renames themselves
         shutil.rmtree(old, ignore_errors=True)
 
     def _base_lineage(self) -> dict | None:
