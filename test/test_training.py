@@ -682,12 +682,10 @@ def test_a_stop_logs_the_window_it_cut_short_and_a_resumed_run_logs_the_same_win
     assert all(b["train_s"] >= a["train_s"] for a, b in itertools.pairwise(records))  # over the resume too
 
 
-def test_a_checkpoint_is_on_the_disk_before_it_takes_the_place_of_the_last(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """The swap renamed folders whose files could still be in the page cache: after a power cut
-    the new checkpoint could hold empty files. Every file is flushed before the renames."""
-    from qwen3vl_seg_ros.training import train as train_module
-
+def test_a_checkpoint_and_an_export_are_on_the_disk_before_they_replace_the_last(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swaps renamed folders whose files could still be in the page cache: after a power cut
+    the new checkpoint (or model) could hold empty files. Every file is flushed before the renames."""
     events: list[str] = []
     real_fsync, real_rename = os.fsync, Path.rename
 
@@ -699,15 +697,20 @@ def test_a_checkpoint_is_on_the_disk_before_it_takes_the_place_of_the_last(tmp_p
         events.append(f"rename {self.name}")
         return real_rename(self, target)
 
+    def synced_before_the_first_rename() -> set[str]:
+        first = next(i for i, e in enumerate(events) if e.startswith("rename"))
+        return {e.split(" ", 1)[1] for e in events[:first] if e.startswith("fsync")}
+
     cfg = config_from_dict(tiny_config(stages=[{"name": "full", "steps": 1, "lr": 1e-3}]))
     trainer = Trainer(cfg, tmp_path, log=lambda m: None)
     trainer.setup()
-    monkeypatch.setattr(train_module.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Path, "rename", rename)
     trainer.save_checkpoint(None)
-    first_rename = next(i for i, e in enumerate(events) if e.startswith("rename"))
-    synced = {e.split(" ", 1)[1] for e in events[:first_rename] if e.startswith("fsync")}
-    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} <= synced, events
+    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} <= synced_before_the_first_rename(), events
+    events.clear()
+    folder = trainer.export()
+    assert {p.name for p in folder.iterdir() if p.is_file()} <= synced_before_the_first_rename(), events
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_before_anything_is_saved(tmp_path: Path) -> None:

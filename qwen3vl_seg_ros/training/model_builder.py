@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -474,13 +475,34 @@ def export_model(model: nn.Module, decoder: BoxGuidedMaskDecoder, base_folder: P
     save_decoder(decoder.float(), tmp)
     if info:
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    sync_folder(tmp)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
+    sync_folder(folder.parent, files=False)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def sync_folder(folder: Path, files: bool = True) -> None:
+    """Flushes a folder's files (and the folder's own entries) to the disk.
+
+    Why: the swap of a checkpoint renames folders whose files may still sit in the page cache; a
+    power cut (a robot's battery, a pulled plug) then leaves the new name holding empty files,
+    and --resume fails on them. A killed process does not need this; a machine that stops does.
+    """
+    if files:
+        for path in folder.iterdir():
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def folder_size_mb(folder: Path, pattern: str = "*.safetensors") -> float:

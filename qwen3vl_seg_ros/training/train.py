@@ -94,27 +94,9 @@ from qwen3vl_seg_ros.training.model_builder import (
     parameter_groups,
     prepare_base,
     set_trainable,
+    sync_folder,
 )
 from qwen3vl_seg_ros.types import SegmenterError
-
-
-def sync_folder(folder: Path, files: bool = True) -> None:
-    """Flushes a folder's files (and the folder's own entries) to the disk.
-
-    Why: the swap of a checkpoint renames folders whose files may still sit in the page cache; a
-    power cut (a robot's battery, a pulled plug) then leaves the new name holding empty files,
-    and --resume fails on them. A killed process does not need this; a machine that stops does.
-    """
-    if files:
-        for path in folder.iterdir():
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_run_folder(run_dir: Path, resume: bool) -> None:
