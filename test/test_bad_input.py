@@ -497,9 +497,17 @@ def test_huge_request_id_is_echoed(system):
 
 @pytest.mark.parametrize("timeout_s", [math.nan, math.inf, -1.0])
 def test_nonsense_timeout_means_the_default(system, timeout_s):
-    """K11: NaN, inf or negative timeout_s -> default_timeout_s, never 'wait forever'."""
-    publish(system)
-    assert ask(system, "red", f"K11-{timeout_s}", timeout_s=timeout_s).status == OK
+    """K11: NaN, inf or negative timeout_s -> default_timeout_s, never 'wait forever'. No usable
+    frame and a short default: the request must time out after the default (with a frame it is
+    served at once whatever its deadline, which could not tell "the default" from "forever")."""
+    system.set_params(default_timeout_s=0.5, max_input_age_s=0.2)
+    try:
+        time.sleep(0.4)  # every frame is now too old
+        future = system.client.call_async("red", timeout_s=timeout_s, request_id=f"K11-{timeout_s}")
+        assert wait_for(future.done, 5), "no answer: the request waits forever"
+        expect(system, future.result().result, ERROR, "timed out after")
+    finally:
+        system.set_params(default_timeout_s=5.0, max_input_age_s=2.0)
 
 
 def test_too_many_pending_requests_are_refused_at_once(system):
@@ -763,7 +771,10 @@ def test_a_continuous_command_published_again_is_logged_once(system):
         system.client.send_command("red P05")
         time.sleep(0.05)
     system.log.wait_line("continuous mode: 'red P05'")
-    time.sleep(0.3)
+    # a sentinel, not a sleep: commands arrive in order on one reliable writer and the node logs in
+    # order on one /rosout writer, so once the sentinel's line is here every P05 line is too
+    system.client.send_command("red P05 sentinel")
+    system.log.wait_line("continuous mode: 'red P05 sentinel'")
     assert sum("continuous mode: 'red P05'" in line for line in system.log.lines()[before:]) == 1
     system.client.send_command("")
     assert wait_for(lambda: system.node._scheduler.continuous_command is None, 5)

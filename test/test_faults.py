@@ -103,7 +103,11 @@ def test_running_request_is_answered_at_its_deadline_once():
         assert answers[0][0] == "error" and "the model was still running on this request" in answers[0][1]
         assert "done r1" not in model.events  # answered before the model returned
         assert wait_for(lambda: "done r1" in model.events, 5)
-        time.sleep(0.1)
+        # a sentinel, not a sleep: the inference thread runs r2 only after it has delivered (or
+        # dropped) r1's late result, so a second answer to r1 would be here by then
+        model.delay = 0.0
+        submit(sched, model, "r2", timeout=5.0)
+        assert wait_for(lambda: model.replies["r2"] == 1, 5)
         assert model.replies["r1"] == 1 and len(answers) == 1  # the late result is not a second answer
     finally:
         sched.stop()

@@ -564,3 +564,13 @@ def test_bad_config_is_rejected(field: str, value) -> None:
     cfg = GeometryConfig(**{field: value})
     with pytest.raises(InputError, match=field):
         extract_objects([ids == 0], depth, None, INTR, cfg)
+
+
+def test_outlier_threshold_sets_how_far_a_depth_may_stray() -> None:
+    """outlier_threshold (a node parameter) had no test: fixed at 3 in the code, all passed."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([0.80 + rng.normal(0, 0.001, 500), np.full(20, 0.83)]).astype(np.float32)
+    strict = reject_outliers(z, "mad", 3.0, 0.005, 0.005)  # 3 x 5 mm (the spread's floor) < 3 cm
+    loose = reject_outliers(z, "mad", 10.0, 0.005, 0.005)  # 10 x 5 mm > 3 cm
+    assert strict[:500].all() and not strict[500:].any()
+    assert loose.all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -37,6 +38,47 @@ def served(namespace: str):
 def state_id(node) -> int:
     return node._state_machine.current_state[0]
 
+
+
+def test_diagnostics_say_each_state_and_count_the_results():
+    """/diagnostics is where docs/troubleshooting.md starts: "inactive", "no colour images" (a
+    camera remapped wrong) and "serving" with its counters. Only "configure failed" and "loading"
+    were tested; dropping the other states and never counting passed every test."""
+    namespace = "lifecycle_diagnostics"
+    context = new_context(namespace)
+    harness = NodeHarness(context, {"diagnostics_period_s": 0.2}, autostart=False)
+    client = Client(context, node_fqn=f"/{namespace}/qwen3vl_seg")
+    seen: list[DiagnosticStatus] = []
+    client.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen.extend(
+        s for s in m.status if s.name.startswith(namespace)), 10)
+
+    def says(level: int, message: str, **values: Callable[[str], bool]) -> bool:
+        for status in reversed(seen[-5:]):
+            kv = {v.key: v.value for v in status.values}
+            if status.level == level and status.message.startswith(message) and all(
+                    check(kv.get(key, "")) for key, check in values.items()):
+                return True
+        return False
+
+    try:
+        node = harness.node
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert wait_for(lambda: says(DiagnosticStatus.WARN, "inactive"), 5), [s.message for s in seen[-3:]]
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        client.wait_connected()
+        assert wait_for(lambda: says(DiagnosticStatus.WARN, "no colour images"), 5), [s.message for s in seen[-3:]]
+        client.publish_frame(Scene())
+        assert client.call("red").result.status == SegmentationResult.OK
+        assert client.call("green").result.status == SegmentationResult.NO_MATCH
+        assert wait_for(lambda: says(DiagnosticStatus.OK, "serving", results_ok=lambda v: v == "1",
+                                     results_no_match=lambda v: v == "1", results_error=lambda v: v == "0",
+                                     images_received=lambda v: v.isdigit() and int(v) >= 1,
+                                     last_latency_ms=lambda v: v != "n/a" and float(v) > 0), 5), \
+            [(s.message, {v.key: v.value for v in s.values}) for s in seen[-2:]]
+    finally:
+        client.close()
+        harness.close()
+        context.try_shutdown()
 
 def test_transitions_and_answers_in_every_state():
     context = new_context()

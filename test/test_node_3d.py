@@ -143,6 +143,42 @@ def test_an_output_switched_off_clears_what_it_shows_at_once(system):
     assert wait_for(lambda: all(a > b + 1 for a, b in zip(counts(), shown)), 5)
     assert len(client.snapshot(client.detections)[-1].detections) == 1
 
+
+def test_mask_overlay_and_marker_parameters_reach_their_outputs(system):
+    """publish_mask / publish_overlay off send nothing (a sentinel call afterwards, with them on,
+    is the next message); overlay_alpha 0 leaves a mask's pixels as the camera saw them, 1 paints
+    them; marker_lifetime_s reaches every marker. No test used these four before."""
+    node, client = system
+    scene = Scene()
+    publish(system, scene, scene.depth_m())
+    red = scene.rgb()[55, 40]  # inside the red rectangle (20..60, 30..80), away from its box's lines
+
+    def counts() -> tuple[int, int]:
+        return len(client.snapshot(client.masks)), len(client.snapshot(client.overlays))
+
+    try:
+        set_params(node, publish_mask=False, publish_overlay=False)
+        before = counts()
+        assert client.call("red").result.status == SegmentationResult.OK
+        set_params(node, publish_mask=True, publish_overlay=True, overlay_alpha=0.0, marker_lifetime_s=1.5)
+        n_markers = len(client.snapshot(client.markers))
+        assert client.call("red").result.status == SegmentationResult.OK  # the sentinel
+        assert wait_for(lambda: counts() == (before[0] + 1, before[1] + 1), 5), (counts(), before)
+        plain = client.snapshot(client.overlays)[-1]
+        assert tuple(np.frombuffer(bytes(plain.data), np.uint8).reshape(plain.height, plain.width, 3)[55, 40]) \
+            == tuple(int(v) for v in red[::-1])  # bgr8, untouched
+        assert wait_for(lambda: len(client.snapshot(client.markers)) > n_markers, 5)
+        shown = [m for m in client.snapshot(client.markers)[-1].markers if m.action == Marker.ADD]
+        assert shown and all((m.lifetime.sec, m.lifetime.nanosec) == (1, 500_000_000) for m in shown)
+        set_params(node, overlay_alpha=1.0)
+        assert client.call("red").result.status == SegmentationResult.OK
+        assert wait_for(lambda: counts()[1] == before[1] + 2, 5)
+        painted = client.snapshot(client.overlays)[-1]
+        pixel = np.frombuffer(bytes(painted.data), np.uint8).reshape(painted.height, painted.width, 3)[55, 40]
+        assert tuple(pixel) != tuple(int(v) for v in red[::-1])  # the object's colour, not the camera's
+    finally:
+        set_params(node, publish_mask=True, publish_overlay=True, overlay_alpha=0.5, marker_lifetime_s=0.0)
+
 def test_depth_at_half_resolution_scales_intrinsics(system):
     node, client = system
     scene = Scene()
