@@ -138,6 +138,17 @@ def test_the_demo_refuses_a_domain_where_another_camera_runs():
         context.try_shutdown()
 
 
+def test_a_wrong_object_is_named_not_measured_as_the_target():
+    """The demo printed "IoU 0.00 (1 target), x-y off by 1.2 cm" for an answer on another object:
+    the distance was that object's, read as the target's 3D error."""
+    row = demo_module.Row(scene=0, command="the red can", query_type="referring", target_ids=[2], status="OK",
+                          iou=0.0, objects=[{"gt_id": 3, "gt_object": "small green ball", "xy_error_m": 0.012}])
+    assert demo_module._gt_text(row) == ["IoU 0.00 (1 target)", "not a target: small green ball"]
+    row.objects.append({"gt_id": 2, "gt_object": "big red can", "xy_error_m": 0.004})
+    row.iou = 0.5
+    assert demo_module._gt_text(row) == ["IoU 0.50 (1 target)", "x-y off by 0.4 cm", "not a target: small green ball"]
+
+
 def test_format_table_puts_one_object_per_line():
     text = format_table(["#", "objects", "ms"], [["1", ["a 0.9", "bb 0.8"], "12"], ["2", [], "3"]])
     assert text.splitlines() == ["#  objects  ms", "-  -------  --", "1  a 0.9    12", "   bb 0.8", "2           3"]

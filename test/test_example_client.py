@@ -96,6 +96,31 @@ def test_continuous_results_are_matched_to_the_command_sent():
     assert not example_client.answers_command("blue " * 100, long[:200] + "... [200 more characters]")
 
 
+def test_ctrl_c_while_waiting_for_an_answer_ends_the_client(system):
+    """The client waited in one long rcl wait that a Ctrl-C did not wake: against a slow node it
+    exited 24 s after Ctrl-C (--timeout 20). People copy this file into their planners."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    node, _ = system
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_seg_ros.ros.example_client", "red sleep:4",
+                             "--timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    try:
+        # the node is on the request: the client is inside its wait
+        assert wait_for(lambda: (job := node.node._scheduler._busy_job) is not None
+                        and job.command == "red sleep:4", 30), "the request never reached the node"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=2.5) == 130  # it went on waiting for the answer (4 s here; 25 s at worst)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        assert wait_for(lambda: node.node._scheduler._busy_job is None, 10)  # the next tests find it idle
+
+
 @pytest.mark.ros
 def test_missing_node_is_reported_quickly(capsys):
     assert example_client.main(["red", "--node", "/nobody/here", "--wait", "0.5"]) == 1

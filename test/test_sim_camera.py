@@ -256,7 +256,7 @@ def test_16uc1_depth_timed_scene_changes_and_bad_parameters():
         listener.spun.close()
         cam.close()
     for bad, match in (({"depth_encoding": "mm"}, "depth_encoding"), ({"qos": "fast"}, "qos"),
-                       ({"scene_seeds": [1, -2]}, "scene indices")):
+                       ({"scene_seeds": [1, -2]}, "scene indices"), ({"width": 0}, "width and height")):
         context = new_context()
         try:
             overrides = [Parameter(k, value=v) for k, v in {**SMALL, **bad}.items()]

@@ -90,7 +90,10 @@ def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, com
         future = client.call_async(Segment.Request(command=command, timeout_s=float(timeout_s), request_id=request_id))
         future.add_done_callback(lambda f: take(f.result().result))
         # The node answers within timeout_s (with an ERROR if it has to); the margin covers transport.
-        executor.spin_until_future_complete(answer, timeout_sec=timeout_s + 5.0)
+        # Short slices: one long wait held a Ctrl-C until it timed out (24 s with --timeout 20).
+        give_up = time.monotonic() + timeout_s + 5.0
+        while not answer.done() and time.monotonic() < give_up:
+            executor.spin_once(timeout_sec=min(0.1, max(0.0, give_up - time.monotonic())))
     finally:
         node.destroy_subscription(published)
     if not answer.done():

@@ -244,6 +244,8 @@ class SimCamera(Node):
                              f"not '{self.depth_encoding}'")
         if not (self.rate_hz > 0 and math.isfinite(self.rate_hz)):
             raise ValueError(f"rate_hz must be a positive number, not {self.rate_hz}")
+        if not (8 <= self.width <= 4096 and 8 <= self.height <= 4096):  # 0 was a ZeroDivisionError traceback
+            raise ValueError(f"width and height must be 8 to 4096 pixels, not {self.width}x{self.height}")
         if qos_name not in ("reliable", "sensor_data"):
             raise ValueError(f"qos must be 'reliable' or 'sensor_data', not '{qos_name}'")
         self.indices = [int(s) for s in seeds or []]
