@@ -135,12 +135,20 @@ def test_an_output_switched_off_clears_what_it_shows_at_once(system):
         assert not client.snapshot(client.detections)[-1].detections
         assert not client.snapshot(client.detections_3d)[-1].detections
         assert client.call("red").result.status == SegmentationResult.OK  # off: nothing more
-        time.sleep(0.3)
-        assert counts() == [n + 1 for n in shown]
     finally:
         set_params(node, publish_cloud=True, publish_markers=True, publish_detections=True)
-    assert client.call("red").result.status == SegmentationResult.OK  # on again: shown again
-    assert wait_for(lambda: all(a > b + 1 for a, b in zip(counts(), shown)), 5)
+    # on again, a sentinel call on a new frame: once its message is the last on each output, exactly
+    # one more each means the call made while off sent nothing (each output's messages come in order)
+    publish(system, scene, scene.depth_m())
+    sentinel = client.call("red").result
+    assert sentinel.status == SegmentationResult.OK
+
+    def last_stamps() -> list:
+        last = [client.snapshot(out)[-1] for out in outputs]
+        return [last[0].header.stamp, last[1].markers[-1].header.stamp, last[2].header.stamp, last[3].header.stamp]
+
+    assert wait_for(lambda: last_stamps() == [sentinel.header.stamp] * 4, 5), (last_stamps(), sentinel.header.stamp)
+    assert counts() == [n + 2 for n in shown]
     assert len(client.snapshot(client.detections)[-1].detections) == 1
 
 
