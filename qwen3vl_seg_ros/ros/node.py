@@ -917,11 +917,8 @@ class SegmentationNode(LifecycleNode):
         if not self.p("publish_detections"):
             self._clear_detections()
             return
-        if "detections" not in self._pubs:  # vision_msgs is not installed: its types do not exist
-            return
-        self._send("detections", detections.detections_2d(result))
-        self._send("detections_3d", detections.detections_3d(result))
-        self._detections_shown = (result.header.frame_id, result.geometry_frame_id) if result.objects else None
+        if "detections" in self._pubs:  # vision_msgs is not installed: its types do not exist
+            self._send_detections(result)
 
     def _clear_detections(self) -> None:
         """Empty detection arrays where the last ones held objects (in their frames, stamped now)."""
@@ -930,9 +927,13 @@ class SegmentationNode(LifecycleNode):
         empty = SegmentationResult()
         empty.header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._detections_shown[0])
         empty.geometry_frame_id = self._detections_shown[1]
-        self._send("detections", detections.detections_2d(empty))
-        self._send("detections_3d", detections.detections_3d(empty))
-        self._detections_shown = None
+        self._send_detections(empty)
+
+    def _send_detections(self, result: SegmentationResult) -> None:
+        """Both detection arrays of ``result``, whatever publish_detections says (a clear must go out)."""
+        self._send("detections", detections.detections_2d(result))
+        self._send("detections_3d", detections.detections_3d(result))
+        self._detections_shown = (result.header.frame_id, result.geometry_frame_id) if result.objects else None
 
     def _after_set_parameters(self, params: list[Parameter]) -> None:
         """A display output switched off at runtime clears what it shows now, not at the next

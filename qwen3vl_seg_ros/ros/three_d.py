@@ -183,9 +183,8 @@ class ThreeDStage:
         """
         for output in OUTPUTS:
             if cloud is not None and self._node.p(f"publish_{output}"):
-                self._node.publish_output(output, cloud if output == "cloud" else build_markers(
-                    result.objects, cloud.header, lifetime_s=float(self._node.p("marker_lifetime_s")),
-                    namespace=self._node.get_name()))  # the node's name: two nodes never clear each other's
+                self._node.publish_output(output, cloud if output == "cloud" else
+                                          self._markers(result.objects, cloud.header))
                 self._shown[output] = cloud.header.frame_id
             else:
                 self._clear(output, image_header.stamp)
@@ -202,8 +201,13 @@ class ThreeDStage:
             return
         header = Header(stamp=stamp, frame_id=self._shown.pop(output))
         self._node.publish_output(output, cloud_to_msg(concat_clouds([]), header) if output == "cloud" else
-                                  build_markers([], header, lifetime_s=float(self._node.p("marker_lifetime_s")),
-                                                namespace=self._node.get_name()))
+                                  self._markers([], header))
+
+    def _markers(self, objects: Any, header: Header) -> Any:
+        """The objects' markers (none: the DELETEALLs alone), in the node's name as namespace, so
+        that two nodes' markers on one topic never clear each other's."""
+        return build_markers(objects, header, lifetime_s=float(self._node.p("marker_lifetime_s")),
+                             namespace=self._node.get_name())
 
     def clear_display(self) -> None:
         """Clears the objects on display, if any, when the node stops reporting (deactivate,

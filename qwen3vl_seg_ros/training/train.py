@@ -381,7 +381,7 @@ class Trainer:
         for stage in self.cfg.stages:
             lora = stage.lora if stage.llm == "lora" else None
             if lora is not None and not lora_targets(self.model, lora.target_modules):
-                raise SetupError(f"stage {stage.name!r}: lora.target_modules {stage.lora.target_modules!r} matches "
+                raise SetupError(f"stage {stage.name!r}: lora.target_modules {lora.target_modules!r} matches "
                                  f"no linear layer of the model (the default: {LLM_LORA_TARGETS!r})")
 
     def setup(self) -> None:
