@@ -16,5 +16,10 @@ python -m pytest test "$@" || status=$?
 if [ "$status" -ne 0 ] && [ -s log/pytest_hang.txt ]; then
   echo "[test] a test hung; its threads' stacks (log/pytest_hang.txt):"
   cat log/pytest_hang.txt
+  # CI keeps only the end of the output: repeat the innermost frames of the main thread (the
+  # last block faulthandler writes) and the test's name there.
+  echo "[test] the main thread's innermost frames:"
+  awk '/^(Thread|Current thread) 0x/ {n = 0} {block[n++] = $0} END {for (i = 0; i < n && i < 25; i++) print block[i]}' log/pytest_hang.txt
+  echo "[test] the test that hung: $(head -n 1 log/pytest_hang.txt)"
 fi
 exit "$status"
