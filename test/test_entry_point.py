@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args",
            "--params-file", str(ROOT / "config" / "params.yaml"),
-           "-p", f"segmenter:={DOUBLE}", "-p", "max_input_age_s:=2.0", "-p", "score_treshold:=0.6"]
+           "-p", f"segmenter:={DOUBLE}", "-p", "max_input_age_s:=2.0", "-p", "score_treshold:=0.6",
+           "-p", "qos_overrides./camera/color/image_raw.subscription.reliability:=reliable"]
     log_path = tmp_path / "node.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -44,6 +45,7 @@ def test_node_process_with_params_file_serves_and_exits_cleanly(tmp_path):
     text = log_path.read_text()
     assert "ready: waiting for images and commands" in text, text
     assert "no such parameter, ignored: score_treshold" in text, text  # a misspelt name is said, not dropped
+    assert "QoS overrides are not read by this node, ignored: qos_overrides./camera/color/image_raw" in text, text
     assert "threads still running" not in text, text  # every thread joined: no hard exit needed
 
 

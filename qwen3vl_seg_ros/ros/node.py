@@ -254,11 +254,15 @@ class SegmentationNode(LifecycleNode):
         """A misspelt name in a params file (score_treshold) is dropped by rclpy without a word,
         leaving the default in force: warned (not refused: a ``/**`` file may serve other nodes)."""
         known = set(BY_NAME) | {"autostart", "use_sim_time", "start_type_description_service"}
-        unknown = sorted(name for name in self._parameter_overrides
-                         if name not in known and not name.startswith("qos_overrides."))
-        if unknown:
-            self.get_logger().warning(f"no such parameter, ignored: {', '.join(unknown)} "
+        unknown = sorted(name for name in self._parameter_overrides if name not in known)
+        qos = [name for name in unknown if name.startswith("qos_overrides.")]
+        others = [name for name in unknown if name not in qos]
+        if others:
+            self.get_logger().warning(f"no such parameter, ignored: {', '.join(others)} "
                                       f"(the parameters: config/params.yaml or --help)")
+        if qos:  # ROS's QoS overrides need each topic created for them; image_qos is the way here
+            self.get_logger().warning(f"QoS overrides are not read by this node, ignored: {', '.join(qos)} "
+                                      f"(the input QoS is the parameter image_qos; outputs are reliable)")
 
     def _widen_integer_overrides(self) -> None:
         """``max_rate_hz: 10`` in a params file (or ``-p max_input_age_s:=2``) is an integer to
