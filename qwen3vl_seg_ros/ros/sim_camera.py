@@ -330,9 +330,11 @@ class SimCamera(Node):
         image, depth, info = self._messages
         for msg in (image, depth, info):
             msg.header.stamp = stamp
+        # CameraInfo first: the node keeps the latest one, and a new scene's intrinsics differ, so
+        # a frame that arrived before its CameraInfo could be projected with the last scene's K.
+        self._info_pub.publish(info)
         self._image_pub.publish(image)
         self._depth_pub.publish(depth)
-        self._info_pub.publish(info)
 
     def _on_timer(self) -> None:
         if self.scene_period_s > 0 and time.monotonic() - self._scene_started >= self.scene_period_s:
