@@ -213,15 +213,21 @@ def _aspect(size: tuple[int, int]) -> float:
     return float(size[0]) / float(size[1])
 
 
-def _same_aspect(a: tuple[int, int], b: tuple[int, int], tol: float) -> bool:
-    return abs(_aspect(a) / _aspect(b) - 1.0) <= tol
+def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether ``a`` is ``b`` resized by one factor, up to a pixel of rounding on either side.
+
+    Why not a relative tolerance: 1 % let RealSense's native depth (848x480, another sensor with
+    another field of view) pass for a resize of its 1280x720 colour image (0.6 % apart). Every
+    true resize rounds each side to the nearest (or lower) pixel, so it is within one pixel.
+    """
+    (aw, ah), (bw, bh) = a, b
+    return abs(aw * bh / bw - ah) <= 1.0 and abs(ah * bw / bh - aw) <= 1.0
 
 
 def resolve_depth_intrinsics(
     image_size: tuple[int, int],
     depth_size: tuple[int, int],
     intrinsics: CameraIntrinsics,
-    aspect_tolerance: float = 0.01,
 ) -> CameraIntrinsics:
     """Intrinsics of the depth image, from the colour camera's CameraInfo.
 
@@ -241,12 +247,12 @@ def resolve_depth_intrinsics(
     if min(iw, ih, dw, dh) <= 0:
         raise InputError(f"empty image ({iw}x{ih}) or depth image ({dw}x{dh})")
     cam = (intrinsics.width, intrinsics.height)
-    if not _same_aspect(cam, (iw, ih), aspect_tolerance):
+    if not _same_aspect(cam, (iw, ih)):
         raise InputError(
             f"camera_info is for a {cam[0]}x{cam[1]} image but the colour image is {iw}x{ih} "
             "(another aspect ratio): the camera_info topic does not belong to this image"
         )
-    if not _same_aspect((dw, dh), (iw, ih), aspect_tolerance):
+    if not _same_aspect((dw, dh), (iw, ih)):
         raise InputError(
             f"depth image is {dw}x{dh} but the colour image is {iw}x{ih}: the aspect ratios "
             f"({_aspect((dw, dh)):.4f} vs {_aspect((iw, ih)):.4f}) differ, so the depth is not "
@@ -646,7 +652,7 @@ def _check_inputs(
             )
     if image_shape is None:
         return d.shape[0], d.shape[1]
-    if not _same_aspect((image_shape[1], image_shape[0]), (d.shape[1], d.shape[0]), 0.01):
+    if not _same_aspect((image_shape[1], image_shape[0]), (d.shape[1], d.shape[0])):
         raise InputError(
             f"masks are {image_shape[1]}x{image_shape[0]} but depth is {d.shape[1]}x{d.shape[0]} "
             "(another aspect ratio): depth is not registered to the image"

@@ -193,6 +193,18 @@ def test_intrinsics_aspect_mismatch_is_an_error_naming_both_sizes() -> None:
         resolve_depth_intrinsics((640, 480), (640, 480), CameraIntrinsics(0.0, 600.0, 319.5, 239.5, 640, 480))
 
 
+def test_a_depth_size_is_a_resize_up_to_a_pixel() -> None:
+    """RealSense's unaligned depth (848x480) is 0.6 % from a 1280x720 image's aspect ratio: a 1 %
+    tolerance took it for a resize of the colour image. Sizes rounded from one scale pass."""
+    hd = CameraIntrinsics(900.0, 900.0, 639.5, 359.5, 1280, 720)
+    with pytest.raises(InputError, match="depth image is 848x480 but the colour image is 1280x720"):
+        resolve_depth_intrinsics((1280, 720), (848, 480), hd)
+    for size in ((427, 240), (426, 240), (640, 360), (1920, 1080), (1281, 720)):
+        assert resolve_depth_intrinsics((1280, 720), size, hd).width == size[0]
+    with pytest.raises(InputError, match="camera_info is for a 848x480 image"):
+        resolve_depth_intrinsics((1280, 720), (1280, 720), CameraIntrinsics(600.0, 600.0, 423.5, 239.5, 848, 480))
+
+
 def test_depth_frame_mismatch_reason() -> None:
     reason = depth_frame_mismatch("cam_color_optical_frame", "cam_depth_optical_frame")
     assert "cam_depth_optical_frame" in reason and "cam_color_optical_frame" in reason
