@@ -109,4 +109,7 @@ def load_segmenter_class(spec: str) -> type[Segmenter]:
 
 def create_segmenter(spec: str, options: SegmenterOptions, progress: ProgressFn | None = None) -> Segmenter:
     """Builds the segmenter named by ``spec`` (see :func:`load_segmenter_class`)."""
-    return load_segmenter_class(spec).from_options(options, progress)
+    segmenter = load_segmenter_class(spec).from_options(options, progress)
+    if not isinstance(segmenter, Segmenter):  # an integrator's from_options without its return
+        raise SegmenterError(f"'{spec}'.from_options returned {type(segmenter).__name__}, not a Segmenter")
+    return segmenter

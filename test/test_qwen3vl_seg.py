@@ -380,7 +380,8 @@ def test_weight_free_heads(seg_folder: Path, head: str, with_depth: bool, source
 def test_auto_without_decoder_uses_depth_then_grabcut(seg_folder: Path, tmp_path: Path) -> None:
     folder = tmp_path / "no_decoder"
     shutil.copytree(seg_folder, folder)
-    (folder / "mask_decoder.safetensors").unlink()
+    for name in ("mask_decoder.safetensors", "mask_decoder_config.json"):  # half of one is an error
+        (folder / name).unlink()
     seg = Qwen3VLSeg.from_options(SegmenterOptions(model=str(folder), device="cpu"))
     assert seg.decoder is None
     depth = np.full((H, W), np.nan, np.float32)

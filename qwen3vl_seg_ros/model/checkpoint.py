@@ -32,6 +32,13 @@ def has_decoder(folder: str | Path) -> bool:
     return (folder / DECODER_WEIGHTS).is_file() and (folder / DECODER_CONFIG).is_file()
 
 
+def has_decoder_file(folder: str | Path) -> bool:
+    """Whether ``folder`` holds either decoder file: such a folder is loaded as a decoder, so that
+    half of one is an error naming the missing file, not a silent switch to another mask head."""
+    folder = Path(folder)
+    return (folder / DECODER_WEIGHTS).exists() or (folder / DECODER_CONFIG).exists()
+
+
 def save_decoder(decoder: BoxGuidedMaskDecoder, folder: str | Path) -> Path:
     """Writes the decoder's weights and configuration into ``folder`` (created if needed)."""
     folder = Path(folder)
@@ -91,7 +98,10 @@ def load_decoder(
         config = MaskDecoderConfig.load(folder / DECODER_CONFIG)
     except (ValueError, TypeError) as exc:
         raise DecoderCheckpointError(f"{folder / DECODER_CONFIG}: {exc}") from exc
-    decoder = BoxGuidedMaskDecoder(config)
+    try:
+        decoder = BoxGuidedMaskDecoder(config)
+    except (ValueError, TypeError, RuntimeError) as exc:  # sizes torch refuses, e.g. far too large
+        raise DecoderCheckpointError(f"{folder / DECODER_CONFIG}: cannot build the decoder: {exc}") from exc
     try:
         state = load_file(str(folder / DECODER_WEIGHTS), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:  # e.g. a pickle renamed to .safetensors

@@ -62,12 +62,26 @@ class MaskDecoderConfig:
         self.stem_channels = tuple(int(c) for c in self.stem_channels)  # type: ignore[assignment]
         self.image_mean = tuple(float(v) for v in self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(float(v) for v in self.image_std)  # type: ignore[assignment]
+        self._check_sizes()
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if len(self.stem_channels) != 3:
             raise ValueError("stem_channels needs three widths (strides 2, 4, 8)")
         if not self.vit_layers:
             raise ValueError("vit_layers must name at least one ViT block")
+
+    def _check_sizes(self) -> None:
+        """A hand-edited JSON (num_heads 0, a negative width, "16" as a string) would otherwise fail
+        deep inside torch as a ZeroDivisionError or TypeError that names no field."""
+        sizes = ("vit_dim", "visual_token_dim", "llm_dim", "merge_size", "dim", "num_heads", "mlp_dim",
+                 "num_query_layers", "llm_hidden_dim", "fourier_freqs", "pos_grid", "pixel_dim", "max_image_side")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if any(c <= 0 for c in self.stem_channels) or any(i < 0 for i in self.vit_layers):
+            raise ValueError(f"stem_channels must be positive and vit_layers >= 0, got {self.stem_channels} "
+                             f"and {self.vit_layers}")
 
     @classmethod
     def for_qwen3vl(cls, qwen_config: Any, size: str = "base", **overrides: Any) -> MaskDecoderConfig:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from transformers import AutoProcessor, ProcessorMixin, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from qwen3vl_seg_ros.model.checkpoint import lfs_pointer_note
+from qwen3vl_seg_ros.model.checkpoint import DECODER_WEIGHTS, lfs_pointer_note
 from qwen3vl_seg_ros.types import SegmenterError
 
 PACKAGE = "qwen3vl_seg_ros"
@@ -119,8 +119,17 @@ def check_qwen3vl_folder(folder: Path) -> None:
     model_type = config.get("model_type")
     if model_type != "qwen3_vl":
         raise SegmenterError(f"'{folder}' holds a '{model_type}' model; a Qwen3-VL (qwen3_vl) one is needed")
-    if not any(folder.glob("*.safetensors")):
-        raise SegmenterError(f"'{folder}' has no .safetensors weights (other formats are not loaded)")
+    if not any(path.name != DECODER_WEIGHTS for path in folder.glob("*.safetensors")):
+        pickles = sorted(path.name for path in folder.glob("*.bin")) + sorted(path.name for path in folder.glob("*.pt"))
+        found = f" ({', '.join(pickles[:3])} found: pickle files, which are never loaded)" if pickles else ""
+        raise SegmenterError(f"'{folder}' has no .safetensors weights for the model{found}; "
+                             "convert the checkpoint to safetensors")
+    if (folder / "adapter_config.json").is_file():
+        # transformers would apply it inside from_pretrained, unmerged, under a decoder and a
+        # score calibration fitted without it (and the GPU fast path turns off for it)
+        raise SegmenterError(f"'{folder}' holds a PEFT adapter (adapter_config.json): this node loads merged "
+                             "checkpoints only; merge it into the weights (peft's merge_and_unload, or this "
+                             "package's training export) and remove adapter_config.json")
 
 
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
@@ -161,6 +170,9 @@ def load_processor(folder: Path, image_max_pixels: int = 0) -> ProcessorMixin:
         raise SegmenterError(
             f"cannot load the processor (tokenizer, image processor, chat template) from '{folder}': {exc}"
         ) from exc
+    if not getattr(processor, "chat_template", None):  # else every command fails at apply_chat_template
+        raise SegmenterError(f"'{folder}' has no chat template (chat_template.jinja or chat_template.json, or "
+                             "'chat_template' in tokenizer_config.json): copy it from the base checkpoint")
     if image_max_pixels > 0:
         size = processor.image_processor.size  # a dict or a SizeDict, by version and backend
         shortest = size.get("shortest_edge") if isinstance(size, Mapping) else getattr(size, "shortest_edge", 0)
@@ -172,7 +184,7 @@ def load_processor(folder: Path, image_max_pixels: int = 0) -> ProcessorMixin:
 
 
 def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").strip()
+    name = (name or "auto").strip().lower()  # as dtype: "CUDA:0" means what "cuda:0" does
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -209,8 +221,9 @@ def load_qwen3vl(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen
     """Loads the model from safetensors in ``folder`` onto ``device``, in eval mode.
 
     A tensor the architecture has and the files lack (a truncated merge or export, keys of
-    another layout) is an error, as it is for the mask decoder: transformers would give it
-    random values and only print a table, and the node would answer nonsense without a word.
+    another layout), or one the files have and the architecture lacks (a config.json with fewer
+    layers than the weights: a trained layer thrown away), is an error, as it is for the mask
+    decoder: transformers would only print a table, and the node would answer nonsense.
     """
     check_qwen3vl_folder(folder)
     try:
@@ -221,10 +234,18 @@ def load_qwen3vl(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen
         notes = "".join(lfs_pointer_note(path) for path in sorted(folder.glob("*.safetensors")))
         raise SegmenterError(f"cannot load the Qwen3-VL weights from '{folder}': "
                              f"{type(exc).__name__}: {exc}{notes}") from exc
+    except RuntimeError as exc:  # transformers 5 raises it for a tensor of another shape
+        shapes = "ignore_mismatched_sizes" in str(exc)
+        why = ("some tensors have another shape than config.json says (transformers' load report on stderr names "
+               "them): another model's config.json, or a vocab_size not updated after adding tokens"
+               if shapes else f"{type(exc).__name__}: {exc}")
+        raise SegmenterError(f"cannot load the Qwen3-VL weights from '{folder}': {why}") from exc
     problems = [f"{what} {sorted(map(str, info.get(key) or []))[:5]}{' ...' if len(info.get(key) or []) > 5 else ''}"
-                for key, what in (("missing_keys", "missing"), ("mismatched_keys", "of another shape"))
+                for key, what in (("missing_keys", "missing"), ("unexpected_keys", "not in the architecture"),
+                                  ("mismatched_keys", "of another shape"))
                 if info.get(key)]
     if problems:
         raise SegmenterError(f"the Qwen3-VL weights in '{folder}' do not fit its config.json: tensors "
-                             + "; ".join(problems) + " (a truncated or partial checkpoint, or another model's files)")
+                             + "; ".join(problems) + " (a truncated or partial checkpoint, another model's files, "
+                             "or a config.json of another size)")
     return model.to(device).eval()

@@ -29,7 +29,12 @@ from PIL import Image
 from qwen3vl_seg_ros.commands import markup_pattern, markup_tokens, strip_markup_tokens
 from qwen3vl_seg_ros.grounding import SEG_TOKEN, ParsedAnswer, build_prompt, normalize_command, parse_answer
 from qwen3vl_seg_ros.masks import MaskEstimate, mask_box, weight_free_mask
-from qwen3vl_seg_ros.model.checkpoint import DECODER_WEIGHTS, DecoderCheckpointError, has_decoder, load_decoder
+from qwen3vl_seg_ros.model.checkpoint import (
+    DECODER_WEIGHTS,
+    DecoderCheckpointError,
+    has_decoder_file,
+    load_decoder,
+)
 from qwen3vl_seg_ros.model.fast_generation import (
     FastGreedyGenerator,
     FastInputs,
@@ -211,9 +216,7 @@ class Qwen3VLSeg(Segmenter):
             self.run_decoder = GraphedMaskDecoder(decoder)
         self.mask_head = _valid_mask_head(options.mask_head)
         if self.mask_head == "decoder" and decoder is None:
-            raise SegmenterError(
-                "mask_head 'decoder' needs a trained mask decoder: set 'decoder' to a folder with "
-                "mask_decoder.safetensors and mask_decoder_config.json, or use mask_head auto/grabcut/depth/box")
+            raise SegmenterError(NO_DECODER_FOR_MASK_HEAD)
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -223,6 +226,8 @@ class Qwen3VLSeg(Segmenter):
         apply_thread_count(options.num_threads)
         folder = resolve_model_folder(options.model, options.local_files_only)
         check_qwen3vl_folder(folder)
+        if options.mask_head == "decoder" and _decoder_folder(options, folder) is None:
+            raise SegmenterError(NO_DECODER_FOR_MASK_HEAD)  # before minutes of loading, not after
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         _say(progress, f"loading Qwen3-VL from {folder} on {device} ({str(dtype).removeprefix('torch.')})")
@@ -254,8 +259,8 @@ class Qwen3VLSeg(Segmenter):
                       dtype: torch.dtype, progress: ProgressFn | None) -> BoxGuidedMaskDecoder | None:
         if options.mask_head in ("grabcut", "depth", "box"):
             return None
-        decoder_folder = Path(options.decoder).expanduser() if options.decoder.strip() else folder
-        if not options.decoder.strip() and not has_decoder(folder):
+        decoder_folder = _decoder_folder(options, folder)
+        if decoder_folder is None:
             _say(progress, f"no mask decoder in {folder}: masks come from weight-free heads (lower quality)")
             return None
         try:
@@ -278,12 +283,8 @@ class Qwen3VLSeg(Segmenter):
             raise SegmenterError(f"{exc}; fix or delete the file, or set calibrate_scores to false") from exc
         if calibration is None:
             return None
-        why_not = ""
-        if not _decoder_in_use(decoder, options.mask_head) or options.decoder.strip():
-            why_not = "it was fitted on this folder's own mask decoder, which is not in use"
-        elif calibration.decoder_sha256 and calibration.decoder_sha256 != file_sha256(folder / DECODER_WEIGHTS):
-            why_not = f"it was fitted for another mask decoder than this folder's {DECODER_WEIGHTS}"
-        elif calibration.box_refine_passes != options.box_refine_passes:
+        why_not = _decoder_mismatch(calibration, options, folder, decoder)
+        if not why_not and calibration.box_refine_passes != options.box_refine_passes:
             why_not = (f"it was fitted with box_refine_passes={calibration.box_refine_passes}, "
                        f"not {options.box_refine_passes}")
         if why_not:
@@ -530,6 +531,39 @@ def _valid_mask_head(head: str) -> str:
     if head not in MASK_HEADS:
         raise SegmenterError(f"mask_head '{head}' is unknown; use one of {', '.join(MASK_HEADS)}")
     return head
+
+
+NO_DECODER_FOR_MASK_HEAD = (
+    "mask_head 'decoder' needs a trained mask decoder: set 'decoder' to a folder with "
+    "mask_decoder.safetensors and mask_decoder_config.json, or use mask_head auto/grabcut/depth/box")
+
+
+def _decoder_folder(options: SegmenterOptions, folder: Path) -> Path | None:
+    """Where the mask decoder is loaded from: the ``decoder`` option, else the model folder when
+    it holds either decoder file (half a decoder is loaded, so that the error names the missing
+    file, rather than silently replaced by the weight-free heads); None when there is none."""
+    if options.decoder.strip():
+        return Path(options.decoder).expanduser()
+    if has_decoder_file(folder):
+        return folder
+    return None
+
+
+def _decoder_mismatch(calibration: ScoreCalibration, options: SegmenterOptions, folder: Path,
+                      decoder: BoxGuidedMaskDecoder | None) -> str:
+    """Why ``folder``'s calibration does not fit the decoder in use, or "". Judged by the hash of
+    the weights in use, wherever they were loaded from: ``decoder`` set to the model folder itself
+    (or to a copy of its decoder) keeps the calibration."""
+    decoder_folder = _decoder_folder(options, folder)
+    if not _decoder_in_use(decoder, options.mask_head) or decoder_folder is None:
+        return "it was fitted on this folder's own mask decoder, which is not in use"
+    if calibration.decoder_sha256:
+        if calibration.decoder_sha256 != file_sha256(decoder_folder / DECODER_WEIGHTS):
+            return f"it was fitted for another mask decoder than {decoder_folder / DECODER_WEIGHTS}"
+        return ""
+    if decoder_folder.resolve() != folder.resolve():  # an old file without a hash: same folder only
+        return "it was fitted on this folder's own mask decoder, which is not in use"
+    return ""
 
 
 def _decoder_in_use(decoder: BoxGuidedMaskDecoder | None, mask_head: str) -> bool:

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3vl_seg_ros.grounding import SEG_TOKEN
-from qwen3vl_seg_ros.model.checkpoint import DECODER_CONFIG, DECODER_WEIGHTS, has_decoder, load_decoder, save_decoder
+from qwen3vl_seg_ros.model.checkpoint import (
+    DECODER_CONFIG,
+    DECODER_WEIGHTS,
+    has_decoder_file,
+    load_decoder,
+    save_decoder,
+)
 from qwen3vl_seg_ros.model.configuration import MaskDecoderConfig
 from qwen3vl_seg_ros.model.mask_decoder import BoxGuidedMaskDecoder
 from qwen3vl_seg_ros.model.token_choice import number_token_ids
@@ -151,8 +157,8 @@ def ensure_seg_token(model: nn.Module, tokenizer: Any) -> bool:
 
 
 def build_decoder(cfg: ModelConfig, base_folder: Path, model: nn.Module) -> BoxGuidedMaskDecoder:
-    """The base folder's decoder when it has one, else a new one sized for the model."""
-    if has_decoder(base_folder):
+    """The base folder's decoder when it has one (half of one is an error), else a new one."""
+    if has_decoder_file(base_folder):
         return load_decoder(base_folder).float().train()
     options = dict(cfg.decoder)
     size = options.pop("size", "tiny")
@@ -160,15 +166,13 @@ def build_decoder(cfg: ModelConfig, base_folder: Path, model: nn.Module) -> BoxG
 
 
 def load_base(cfg: ModelConfig, base_folder: Path) -> tuple[nn.Module, Any, BoxGuidedMaskDecoder, bool]:
-    """Model (fp32, CPU), processor, decoder and whether the tokenizer changed, via the production loaders."""
-    from transformers import Qwen3VLForConditionalGeneration
+    """Model (fp32, CPU), processor, decoder and whether the tokenizer changed, via the production
+    loaders: a truncated base checkpoint is refused, not trained on top of random layers."""
+    from qwen3vl_seg_ros.model.loading import check_qwen3vl_folder, load_processor, load_qwen3vl
 
-    from qwen3vl_seg_ros.model.loading import check_qwen3vl_folder, load_processor
-
-    check_qwen3vl_folder(base_folder)
+    check_qwen3vl_folder(base_folder)  # first: "not a model folder" rather than a processor error
     processor = load_processor(base_folder)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        base_folder, dtype=torch.float32, local_files_only=True, use_safetensors=True)
+    model = load_qwen3vl(base_folder, torch.device("cpu"), torch.float32)
     changed = ensure_seg_token(model, processor.tokenizer)
     grow_text_layers(model, cfg.grow_text_layers)
     if cfg.image_pixels:
