@@ -39,7 +39,8 @@ def set_params(node: NodeHarness, **values) -> None:
 
 
 def publish(system, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", depth_frame="camera_optical",
-            info=True, info_scene: Scene | None = None, image_frame="camera_optical") -> None:
+            info=True, info_scene: Scene | None = None, image_frame="camera_optical",
+            info_frame: str | None = None) -> None:
     """Publishes one RGB-D frame and waits until the node holds it (image, depth and info)."""
     node, client = system
     stamp = client.node.get_clock().now().to_msg()
@@ -54,7 +55,8 @@ def publish(system, scene: Scene, depth: np.ndarray, depth_encoding="32FC1", dep
         client.image_pub.publish(image_msg(scene.rgb(), "rgb8", frame_id=image_frame, stamp=stamp))
         client.depth_pub.publish(image_msg(depth, depth_encoding, frame_id=depth_frame, stamp=stamp))
         if info:
-            client.info_pub.publish(camera_info_msg(info_scene or scene, frame_id=image_frame, stamp=stamp))
+            client.info_pub.publish(camera_info_msg(info_scene or scene, stamp=stamp,
+                                                    frame_id=image_frame if info_frame is None else info_frame))
         if wait_for(holds, 1.0):
             return
     raise AssertionError("the node did not receive the published frame")
@@ -218,6 +220,20 @@ def test_depth_in_another_frame_is_reported_not_mixed(system):
     obj = result.objects[0]
     assert not obj.has_3d and "differs from the colour image frame" in obj.status_3d
     assert "other_camera" in result.message
+
+
+@pytest.mark.parametrize("empty", ["depth image", "camera_info"])
+def test_depth_or_camera_info_without_a_frame_is_used_with_a_warning(system, empty):
+    """Whether they belong to the colour camera cannot be checked: said, not silent."""
+    node, client = system
+    scene = Scene()
+    publish(system, scene, scene.depth_m(), depth_frame="" if empty == "depth image" else "camera_optical",
+            info_frame="" if empty == "camera_info" else None)
+    result = client.call("red").result
+    assert result.status == SegmentationResult.OK and result.objects[0].has_3d
+    assert f"{empty} has an empty header.frame_id: cannot check that it belongs to 'camera_optical'" in result.message
+    other = "camera_info" if empty == "depth image" else "depth image"
+    assert f"{other} has an empty" not in result.message
 
 
 def test_empty_camera_frame_gives_2d_with_reason(system):

@@ -122,6 +122,8 @@ class ThreeDStage:
             resolve_depth_intrinsics((w, h), (dw, dh), CameraIntrinsics(1, 1, 0, 0, w, h))
         if reason:
             warnings.append(reason)
+        elif intrinsics is not None:
+            warnings.extend(_unchecked_frames(frame_id, frame))
         hint = depth_unit_hint(depth, frame.depth.encoding, float(self._node.p("min_depth_m")),
                                float(self._node.p("max_depth_m")))
         if hint:
@@ -267,3 +269,11 @@ def depth_unit_hint(depth_m: np.ndarray, encoding: str, min_depth_m: float, max_
                 f"use 16UC1 for millimetres)")
     return ""
 
+
+def _unchecked_frames(frame_id: str, frame: Frame) -> list[str]:
+    """Warnings for a depth image or CameraInfo without a frame_id: used, but whether it belongs to
+    the colour camera cannot be checked (a driver that leaves it empty may well publish unaligned
+    depth)."""
+    parts = (("depth image", frame.depth), ("camera_info", frame.camera_info))
+    return [f"{what} has an empty header.frame_id: cannot check that it belongs to '{frame_id}'"
+            for what, msg in parts if msg is not None and not msg.header.frame_id.strip("/ ")]
