@@ -9,7 +9,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +45,29 @@ def repeating(action: Callable[[], None], period_s: float) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+def udp_only_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a DDS process that a test kills or freezes (SIGKILL, SIGSTOP) mid-traffic.
+
+    Why: Fast DDS's shared-memory transport has each writer lock the reader's port, a mutex in
+    memory shared between the processes. A reader stopped or killed while it holds that lock
+    leaves it held, and a writer in the test process then blocks in C with the GIL held: the
+    whole pytest process freezes, deaf to pytest-timeout, until the hard limit ends the run (and
+    a frozen reader is only resumed by the test process itself). Over UDP there is no shared lock.
+    Such a process talks to the test process (localhost discovery, shared memory) over UDP only:
+    ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST makes rmw_fastrtps add shared memory whatever
+    FASTDDS_BUILTIN_TRANSPORTS says, so the process uses SUBNET discovery with UDPv4 only; the
+    test process still finds it through its unicast localhost discovery. The test's own domain
+    (test/conftest.py) keeps it apart from anything else on the network.
+    """
+    return {**env, "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET", "FASTDDS_BUILTIN_TRANSPORTS": "UDPv4"}
+
+
+def fastdds_shm_mapped(pid: int) -> list[str]:
+    """The Fast DDS shared-memory files process ``pid`` has mapped (none for a UDP-only one)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({line.split()[-1] for line in maps.splitlines() if "/dev/shm/fastdds" in line})
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str | None:

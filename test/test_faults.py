@@ -34,7 +34,7 @@ from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
 from qwen3vl_seg_ros.srv import Segment
 
-from helpers import read_line, wait_for
+from helpers import fastdds_shm_mapped, read_line, udp_only_env, wait_for
 from reliability_helpers import System, namespaced_context
 from ros_harness import DOUBLE, Client, Scene, must_call_service
 
@@ -314,8 +314,9 @@ def test_frozen_subscriber_and_frozen_client_never_hold_up_the_node():
     try:
         with s.client.streaming(scene, rate_hz=15):
             peer = subprocess.Popen([sys.executable, "-c", FROZEN_PEER], stdout=subprocess.PIPE, text=True,
-                                    env=dict(os.environ), cwd=ROOT)
+                                    env=udp_only_env(os.environ), cwd=ROOT)
             assert read_line(peer, timeout=60.0) == "ready", "the peer did not start within 60 s"
+            assert fastdds_shm_mapped(peer.pid) == []  # see udp_only_env: stopped, it holds no lock of ours
             # freeze it once its 3 requests have reached the node (a request still in flight when its
             # writer freezes may never arrive); each takes 0.3 s, so most answers meet a frozen client
             assert wait_for(lambda: s.node._scheduler.pending_count() + s.node._stats["ok"] >= 3, 20)
@@ -347,7 +348,8 @@ def start_node(namespace: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwen3vl_seg_ros.ros.node", "--ros-args", "-r", f"__ns:=/{namespace}",
            "-p", f"segmenter:={DOUBLE}", "-p", "max_input_age_s:=2.0", "-p", "diagnostics_period_s:=0.5"]
     with open(log, "a") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=ROOT)
+        # killed mid-traffic below: over UDP, so that no lock it held in shared memory stays held
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=udp_only_env(os.environ), cwd=ROOT)
 
 
 @pytest.mark.ros
@@ -365,6 +367,7 @@ def test_kill_restart_under_load_and_graceful_stop(tmp_path, capsys):
     node_b = None
     try:
         client.wait_connected(timeout=30.0)
+        assert fastdds_shm_mapped(node_a.pid) == []  # see udp_only_env
         with client.streaming(Scene(), rate_hz=10):
             # before: served
             result = segment_once(planner, executor, service, "red", timeout_s=2.0, wait_s=10.0)
