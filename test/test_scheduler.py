@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
+
+import pytest
 
 from qwen3vl_seg_ros.ros.scheduler import Job, Scheduler
 from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
@@ -310,4 +313,65 @@ def test_a_request_timing_out_behind_a_warm_up_is_told_so():
         assert "warming up for a new frame size" in reason and "synchronized frame" not in reason, reason
     finally:
         release.set()
+        sched.stop()
+
+
+class ReleaseHookCondition(threading.Condition):
+    """The scheduler's lock, calling ``hook`` each time the inference thread leaves a ``with``
+    block on it, from its first idle wait on (so the count does not depend on how far the
+    thread got at start). The lock is free then: the hook does what an executor callback could
+    do at that instant (a race forced, not waited for)."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        super().__init__()
+        self.hook: Callable[[], None] | None = hook
+        self._idle_seen = False
+
+    @staticmethod
+    def _on_inference_thread() -> bool:
+        return threading.current_thread().name == "qwen3vl_seg_inference"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._on_inference_thread():
+            self._idle_seen = True
+        return super().wait(timeout)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        hook = self.hook
+        if hook is not None and self._idle_seen and self._on_inference_thread():
+            hook()
+
+
+@pytest.mark.parametrize("release", [1, 2, 3])
+def test_a_warm_up_queued_before_a_request_runs_first_wherever_the_loop_is(release):
+    """node._on_image queues the warm-up for a new frame size before the frame is stored and a
+    request can take it: the warm-up must run first, whichever lock release of the inference
+    thread the three arrive at (between "no chore" and "plan", the request overtook it)."""
+    frames = RgbdSynchronizer(use_depth=False)
+    order: list[str] = []
+    sched = Scheduler(frames, lambda job, frame: order.append(f"run {job.request_id}"), lambda job, r: None)
+    releases, arrived = [], threading.Event()
+
+    def arrive() -> None:  # what the executor does for a frame of a new size, then a request
+        releases.append(1)
+        if len(releases) < release:
+            return
+        cv.hook = None  # once (the calls below take the lock too)
+        sched.run_soon(lambda: order.append("warm-up"))
+        frames.add_image("img", 0.0, time.monotonic())
+        sched.notify_frame()
+        one_shot(sched, "r1", timeout=30.0)
+        arrived.set()
+
+    sched._cv = cv = ReleaseHookCondition(arrive)  # before the threads start
+    sched.start()
+    sched.set_active(True)
+    try:
+        # wake the idle loop until it has released the lock `release` times
+        assert wait_for(lambda: (sched.notify_frame(), arrived.is_set())[1], 10)
+        assert wait_for(lambda: len(order) == 2, 10)
+        assert order == ["warm-up", "run r1"]
+    finally:
+        cv.hook = None
         sched.stop()

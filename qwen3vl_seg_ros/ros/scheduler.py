@@ -196,24 +196,26 @@ class Scheduler:
         if straggler is not None:  # never two model calls at once: wait for the old one to return
             straggler.join()
         while True:
+            # one lock section for "a chore?" and "which job?": with two, a warm-up queued between
+            # them (the first frame of a new size, then a request on it) was overtaken by the job
             with self._cv:
                 if self._stopping or gen != self._generation:
                     return
                 chore = self._chores.popleft() if self._chores else None
+                if chore is not None:
+                    self._chore_since = self._clock()  # a request timing out meanwhile is told so
+                else:
+                    expired, picked, wait_s = self._plan(self._clock())
+                    if picked is None and not expired:
+                        self._cv.wait(timeout=wait_s)
+                        continue
+                    if picked is not None:
+                        self._busy_job, self._busy_since = picked[0], self._clock()
+                        picked[0].session = self._session
+                        self._cv.notify_all()  # the watchdog now watches this job's deadline
             if chore is not None:
                 self._run_chore(chore)
                 continue
-            with self._cv:
-                if self._stopping or gen != self._generation:
-                    return
-                expired, picked, wait_s = self._plan(self._clock())
-                if picked is None and not expired and not self._chores:
-                    self._cv.wait(timeout=wait_s)
-                    continue
-                if picked is not None:
-                    self._busy_job, self._busy_since = picked[0], self._clock()
-                    picked[0].session = self._session
-                    self._cv.notify_all()  # the watchdog now watches this job's deadline
             for job, reason in expired:
                 self._answer_failure(job, reason)
             if picked is not None:
@@ -237,9 +239,8 @@ class Scheduler:
             self._cv.notify_all()
 
     def _run_chore(self, chore: Callable[[], None]) -> None:
-        # a failed warm-up must not stop serving; the chore logs its own failure
-        with self._cv:
-            self._chore_since = self._clock()  # a request timing out meanwhile is told so
+        """Runs a chore that ``_loop`` took (and marked in ``_chore_since``). A failed warm-up
+        must not stop serving: the chore logs its own failure."""
         try:
             with contextlib.suppress(Exception):
                 chore()
