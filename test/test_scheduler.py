@@ -165,7 +165,8 @@ def test_continuous_mode_does_not_rerun_an_unchanged_frame():
 
 def test_continuous_command_published_again_changes_nothing():
     """Planners re-publish their goal at a fixed rate: the same command again neither re-runs the
-    frame already seen nor bypasses max_rate_hz; a new command runs the latest frame at once."""
+    frame already seen nor bypasses max_rate_hz; a new command runs the latest frame (as soon as
+    max_rate_hz allows: see test_alternating_continuous_commands_stay_within_max_rate_hz)."""
     frames, rec, sched = make()
     sched.max_rate_hz = 1.0
     sched.max_input_age_s = 100.0
@@ -181,6 +182,57 @@ def test_continuous_command_published_again_changes_nothing():
         assert wait_for(lambda: len(rec.runs) == 2)
     finally:
         sched.stop()
+
+
+class InferenceClockDouble:
+    """A clock the test moves; counts the inference thread's reads (it reads it to plan)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.planned = 0
+
+    def __call__(self) -> float:
+        if threading.current_thread().name == "qwen3vl_seg_inference":
+            self.planned += 1
+        return self.now
+
+
+def test_alternating_continuous_commands_stay_within_max_rate_hz():
+    """Two publishers alternating goals (a planner and a teleop panel): a change lets the new
+    command run on the frame the old one saw, at once when the rate allows, but it must not
+    restart the rate limit, or the model runs back to back past max_rate_hz."""
+    clock, frames, runs = InferenceClockDouble(), RgbdSynchronizer(use_depth=False), []
+    sched = Scheduler(frames, lambda job, frame: runs.append((job.command, frame.seq)), lambda job, r: None,
+                      clock=clock)
+    sched.max_rate_hz, sched.max_input_age_s = 1.0, 100.0
+
+    def change_and_plan(command: str) -> None:
+        with sched._cv:  # a plan counted after this one saw the new command
+            planned = clock.planned
+            sched.set_continuous(command)
+        assert wait_for(lambda: clock.planned > planned, 5)
+        with sched._cv:  # that plan (and any run it picked) is decided
+            pass
+
+    sched.start()
+    sched.set_active(True)
+    try:
+        frames.add_image("img", 0.0, 0.0)  # one frame, never a new one
+        change_and_plan("the red mug")
+        assert wait_for(lambda: len(runs) == 1, 5)  # a first command runs at once
+        for k in range(1, 10):  # every 0.1 s of the 1 s period, the other goal
+            clock.now = k / 10
+            change_and_plan("the blue cube" if k % 2 else "the red mug")
+        assert runs == [("the red mug", 1)]  # every plan so far is decided, and none ran
+        clock.now = 1.0  # the period has passed: the current goal runs, once
+        sched.notify_frame()
+        assert wait_for(lambda: len(runs) >= 2, 5)
+        clock.now = 5.0  # long after: a new command runs at once, on the frame already seen
+        change_and_plan("the green ball")
+        assert wait_for(lambda: len(runs) >= 3, 5)
+    finally:
+        sched.stop()
+    assert runs == [("the red mug", 1), ("the blue cube", 1), ("the green ball", 1)]
 
 
 def test_a_rate_raised_at_runtime_applies_at_once():

@@ -109,7 +109,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("score_threshold", 0.2, "Objects with a lower score are dropped.", RUNTIME, 0.0, 1.0),
     Param("max_objects", 50, "At most this many objects per result (highest scores kept). The Qwen3-VL "
           "segmenter makes masks for at most 100 objects a frame (the best box scores).", RUNTIME, 1, 10000),
-    Param("max_rate_hz", 5.0, "Continuous mode runs at most this often (0 = as fast as possible).",
+    Param("max_rate_hz", 5.0, "Continuous mode runs at most this often, across changes of command too (0 = as fast as "
+          "possible).",
           RUNTIME, 0.0, 1000.0),
     Param("max_input_age_s", 0.5,
           "Frames older than this (since arrival) are never used; one-shot requests wait for a newer one.",

@@ -163,14 +163,16 @@ class Scheduler:
         whether anything changed.
 
         The same command again changes nothing: planners often re-publish their goal at a fixed
-        rate, and restarting would re-run the last frame each time, past ``max_rate_hz``.
+        rate, and restarting would re-run the last frame each time, past ``max_rate_hz``. A new
+        command may run on the newest frame even if an older one saw it, at once when the rate
+        allows; it does not restart the rate limit, or two publishers alternating goals would
+        drive the model back to back, past ``max_rate_hz``.
         """
         with self._cv:
             if (command or None) == self._continuous:
                 return False
             self._continuous = command or None
-            self._last_continuous_at = -math.inf
-            self._last_seen_seq = 0
+            self._last_seen_seq = 0  # every frame is new to this command; _last_continuous_at stays
             self._cv.notify_all()
             return True
 
