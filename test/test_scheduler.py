@@ -235,6 +235,39 @@ def test_alternating_continuous_commands_stay_within_max_rate_hz():
     assert runs == [("the red mug", 1), ("the blue cube", 1), ("the green ball", 1)]
 
 
+class PairingCounterFrames(RgbdSynchronizer):
+    """The frame store, counting how often the scheduler pairs frames (``latest``)."""
+
+    pairings = 0
+
+    def latest(self, now: float):
+        self.pairings += 1
+        return super().latest(now)
+
+
+def test_frame_notifications_pair_nothing_while_there_is_nothing_to_run():
+    """No request, no continuous command: a frame notification must not pair frames (with
+    sync_queue_size 1000 that held the lock and burnt a core while idle). A request still runs."""
+    clock, frames, rec = InferenceClockDouble(), PairingCounterFrames(use_depth=False), ModelRecorderDouble()
+    sched = Scheduler(frames, rec.run, rec.fail, clock=clock)
+    sched.start()
+    sched.set_active(True)
+    try:
+        frames.add_image("img", 0.0, 0.0)
+        for _ in range(3):
+            with sched._cv:  # what notify_frame does, noting the plans before it
+                planned = clock.planned
+                sched._cv.notify_all()
+            assert wait_for(lambda planned=planned: clock.planned > planned, 5)  # the loop planned after it
+        with sched._cv:  # and that plan is over
+            assert frames.pairings == 0
+        answers: list = []
+        assert sched.submit(Job("cmd", "r1", 0.0, deadline=100.0, reply=answers.append)) is None
+        assert wait_for(lambda: answers, 5) and answers == [("ok", "r1", 1)]
+    finally:
+        sched.stop()
+
+
 def test_a_rate_raised_at_runtime_applies_at_once():
     """From one run per 50 s to 10 Hz: the next run follows the new rate, not the old period."""
     frames, rec, sched = make()

@@ -1,5 +1,8 @@
 """The RGB-D synchronizer's pairing rules (ROS-free: stamps and arrivals are plain floats)."""
 
+import random
+import re
+
 from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
 
 
@@ -114,3 +117,77 @@ def test_clear_can_resize_the_queues():
         sync.add_image(k, float(k), float(k))
         sync.add_depth(k, float(k), float(k))
     assert len(sync._images) == 5 and len(sync._depths) == 5
+
+
+def linear_scan_pair(images, depths, slop_s):
+    """The reference: the newest colour image with a depth within slop_s, paired with the
+    closest one, and of equally close ones the last added (what pairing has always picked)."""
+    for img in reversed(images):
+        best, best_dt = None, slop_s
+        for d in depths:
+            if abs(d[1] - img[1]) <= best_dt:
+                best, best_dt = d, abs(d[1] - img[1])
+        if best is not None:
+            return img[0], best[0]
+    return None
+
+
+def test_pairing_picks_what_a_scan_of_every_depth_picks():
+    """Stamps with few decimals (ties on both sides, repeated stamps of a looping bag) and stamps
+    of 1e-20 s next to 0.03 s (different stamps whose gaps are equal once rounded): the same
+    pair and the same closest gap."""
+    rng = random.Random(7)
+    for case in range(3000):
+        slop = rng.choice([0.0, 0.01, 0.05, 0.2])
+        sync = RgbdSynchronizer(slop_s=slop, queue_size=rng.randint(1, 12))
+        for k in range(rng.randint(1, 20)):
+            if rng.random() < 0.3:
+                stamp = rng.randint(0, 4) * 1e-20
+            else:
+                stamp = round(rng.uniform(0, 0.3), rng.choice([1, 2, 3]))
+            (sync.add_image if rng.random() < 0.5 else sync.add_depth)(f"m{k}", stamp, 0.0)
+        images = [(i.msg, i.stamp) for i in sync._images]
+        depths = [(d.msg, d.stamp) for d in sync._depths]
+        frame = sync.latest(0.0)
+        if not depths:
+            continue
+        assert (frame and (frame.image, frame.depth)) == linear_scan_pair(images, depths, slop), case
+        said = re.search(r"closest stamp gap (\S+) s", sync.explain(0.0))
+        if images and frame is None:
+            closest = min(abs(d[1] - i[1]) for i in images for d in depths)
+            assert said and said.group(1) == f"{closest:.3f}", case
+        else:
+            assert said is None, case
+
+
+def _counted(name: str):
+    """float's operator ``name``, counting its calls in CountingStamp.ops."""
+    def op(self, other):
+        CountingStamp.ops += 1
+        return getattr(float, name)(self, other)
+    return op
+
+
+class CountingStamp(float):
+    """A stamp that counts the subtractions and comparisons made with it."""
+
+    ops = 0
+    __sub__, __rsub__ = _counted("__sub__"), _counted("__rsub__")
+    __lt__, __le__, __gt__, __ge__ = _counted("__lt__"), _counted("__le__"), _counted("__gt__"), _counted("__ge__")
+    __eq__, __ne__ = _counted("__eq__"), _counted("__ne__")
+    __hash__ = float.__hash__
+
+
+def test_pairing_a_long_queue_never_compares_every_image_with_every_depth():
+    """sync_queue_size 1000 and depth from another clock (it never pairs): the scheduler pairs
+    under its lock on every frame, and a scan of every depth per colour image (a million steps
+    for latest(), more for explain()) held it for a tenth of a second."""
+    n = 1000
+    sync = RgbdSynchronizer(slop_s=0.02, queue_size=n)
+    for k in range(n):
+        sync.add_image(k, CountingStamp(1e6 + k / 30), arrival=100.0)
+        sync.add_depth(k, CountingStamp(k / 30), arrival=100.0)
+    CountingStamp.ops = 0
+    assert sync.latest(now=100.0) is None
+    assert "no depth image within sync_slop_s" in sync.explain(now=100.0)
+    assert CountingStamp.ops < 100 * n, CountingStamp.ops

@@ -292,7 +292,9 @@ class Scheduler:
     def _plan(self, now: float) -> tuple[list[tuple[Job, str]], tuple[Job, Frame] | None, float]:
         """Under the lock: expired requests, the job to run next (if any), and how long to wait."""
         expired = self._take_expired(now)
-        if not self._active:
+        if not self._active or not (self._pending or self._continuous):
+            # nothing to run: pairing frames (sync_queue_size may be 1000) would only hold the
+            # lock and burn CPU on every frame notification
             return expired, None, 0.5
         frame = self.frames.latest(now)
         fresh = frame is not None and frame.age(now) <= self.max_input_age_s
