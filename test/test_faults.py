@@ -35,7 +35,7 @@ from qwen3vl_seg_ros.ros.sync import RgbdSynchronizer
 from qwen3vl_seg_ros.srv import Segment
 
 from helpers import fastdds_shm_mapped, read_line, udp_only_env, wait_for
-from reliability_helpers import System, namespaced_context
+from reliability_helpers import System, namespaced_context, results_with, wait_result
 from ros_harness import DOUBLE, Client, Scene, must_call_service
 
 OK, ERROR = SegmentationResult.OK, SegmentationResult.ERROR
@@ -155,6 +155,75 @@ def test_stop_with_a_stuck_model_answers_it_and_never_runs_two_inference_threads
         assert model.replies["stuck"] == 1
     finally:
         sched.stop()
+
+
+def test_a_run_that_claimed_its_result_then_failed_is_still_answered_once():
+    """After claim_result no one else may answer the request: if the run raises after it (a
+    publish failing during a cleanup), the inference thread answers with the error, once."""
+    frames, model, sched = scheduler(delay=0.0)
+    sched.stop()
+    claimed: list[bool] = []
+
+    def run(job: Job, frame) -> None:
+        claimed.append(sched.claim_result(job))
+        raise RuntimeError("publisher destroyed")
+
+    sched._run = run
+    sched.start()
+    sched.set_active(True)
+    answers = submit(sched, model, "r1", timeout=30.0)
+    assert wait_for(lambda: answers, 5)
+    sched.stop()  # the inference thread has ended: a second answer would be here
+    assert claimed == [True]
+    assert answers == [("error", "internal error: RuntimeError: publisher destroyed")]
+    assert model.replies["r1"] == 1
+
+
+@pytest.mark.ros
+def test_a_deadline_passing_while_the_result_is_published_sends_no_second_answer():
+    """The deadline passes after the run published its result and before it returned (the
+    publish and its log line take about a millisecond; forced here with the scheduler's clock):
+    that result is the caller's answer and the only one on ~/result, with no timeout ERROR
+    after it (it was OK on ~/result, then ERROR there and to the caller, neither marked late)."""
+    s = System("faults_result_race")
+    sched = s.node._scheduler
+    skew, forced, seen_by_watchdog = [0.0], [], threading.Event()
+    sched._clock = lambda: time.monotonic() + skew[0]
+    wait = sched._cv.wait
+
+    def noting_wait(timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "qwen3vl_seg_deadlines":
+            seen_by_watchdog.set()  # it has looked at the running request and found nothing to do
+        return wait(timeout)
+
+    publish = s.node._publish_result
+
+    def publish_then_pass_the_deadline(result: SegmentationResult) -> None:
+        publish(result)
+        if result.request_id == "race" and result.status == OK and not forced:
+            forced.append(result.message)
+            with sched._cv:
+                skew[0] = 3600.0  # an hour later: past the request's 30 s
+                seen_by_watchdog.clear()
+                sched._cv.notify_all()
+            seen_by_watchdog.wait(10)
+            skew[0] = 0.0
+
+    try:
+        s.client.publish_frame(Scene(), wait_node=s.node)
+        with sched._cv:
+            sched._cv.wait = noting_wait
+            s.node._publish_result = publish_then_pass_the_deadline
+        answer = s.client.call("red", timeout_s=30.0, request_id="race").result
+        assert forced and seen_by_watchdog.is_set()
+        assert (answer.status, answer.message) == (OK, ""), answer.message
+        s.client.publish_frame(Scene(), wait_node=s.node)
+        assert s.client.call("red", timeout_s=30.0, request_id="after").result.status == OK
+        wait_result(s.client, "after")
+        # ~/result is ordered: everything published for "race" arrived before "after"'s result
+        assert [(r.status, r.message) for r in results_with(s.client, "race")] == [(OK, "")]
+    finally:
+        s.close()
 
 
 # ---------------------------------------------------------------------------------------------

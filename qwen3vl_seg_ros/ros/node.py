@@ -695,7 +695,9 @@ class SegmentationNode(LifecycleNode):
             if three_d is not None:  # RViz shows no objects of an earlier result
                 self._show(job, lambda: three_d.publish(result, None, header))
             self._show(job, lambda: self._publish_detections(result))  # nor do the detection topics
-        if job.answered:  # the watchdog or a stop already answered it with an ERROR
+        # claimed before the publish: a deadline passing between the publish and the return would
+        # otherwise send an ERROR after this OK (to the caller too), with neither marked late
+        if not self._scheduler.claim_result(job):  # the watchdog or a stop already answered it
             result.message = safe_text("; ".join(m for m in (_late_note(job), result.message) if m))
         result.total_ms = float((time.monotonic() - job.received) * 1e3)
         self._publish_result(result)

@@ -47,6 +47,8 @@ class Job:
     answered: bool = field(default=False, repr=False)
     failure: str = field(default="", repr=False)  # the ERROR it was answered with, if any
     session: int = field(default=0, repr=False)  # the scheduler's session when it was picked
+    # the run holds the answer (Scheduler.claim_result) and the inference thread has not given it yet
+    result_claimed: bool = field(default=False, repr=False)
 
 
 RunFn = Callable[[Job, Frame], Any]  # runs a job, returns the result it published
@@ -226,7 +228,7 @@ class Scheduler:
                     result = self._run(job, frame)
                     self._deliver(job, result)
                 except Exception as exc:  # the node's run() reports its own errors; this is a last guard
-                    self._answer_failure(job, f"internal error: {type(exc).__name__}: {exc}")
+                    self._answer_failure(job, f"internal error: {type(exc).__name__}: {exc}", job.result_claimed)
                 finally:
                     with self._cv:
                         if self._busy_job is job:
@@ -330,19 +332,32 @@ class Scheduler:
         return (f"timed out after {waited:.2f} s waiting for a synchronized frame no older than "
                 f"max_input_age_s={self.max_input_age_s:.2f} s: {self.frames.explain(now)}")
 
-    def _claim(self, job: Job) -> bool:
-        """True for the one caller that may answer ``job`` (the inference thread or the watchdog)."""
+    def _claim(self, job: Job, failure: str = "") -> bool:
+        """True for the one caller that may answer ``job`` (the inference thread or the watchdog).
+        ``failure`` is set with the claim, so a run that lost it reads why in its late note."""
         with self._answer_lock:
             if job.answered:
                 return False
-            job.answered = True
+            job.answered, job.failure = True, failure
             return True
 
-    def _answer_failure(self, job: Job, reason: str) -> None:
-        if not self._claim(job):
+    def claim_result(self, job: Job) -> bool:
+        """For the run, just before it publishes its result: True when that result is the
+        answer; from then on neither the deadline nor a stop can answer ``job`` with an ERROR
+        (claimed only after the publish, a deadline in between sent both). False: ``job`` was
+        answered with ``job.failure`` already, so its result is late and must say so."""
+        won = self._claim(job)
+        job.result_claimed = won
+        return won
+
+    def _answer_failure(self, job: Job, reason: str, claimed: bool = False) -> None:
+        """Answers ``job`` with an ERROR unless it has its answer. ``claimed``: the run claimed
+        its result, then raised before delivering it; the answer is still owed, and only here."""
+        if claimed:
+            job.result_claimed, job.failure = False, reason
+        elif not self._claim(job, reason):
             return  # already answered: no second ERROR on ~/result either (a continuous run too:
             # stopped with an ERROR, its late result is marked so)
-        job.failure = reason
         try:
             result = self._fail(job, reason)
         except Exception:  # never lose the answer because building it failed
@@ -351,7 +366,9 @@ class Scheduler:
             job.reply(result)
 
     def _deliver(self, job: Job, result: Any) -> None:
-        if job.reply is not None and self._claim(job):
+        """Answers with the run's result, if the run claimed the answer (or can claim it now)."""
+        claimed, job.result_claimed = job.result_claimed, False  # given once, even if reply raises
+        if job.reply is not None and (claimed or self._claim(job)):
             job.reply(result)
 
     def _fail_all(self, reason: str) -> None:
