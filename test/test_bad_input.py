@@ -21,7 +21,7 @@ from std_msgs.msg import String
 from qwen3vl_seg_ros.msg import SegmentationResult
 
 from doubles.color_blob_segmenter import ANSWERS
-from helpers import wait_for
+from helpers import repeating, wait_for
 from reliability_helpers import STATUS, System, results_with, wait_result
 from ros_harness import Scene, camera_info_msg, image_msg
 
@@ -237,6 +237,14 @@ def test_far_but_plausible_depth_gets_no_unit_hint(system):
     result = ask(system, "red", "D06b")
     obj = only_object(result)
     assert not obj.has_3d and "wrong unit" not in result.message
+
+
+def test_depth_stamped_zero_is_warned_about(system):
+    """D15: stamps of 0 pair any colour image stamped 0 with any depth image, however far apart
+    in time they were taken: said once in the log."""
+    unstamped = image_msg(Scene().depth_m(), "32FC1")  # header.stamp left at 0
+    with repeating(lambda: system.client.depth_pub.publish(unstamped), 0.2):  # best effort: sent until heard
+        system.log.wait_line("depth images are stamped 0", "set the camera driver's timestamps", min_level=WARN)
 
 
 def test_depth_at_another_resolution_of_the_same_aspect_is_scaled(system):
