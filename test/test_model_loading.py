@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen3vl_seg_ros.grounding import SEG_TOKEN
 from qwen3vl_seg_ros.model.checkpoint import DECODER_CONFIG, DECODER_WEIGHTS, DecoderCheckpointError, load_decoder
 from qwen3vl_seg_ros.model.loading import resolve_device
 from qwen3vl_seg_ros.model.segmenter import Qwen3VLSeg
@@ -52,6 +53,17 @@ def test_the_copy_loads(folder: Path) -> None:
     """The baseline every other test breaks one thing of."""
     seg, said = load(folder)
     assert seg.decoder is not None and any("loaded mask decoder" in line for line in said)
+    assert not any(line.startswith("warning:") for line in said), said
+
+
+def test_a_decoder_beside_a_tokenizer_without_the_mask_token_is_warned_about(folder: Path) -> None:
+    """A base checkpoint with a trained decoder (as the docs once said to run it): the decoder's
+    queries came from another token than in training, and masks collapsed without a word."""
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace(SEG_TOKEN, "<|not_seg|>"))
+    seg, said = load(folder)
+    assert seg.seg_token_id is None and seg.decoder is not None
+    assert any(line.startswith(f"warning: the tokenizer in {folder} has no {SEG_TOKEN} token") for line in said), said
 
 
 def test_a_config_with_fewer_layers_than_the_weights_is_refused(folder: Path) -> None:

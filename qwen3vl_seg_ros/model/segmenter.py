@@ -236,6 +236,11 @@ class Qwen3VLSeg(Segmenter):
         decoder = cls._load_decoder(options, folder, model, device, dtype, progress)
         calibration = cls._load_calibration(options, folder, decoder, progress)
         segmenter = cls(model, processor, decoder, options, calibration=calibration)
+        if segmenter._uses_decoder() and segmenter.seg_token_id is None:
+            _say(progress, f"warning: the tokenizer in {folder} has no {SEG_TOKEN} token, so the mask decoder's "
+                           "queries come from the last JSON token, which a decoder trained by this package never "
+                           "saw: masks will be poor. Load the training export (its model folder, which holds the "
+                           "decoder) as 'model' instead of a base checkpoint beside a 'decoder' folder")
         if options.fast_decode and device.type == "cuda":
             if isinstance(segmenter.generator, FastGreedyGenerator):
                 compiled = "compiled, " if segmenter.generator.compiled else ""

@@ -524,7 +524,11 @@ class SegmentationNode(LifecycleNode):
         return QoSProfile(depth=5, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
 
     def _progress(self, line: str) -> None:
-        self.get_logger().info(line)
+        """A segmenter's loading steps; a line that starts with "warning: " is logged as one."""
+        if line.startswith("warning: "):
+            self.get_logger().warning(line.removeprefix("warning: "))
+        else:
+            self.get_logger().info(line)
 
     # ------------------------------------------------------------------------------------------
     # subscriptions (never block: store and notify)
