@@ -101,6 +101,7 @@ def test_running_request_is_answered_at_its_deadline_once():
         answers = submit(sched, model, "r1", timeout=0.3)
         assert wait_for(lambda: answers, 5)
         assert answers[0][0] == "error" and "the model was still running on this request" in answers[0][1]
+        assert sched.pending_count() == 0  # answered: no longer owed, though the model still runs it
         assert "done r1" not in model.events  # answered before the model returned
         assert wait_for(lambda: "done r1" in model.events, 5)
         # a sentinel, not a sleep: the inference thread runs r2 only after it has delivered (or

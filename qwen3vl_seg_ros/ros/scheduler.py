@@ -192,8 +192,11 @@ class Scheduler:
             self._cv.notify_all()
 
     def pending_count(self) -> int:
+        """Requests still owed an answer (/diagnostics): a running one the deadline has answered
+        is not, though the model is still busy with it."""
         with self._cv:
-            return len(self._pending) + (1 if self._busy_job and not self._busy_job.continuous else 0)
+            busy = self._busy_job
+            return len(self._pending) + (1 if busy and not busy.continuous and not busy.answered else 0)
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self, gen: int, straggler: threading.Thread | None = None) -> None:
