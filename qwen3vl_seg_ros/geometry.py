@@ -214,14 +214,20 @@ def _aspect(size: tuple[int, int]) -> float:
 
 
 def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    """Whether ``a`` is ``b`` resized by one factor, up to a pixel of rounding on either side.
+    """Whether one of ``a`` and ``b`` is the other resized by one factor, each side rounded
+    (down, up or to the nearest pixel).
 
     Why not a relative tolerance: 1 % let RealSense's native depth (848x480, another sensor with
-    another field of view) pass for a resize of its 1280x720 colour image (0.6 % apart). Every
-    true resize rounds each side to the nearest (or lower) pixel, so it is within one pixel.
+    another field of view) pass for a resize of its 1280x720 colour image (0.6 % apart).
     """
+    return _is_resize(a, b) or _is_resize(b, a)
+
+
+def _is_resize(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether some factor s gives both sides of ``a`` within a pixel of ``b``'s times s: the
+    ranges of s that each side allows overlap."""
     (aw, ah), (bw, bh) = a, b
-    return abs(aw * bh / bw - ah) <= 1.0 and abs(ah * bw / bh - aw) <= 1.0
+    return max((aw - 1) / bw, (ah - 1) / bh) <= min((aw + 1) / bw, (ah + 1) / bh)
 
 
 def resolve_depth_intrinsics(

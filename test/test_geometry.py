@@ -199,7 +199,8 @@ def test_a_depth_size_is_a_resize_up_to_a_pixel() -> None:
     hd = CameraIntrinsics(900.0, 900.0, 639.5, 359.5, 1280, 720)
     with pytest.raises(InputError, match="depth image is 848x480 but the colour image is 1280x720"):
         resolve_depth_intrinsics((1280, 720), (848, 480), hd)
-    for size in ((427, 240), (426, 240), (640, 360), (1920, 1080), (1281, 720)):
+    # rounded to the nearest pixel, down or up, each side on its own: (67, 37) is 1280x720 * 0.052
+    for size in ((427, 240), (426, 240), (640, 360), (1920, 1080), (1281, 720), (67, 37), (66, 38)):
         assert resolve_depth_intrinsics((1280, 720), size, hd).width == size[0]
     with pytest.raises(InputError, match="camera_info is for a 848x480 image"):
         resolve_depth_intrinsics((1280, 720), (1280, 720), CameraIntrinsics(600.0, 600.0, 423.5, 239.5, 848, 480))
