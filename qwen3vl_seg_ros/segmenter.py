@@ -43,6 +43,8 @@ class SegmenterOptions:
     calibrate_scores: bool = True  # use the model folder's score_calibration.json where it applies
 
 
+#: Receives loading and warm-up steps, one line each; the node logs them, a line that starts
+#: with "warning: " as a warning.
 ProgressFn = Callable[[str], None]
 
 

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,7 +109,9 @@ def test_mask_head_decoder_without_a_decoder_is_refused_before_the_model_loads(f
 
 
 def test_a_folder_without_a_chat_template_is_refused_at_load(folder: Path) -> None:
-    """It loaded, then every command failed as an "internal error"."""
+    """It loaded, then every command failed as an "internal error". A template kept only in
+    tokenizer_config.json (as the message allows) is used: the processor does not read it."""
+    (template,) = [path.read_text() for path in folder.glob("chat_template.*")]
     for path in folder.glob("chat_template.*"):
         path.unlink()
     tokenizer_config = folder / "tokenizer_config.json"
@@ -117,6 +120,9 @@ def test_a_folder_without_a_chat_template_is_refused_at_load(folder: Path) -> No
     tokenizer_config.write_text(json.dumps(config))
     with pytest.raises(SegmenterError, match="has no chat template"):
         load(folder)
+    tokenizer_config.write_text(json.dumps({**config, "chat_template": template}))
+    seg, _ = load(folder)
+    assert seg.segment(np.zeros((96, 128, 3), np.uint8), "the red cube").instances  # the prompt is built
 
 
 def test_a_peft_adapter_in_the_folder_is_refused(folder: Path) -> None:

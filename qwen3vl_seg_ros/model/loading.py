@@ -171,6 +171,9 @@ def load_processor(folder: Path, image_max_pixels: int = 0) -> ProcessorMixin:
             f"cannot load the processor (tokenizer, image processor, chat template) from '{folder}': {exc}"
         ) from exc
     if not getattr(processor, "chat_template", None):  # else every command fails at apply_chat_template
+        # older exports keep it in tokenizer_config.json only, which the processor does not read
+        processor.chat_template = getattr(processor.tokenizer, "chat_template", None)
+    if not processor.chat_template:
         raise SegmenterError(f"'{folder}' has no chat template (chat_template.jinja or chat_template.json, or "
                              "'chat_template' in tokenizer_config.json): copy it from the base checkpoint")
     if image_max_pixels > 0:

@@ -262,7 +262,8 @@ class SegmentationNode(LifecycleNode):
                                       f"(the parameters: config/params.yaml or --help)")
         if qos:  # ROS's QoS overrides need each topic created for them; image_qos is the way here
             self.get_logger().warning(f"QoS overrides are not read by this node, ignored: {', '.join(qos)} "
-                                      f"(the input QoS is the parameter image_qos; outputs are reliable)")
+                                      "(the camera inputs' QoS is the parameter image_qos; command and "
+                                      "outputs are reliable)")
 
     def _widen_integer_overrides(self) -> None:
         """``max_rate_hz: 10`` in a params file (or ``-p max_input_age_s:=2``) is an integer to

@@ -144,8 +144,8 @@ PARAMETERS: tuple[Param, ...] = (
           RUNTIME),
     Param("tf_timeout_s", 0.1, "How long to wait for the transform to target_frame (s).", RUNTIME, 0.0, 10.0),
     Param("erode_px", 2, "Mask edge erosion before projecting to 3D (pixels), against flying pixels. "
-          "The cloud and box lose about erode_px * depth / fx per side (2.7 mm at 0.8 m with fx 600 and "
-          "2 px): a grasp planner should add that margin.",
+          "The cloud and box lose about erode_px * depth / fx per side (fx of the depth image; 2.7 mm at "
+          "0.8 m with fx 600 and 2 px): a grasp planner should add that margin.",
           RUNTIME, 0, 50),
     Param("min_points", 30, "Fewer valid 3D points than this: has_3d is false, with the reason.",
           RUNTIME, 1, 1000000),
