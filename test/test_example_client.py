@@ -143,8 +143,9 @@ class LostResponseClientDouble:
     reaches the node, the response never comes back (what DDS discovery can do to the first
     call after a node starts; seen in CI)."""
 
-    def __init__(self, real) -> None:
+    def __init__(self, real, before_call=lambda: None) -> None:
         self.real = real
+        self.before_call = before_call
 
     def wait_for_service(self, timeout_sec: float) -> bool:
         return self.real.wait_for_service(timeout_sec=timeout_sec)
@@ -152,6 +153,7 @@ class LostResponseClientDouble:
     def call_async(self, request):
         from rclpy.task import Future
 
+        self.before_call()
         self.real.call_async(request)
         return Future()  # never completed
 
@@ -169,8 +171,24 @@ def test_a_lost_service_response_is_taken_from_the_result_topic(system, monkeypa
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(planner)
     real_create_client = planner.create_client
-    monkeypatch.setattr(planner, "create_client",
-                        lambda *a, **k: LostResponseClientDouble(real_create_client(*a, **k)))
+    node, _ = system
+    result_pub = node.node._pubs["result"]
+
+    def node_sees_the_planners_reader() -> None:
+        # Discovery is not symmetric: under load the client saw the node's writer before the node
+        # matched the client's reader, and the result was published to nobody (1 run in 43).
+        # What this test checks is the fallback once both sides are matched: the node knows the
+        # planner's reader, and its writer has matched every reader it knows (a count alone could
+        # stand still while an earlier test's reader goes away).
+        def matched() -> bool:
+            readers = node.node.get_subscriptions_info_by_topic("/qwen3vl_seg/result")
+            return (any(r.node_name == "planner_with_a_lost_response" for r in readers)
+                    and result_pub.get_subscription_count() >= len(readers))
+
+        assert wait_for(matched, 10), "the node never matched the planner's ~/result reader"
+
+    monkeypatch.setattr(planner, "create_client", lambda *a, **k: LostResponseClientDouble(
+        real_create_client(*a, **k), before_call=node_sees_the_planners_reader))
     try:
         result = example_client.segment_once(planner, executor, "/qwen3vl_seg/segment", "red", timeout_s=5.0,
                                              wait_s=10.0)

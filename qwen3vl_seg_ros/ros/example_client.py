@@ -67,13 +67,11 @@ def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, com
 
     The answer is also taken from ``~/result``, where the node publishes every answer with its
     request id: right after the node starts, a service response can be lost (the node's side
-    has not yet discovered this client's response reader; DDS discovery is not symmetric).
+    has not yet discovered this client's response reader; DDS discovery is not symmetric). That
+    fallback only works once the node has discovered the ``~/result`` reader too, so the reader
+    is created first, discovered while the service is awaited, and the request waits (within
+    ``wait_s``) until this side sees the node's writer.
     """
-    client = node.create_client(Segment, service)
-    if not client.wait_for_service(timeout_sec=wait_s):
-        print(f"service {service} is not available after {wait_s:g} s: is the node running, active, and on the "
-              f"same ROS_DOMAIN_ID?", file=sys.stderr)
-        return None
     request_id = f"example-{uuid.uuid4().hex[:12]}"
     answer = Future()
 
@@ -85,6 +83,15 @@ def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, com
         SegmentationResult, service.rsplit("/", 1)[0] + "/result",
         lambda msg: take(msg) if msg.request_id == request_id else None,
         QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    ready_by = time.monotonic() + wait_s
+    client = node.create_client(Segment, service)
+    if not client.wait_for_service(timeout_sec=wait_s):
+        node.destroy_subscription(published)
+        print(f"service {service} is not available after {wait_s:g} s: is the node running, active, and on the "
+              f"same ROS_DOMAIN_ID?", file=sys.stderr)
+        return None
+    while published.get_publisher_count() == 0 and time.monotonic() < ready_by:
+        executor.spin_once(timeout_sec=0.05)  # no writer seen: the fallback could not work yet
     try:
         # float(): rclpy serialises an int put into a float32 field as 0.0 (which means the default 5 s)
         future = client.call_async(Segment.Request(command=command, timeout_s=float(timeout_s), request_id=request_id))
