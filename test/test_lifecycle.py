@@ -423,8 +423,9 @@ def test_diagnostics_and_the_service_speak_during_a_slow_configure():
             client.node, ChangeState, f"/{namespace}/qwen3vl_seg/change_state", request, answer_wait_s=20)))
         t0 = time.monotonic()
         configure.start()
-        assert wait_for(lambda: any(t >= t0 for t, _ in seen), 5)  # configure began: the load is on
-        time.sleep(0.3)
+        # configure began: the load is on (any message after t0 could still be the last
+        # "unconfigured" one; "loading segmenter" is only said while it loads)
+        assert wait_for(lambda: any(t >= t0 and m.startswith("loading segmenter") for t, m in seen), 5)
         refusal = client.call("red", timeout_s=1.0).result.message
         # a configure-time parameter set during the load: accepted, and said to wait for the next
         # configure (the load has read the old value; the set was silent)

@@ -270,12 +270,13 @@ def test_deactivate_and_cleanup_clear_the_objects_on_display():
         client.wait_connected()
         scene = Scene()
         publish((node, client), scene, scene.depth_m())
+        streams = (client.clouds, client.markers, client.detections, client.detections_3d)
+        before = [len(client.snapshot(stream)) for stream in streams]
         assert client.call("red").result.objects[0].has_3d
-        assert wait_for(lambda: client.snapshot(client.markers), 5)
-        time.sleep(0.3)
-        n_clouds, n_markers = len(client.snapshot(client.clouds)), len(client.snapshot(client.markers))
+        # each output of this one result, counted, not a pause: on a loaded machine 0.3 s was short
+        assert wait_for(lambda: all(len(client.snapshot(s)) == n + 1 for s, n in zip(streams, before)), 5)
+        n_clouds, n_markers, n_2d, n_3d = (n + 1 for n in before)
         assert client.snapshot(client.detections)[-1].detections  # vision_msgs consumers see the object
-        n_2d, n_3d = len(client.snapshot(client.detections)), len(client.snapshot(client.detections_3d))
         assert transition() == SUCCESS
         assert wait_for(lambda: len(client.snapshot(client.markers)) == n_markers + 1, 5)
         assert [m.action for m in client.snapshot(client.markers)[-1].markers] == [Marker.DELETEALL] * 3
