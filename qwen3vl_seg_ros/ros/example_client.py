@@ -83,16 +83,15 @@ def segment_once(node: Node, executor: SingleThreadedExecutor, service: str, com
         SegmentationResult, service.rsplit("/", 1)[0] + "/result",
         lambda msg: take(msg) if msg.request_id == request_id else None,
         QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
-    ready_by = time.monotonic() + wait_s
-    client = node.create_client(Segment, service)
-    if not client.wait_for_service(timeout_sec=wait_s):
-        node.destroy_subscription(published)
-        print(f"service {service} is not available after {wait_s:g} s: is the node running, active, and on the "
-              f"same ROS_DOMAIN_ID?", file=sys.stderr)
-        return None
-    while published.get_publisher_count() == 0 and time.monotonic() < ready_by:
-        executor.spin_once(timeout_sec=0.05)  # no writer seen: the fallback could not work yet
     try:
+        ready_by = time.monotonic() + wait_s
+        client = node.create_client(Segment, service)
+        if not client.wait_for_service(timeout_sec=wait_s):
+            print(f"service {service} is not available after {wait_s:g} s: is the node running, active, and on "
+                  f"the same ROS_DOMAIN_ID?", file=sys.stderr)
+            return None
+        while published.get_publisher_count() == 0 and time.monotonic() < ready_by:
+            executor.spin_once(timeout_sec=0.05)  # no writer seen: the fallback could not work yet
         # float(): rclpy serialises an int put into a float32 field as 0.0 (which means the default 5 s)
         future = client.call_async(Segment.Request(command=command, timeout_s=float(timeout_s), request_id=request_id))
         future.add_done_callback(lambda f: take(f.result().result))

@@ -571,13 +571,13 @@ class SegmentationNode(LifecycleNode):
         self.get_logger().info(f"warmed up for {size[0]}x{size[1]} frames in {time.monotonic() - t0:.2f} s")
 
     def _on_depth(self, msg: Image) -> None:
-        if msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0:
-            # pairing is by stamp: 0 matches any colour image stamped 0, however far apart in time
+        stamp = _stamp_seconds(msg.header)
+        if stamp == 0.0:  # pairing is by stamp: 0 matches any colour image stamped 0, however far apart
             self.get_logger().warning(
                 "depth images are stamped 0: colour and depth are paired by stamp, so they cannot be "
                 "matched in time; set the camera driver's timestamps", once=True)
         conversions.shed_unusable_bytes(msg, int(self.p("max_image_pixels")))
-        self._frames.add_depth(msg, _stamp_seconds(msg.header), time.monotonic())
+        self._frames.add_depth(msg, stamp, time.monotonic())
         with self._stats_lock:
             self._stats["depths"] += 1
         self._scheduler.notify_frame()
